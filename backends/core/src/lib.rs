@@ -1,0 +1,30 @@
+//! Burn building blocks every architecture shares. An architecture crate holds only its Config,
+//! its wiring and its weight names; everything here is reused, never copied.
+
+pub mod attention;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod export;
+pub mod linear;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+pub mod sampling;
+pub mod testing;
+pub mod weights;
+
+pub use burn_tensor;
+pub use llm_abi as abi;
+pub use llm_formats as formats;
+
+pub use attention::{Attention, AttentionConfig, ForwardCtx, KvCache, QkvProj};
+pub use config::{parse_config, Activation, RopeConfig, RopeFields};
+pub use engine::{CausalLm, DynEngine, Engine, StepInput};
+pub use error::{CoreError, Result};
+pub use export::{Architecture, Cpu, LoadOptions};
+pub use linear::{DenseLinear, Linear};
+pub use mlp::{GateUp, GatedMlp};
+pub use norm::RmsNorm;
+pub use rope::Rope;
+pub use weights::{LoadCtx, Weights};

@@ -84,6 +84,41 @@ impl SafetensorsDir {
         Ok(SafetensorsDir { shards, index })
     }
 
+    /// One safetensors file on its own (fixtures, single-file checkpoints).
+    pub fn open_file(path: &Path) -> Result<SafetensorsDir> {
+        let shard = open_shard(path)?;
+        let index = shard
+            .metadata
+            .tensors()
+            .keys()
+            .map(|k| (k.clone(), 0))
+            .collect();
+        Ok(SafetensorsDir {
+            shards: vec![shard],
+            index,
+        })
+    }
+
+    /// Integer tensor (i64/i32) as i64s.
+    pub fn ints(&self, name: &str) -> Result<Vec<i64>> {
+        let raw = self.raw(name)?;
+        match raw.dtype {
+            StoredDtype::I64 => Ok(raw
+                .data
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                .collect()),
+            StoredDtype::I32 => Ok(raw
+                .data
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()) as i64)
+                .collect()),
+            other => Err(FormatError::Invalid(format!(
+                "tensor `{name}` is {other:?}, not an integer tensor"
+            ))),
+        }
+    }
+
     fn info(&self, name: &str) -> Result<(&Shard, &TensorInfo)> {
         let &i = self.index.get(name).ok_or_else(|| {
             FormatError::Invalid(format!(

@@ -1,0 +1,184 @@
+//! Grouped-query self-attention with a per-sequence KV cache (HF `LlamaAttention` and the
+//! variants the other architectures configure: biases, fused qkv, sliding window, softcap).
+
+use burn_tensor::backend::Backend;
+use burn_tensor::module::attention;
+use burn_tensor::ops::AttentionModuleOptions;
+use burn_tensor::{Bool, Tensor, TensorData};
+
+use crate::linear::Linear;
+use crate::rope::RopeTables;
+
+/// Shapes and options of one attention layer.
+#[derive(Debug, Clone, Copy)]
+pub struct AttentionConfig {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    /// Multiplies `q k^T`; HF default `head_dim^-0.5`.
+    pub scale: f64,
+    /// `softcap * tanh(scores / softcap)` before masking (Gemma-2).
+    pub softcap: Option<f64>,
+    /// Keys more than `window - 1` positions behind the query are masked (HF sliding window).
+    pub sliding_window: Option<usize>,
+}
+
+/// The q/k/v projections, separate (most checkpoints) or fused into one `qkv_proj` (Phi-3).
+pub enum QkvProj<B: Backend> {
+    Separate {
+        q_proj: Box<dyn Linear<B>>,
+        k_proj: Box<dyn Linear<B>>,
+        v_proj: Box<dyn Linear<B>>,
+    },
+    Fused { qkv_proj: Box<dyn Linear<B>> },
+}
+
+/// One layer's cached keys and values: `[kv_heads, positions, head_dim]` each.
+pub struct LayerKv<B: Backend> {
+    pub k: Tensor<B, 3>,
+    pub v: Tensor<B, 3>,
+}
+
+/// A sequence's KV cache over all layers.
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<Option<LayerKv<B>>>,
+    /// Positions already cached.
+    pub len: usize,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache {
+            layers: (0..num_layers).map(|_| None).collect(),
+            len: 0,
+        }
+    }
+}
+
+/// What every layer of one forward shares: positions, rope tables, masks.
+pub struct ForwardCtx<B: Backend> {
+    /// First position of this chunk (= tokens already in the cache).
+    pub start: usize,
+    /// Tokens in this chunk.
+    pub len: usize,
+    pub rope: RopeTables<B>,
+    device: B::Device,
+}
+
+impl<B: Backend> ForwardCtx<B> {
+    pub fn new(start: usize, len: usize, rope: RopeTables<B>, device: &B::Device) -> Self {
+        ForwardCtx {
+            start,
+            len,
+            rope,
+            device: device.clone(),
+        }
+    }
+
+    /// `[1, 1, len, start + len]`, true = masked: causal, plus the sliding window if any.
+    /// None when nothing needs masking (a single decode token with the whole past visible).
+    fn mask(&self, window: Option<usize>) -> Option<Tensor<B, 4, Bool>> {
+        let total = self.start + self.len;
+        let window_bites = window.is_some_and(|w| total > w);
+        if self.len == 1 && !window_bites {
+            return None;
+        }
+        let mut m = vec![false; self.len * total];
+        for i in 0..self.len {
+            let q = self.start + i;
+            for j in 0..total {
+                let future = j > q;
+                let too_old = window.is_some_and(|w| q - j.min(q) >= w);
+                m[i * total + j] = future || too_old;
+            }
+        }
+        Some(Tensor::from_data(
+            TensorData::new(m, [1, 1, self.len, total]),
+            &self.device,
+        ))
+    }
+}
+
+pub struct Attention<B: Backend> {
+    pub qkv: QkvProj<B>,
+    pub o_proj: Box<dyn Linear<B>>,
+    pub cfg: AttentionConfig,
+}
+
+impl<B: Backend> Attention<B> {
+    /// `x`: `[tokens, hidden]` -> `[tokens, hidden]`; appends this chunk's k/v to `kv`.
+    pub fn forward(&self, x: Tensor<B, 2>, ctx: &ForwardCtx<B>, kv: &mut Option<LayerKv<B>>) -> Tensor<B, 2> {
+        let c = self.cfg;
+        let s = ctx.len;
+        let (q, k, v) = match &self.qkv {
+            QkvProj::Separate { q_proj, k_proj, v_proj } => (
+                q_proj.forward(x.clone()),
+                k_proj.forward(x.clone()),
+                v_proj.forward(x),
+            ),
+            QkvProj::Fused { qkv_proj } => {
+                let qkv = qkv_proj.forward(x);
+                let (qd, kd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+                (
+                    qkv.clone().narrow(1, 0, qd),
+                    qkv.clone().narrow(1, qd, kd),
+                    qkv.narrow(1, qd + kd, kd),
+                )
+            }
+        };
+        // [tokens, heads * d] -> [heads, tokens, d]
+        let heads = |t: Tensor<B, 2>, h: usize| t.reshape([s, h, c.head_dim]).swap_dims(0, 1);
+        let q = ctx.rope.apply(heads(q, c.num_heads));
+        let k = ctx.rope.apply(heads(k, c.num_kv_heads));
+        let v = heads(v, c.num_kv_heads);
+
+        let (k, v) = match kv.take() {
+            Some(past) => (Tensor::cat(vec![past.k, k], 1), Tensor::cat(vec![past.v, v], 1)),
+            None => (k, v),
+        };
+        *kv = Some(LayerKv { k: k.clone(), v: v.clone() });
+
+        // GQA: each kv head serves `groups` query heads (HF `repeat_kv`).
+        let total = k.dims()[1];
+        let groups = c.num_heads / c.num_kv_heads;
+        let repeat = |t: Tensor<B, 3>| -> Tensor<B, 4> {
+            if groups == 1 {
+                return t.unsqueeze_dim(0);
+            }
+            t.unsqueeze_dim::<4>(1)
+                .expand([c.num_kv_heads, groups, total, c.head_dim])
+                .reshape([1, c.num_heads, total, c.head_dim])
+        };
+        let mask = ctx
+            .mask(c.sliding_window)
+            .map(|m| m.expand([1, c.num_heads, s, total]));
+        let out = attention(
+            q.unsqueeze_dim(0),
+            repeat(k),
+            repeat(v),
+            mask,
+            None,
+            AttentionModuleOptions {
+                scale: Some(c.scale),
+                softcap: c.softcap,
+                is_causal: false,
+            },
+        );
+        // [1, heads, tokens, d] -> [tokens, heads * d]
+        let out = out
+            .reshape([c.num_heads, s, c.head_dim])
+            .swap_dims(0, 1)
+            .reshape([s, c.num_heads * c.head_dim]);
+        self.o_proj.forward(out)
+    }
+
+    pub fn num_params(&self) -> usize {
+        let qkv = match &self.qkv {
+            QkvProj::Separate { q_proj, k_proj, v_proj } => {
+                q_proj.num_params() + k_proj.num_params() + v_proj.num_params()
+            }
+            QkvProj::Fused { qkv_proj } => qkv_proj.num_params(),
+        };
+        qkv + self.o_proj.num_params()
+    }
+}

@@ -1,0 +1,224 @@
+//! Strict config.json parsing: every field is used or rejected.
+//!
+//! An architecture's `Config` is a serde struct with `deny_unknown_fields`. Before it is
+//! deserialized, [`parse_config`] removes the keys listed in [`INERT_KEYS`]: fields that by
+//! construction cannot change what an inference forward computes (training-only settings,
+//! bookkeeping) or that the server consumes instead of the plugin. Everything else must be a field
+//! of the architecture's Config, so an unknown key (a new rope variant, a sliding window flag) is
+//! a load error naming the key, never a silently wrong model.
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::error::{CoreError, Result};
+
+/// Keys that are inert for the forward pass, each with the reason.
+pub const INERT_KEYS: &[(&str, &str)] = &[
+    ("architectures", "the HF class name; model_type selects the architecture"),
+    ("transformers_version", "bookkeeping"),
+    ("_name_or_path", "bookkeeping"),
+    ("_from_model_config", "bookkeeping"),
+    ("torch_dtype", "storage dtype; each tensor's own dtype is read from the file and compute is f32 (CPU) or bf16 (CUDA)"),
+    ("dtype", "transformers 5 spelling of torch_dtype"),
+    ("initializer_range", "training-time initialization"),
+    ("use_cache", "the KV cache is always used"),
+    ("attention_dropout", "dropout is off at inference"),
+    ("hidden_dropout", "dropout is off at inference"),
+    ("embd_pdrop", "dropout is off at inference"),
+    ("resid_pdrop", "dropout is off at inference"),
+    ("output_attentions", "HF output plumbing"),
+    ("output_hidden_states", "HF output plumbing"),
+    ("return_dict", "HF output plumbing"),
+    ("bos_token_id", "read by the server's tokenizer setup, not by the forward pass"),
+    ("eos_token_id", "read by the server (stop tokens), not by the forward pass"),
+    ("pad_token_id", "padding is never materialized: sequences run unpadded"),
+    ("unk_token_id", "tokenizer concern"),
+    ("pretraining_tp", "HF slices the matmuls by it only to mimic training numerics; the math is the same"),
+];
+
+/// Remove inert keys and deserialize the rest strictly. `what` names the file in errors.
+pub fn parse_config<T: DeserializeOwned>(value: &Value, what: &str) -> Result<T> {
+    let mut obj = value
+        .as_object()
+        .cloned()
+        .ok_or_else(|| CoreError::invalid(format!("{what}: config is not a JSON object")))?;
+    for (k, _) in INERT_KEYS {
+        obj.remove(*k);
+    }
+    if obj.contains_key("quantization_config") {
+        return Err(CoreError::unimplemented(format!(
+            "{what}: field `quantization_config` (a pre-quantized checkpoint) is not supported yet"
+        )));
+    }
+    serde_json::from_value(Value::Object(obj))
+        .map_err(|e| CoreError::invalid(format!("{what}: {e}")))
+}
+
+/// Rotary embedding settings as config.json spells them: `rope_theta` + `rope_scaling`
+/// (transformers 4) or `rope_parameters` (transformers 5). Architectures flatten these fields
+/// into their Config.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RopeFields {
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    #[serde(default)]
+    pub rope_parameters: Option<Value>,
+}
+
+/// The rope variants implemented in [`crate::rope`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    Default,
+    /// HF `_compute_llama3_parameters`.
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_position_embeddings: f64,
+    },
+    /// HF `_compute_linear_scaling_rope_parameters`: positions divided by `factor`.
+    Linear { factor: f64 },
+    /// Per-frequency divisors stored in a GGUF's `rope_freqs.weight` (llama.cpp's form of llama3).
+    FreqFactors,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RopeConfig {
+    pub theta: f64,
+    pub scaling: RopeScaling,
+}
+
+impl RopeFields {
+    /// Resolve to one [`RopeConfig`]; `default_theta` is the HF class default.
+    pub fn resolve(&self, default_theta: f64, what: &str) -> Result<RopeConfig> {
+        let (theta, scaling) = match (&self.rope_parameters, &self.rope_scaling) {
+            (Some(_), Some(_)) => {
+                return Err(CoreError::invalid(format!(
+                    "{what}: both `rope_parameters` and `rope_scaling` are set"
+                )))
+            }
+            (Some(p), None) => {
+                let theta = p.get("rope_theta").and_then(Value::as_f64);
+                if theta.is_some() && self.rope_theta.is_some() {
+                    return Err(CoreError::invalid(format!(
+                        "{what}: `rope_theta` is given both at top level and in `rope_parameters`"
+                    )));
+                }
+                (theta.or(self.rope_theta), Some(p.clone()))
+            }
+            (None, s) => (self.rope_theta, s.clone()),
+        };
+        let theta = theta.unwrap_or(default_theta);
+        let scaling = match scaling {
+            None | Some(Value::Null) => RopeScaling::Default,
+            Some(v) => parse_scaling(&v, what)?,
+        };
+        Ok(RopeConfig { theta, scaling })
+    }
+}
+
+fn parse_scaling(v: &Value, what: &str) -> Result<RopeScaling> {
+    let obj = v
+        .as_object()
+        .ok_or_else(|| CoreError::invalid(format!("{what}: `rope_scaling` is not an object")))?;
+    // transformers accepts the legacy key `type` too.
+    let ty = obj
+        .get("rope_type")
+        .or_else(|| obj.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    let allowed: &[&str] = match ty {
+        "default" => &[],
+        "llama3" => &[
+            "factor",
+            "low_freq_factor",
+            "high_freq_factor",
+            "original_max_position_embeddings",
+        ],
+        "linear" => &["factor"],
+        "gguf_freq_factors" => &[],
+        other => {
+            return Err(CoreError::unimplemented(format!(
+                "{what}: rope scaling type `{other}` is not implemented (default, linear and llama3 are)"
+            )))
+        }
+    };
+    for k in obj.keys() {
+        if !matches!(k.as_str(), "rope_type" | "type" | "rope_theta") && !allowed.contains(&k.as_str())
+        {
+            return Err(CoreError::invalid(format!(
+                "{what}: rope scaling field `{k}` is not used by rope type `{ty}`"
+            )));
+        }
+    }
+    let num = |k: &str| -> Result<f64> {
+        obj.get(k).and_then(Value::as_f64).ok_or_else(|| {
+            CoreError::invalid(format!("{what}: rope scaling `{ty}` needs a number `{k}`"))
+        })
+    };
+    Ok(match ty {
+        "default" => RopeScaling::Default,
+        "llama3" => RopeScaling::Llama3 {
+            factor: num("factor")?,
+            low_freq_factor: num("low_freq_factor")?,
+            high_freq_factor: num("high_freq_factor")?,
+            original_max_position_embeddings: num("original_max_position_embeddings")?,
+        },
+        "linear" => RopeScaling::Linear {
+            factor: num("factor")?,
+        },
+        _ => RopeScaling::FreqFactors,
+    })
+}
+
+/// `hidden_act` values and what they compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Activation {
+    #[serde(rename = "silu")]
+    Silu,
+    /// GELU with the tanh approximation (HF `gelu_pytorch_tanh`).
+    #[serde(rename = "gelu_pytorch_tanh")]
+    GeluTanh,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Tiny {
+        hidden_size: usize,
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected_by_name() {
+        let err = parse_config::<Tiny>(&json!({"hidden_size": 4, "sliding_window": 8}), "x/config.json")
+            .unwrap_err();
+        assert!(err.message.contains("sliding_window"), "{}", err.message);
+        assert!(err.message.contains("x/config.json"), "{}", err.message);
+        // Inert keys are fine.
+        parse_config::<Tiny>(&json!({"hidden_size": 4, "use_cache": true}), "x").unwrap();
+    }
+
+    #[test]
+    fn rope_variants() {
+        let f = RopeFields {
+            rope_theta: None,
+            rope_scaling: None,
+            rope_parameters: Some(json!({"rope_theta": 100000.0, "rope_type": "default"})),
+        };
+        assert_eq!(f.resolve(10000.0, "x").unwrap().theta, 100000.0);
+        let f = RopeFields {
+            rope_theta: Some(1.0),
+            rope_scaling: Some(json!({"rope_type": "yarn", "factor": 4.0})),
+            rope_parameters: None,
+        };
+        let e = f.resolve(10000.0, "x").unwrap_err();
+        assert!(e.message.contains("yarn"));
+    }
+}

@@ -1,0 +1,133 @@
+//! The generic serving loop body every plugin shares: sequences by id, each with its KV cache,
+//! token history and RNG; one `step` appends tokens and samples.
+
+use std::collections::HashMap;
+
+use burn_tensor::backend::Backend;
+use burn_tensor::Tensor;
+use llm_abi::{SamplingParams, SeqOutput};
+
+use crate::attention::KvCache;
+use crate::error::{CoreError, Result};
+use crate::sampling::{sample, Rng};
+
+/// A causal language model: what an architecture crate provides.
+pub trait CausalLm<B: Backend>: Send + 'static {
+    /// Run `tokens` at positions `cache.len..` and append them to `cache`.
+    /// Returns logits `[tokens, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, all_logits: bool) -> Tensor<B, 2>;
+    fn num_layers(&self) -> usize;
+    fn vocab_size(&self) -> usize;
+    /// Positions one sequence may hold (config `max_position_embeddings`, capped by the load).
+    fn max_context(&self) -> usize;
+    /// Parameter count as PyTorch's `sum(p.numel())` reports it.
+    fn num_params(&self) -> usize;
+    fn device(&self) -> B::Device;
+}
+
+/// One sequence's share of a step, borrowed from the ABI call.
+pub struct StepInput<'a> {
+    pub seq_id: u64,
+    pub tokens: &'a [u32],
+    pub sample: bool,
+    pub params: SamplingParams,
+}
+
+struct Seq<B: Backend> {
+    cache: KvCache<B>,
+    history: Vec<u32>,
+    rng: Option<Rng>,
+}
+
+/// The object behind a plugin's model handle, with the backend type erased.
+pub trait DynEngine: Send {
+    fn step(&mut self, inputs: &[StepInput<'_>], outputs: &mut [SeqOutput]) -> Result<()>;
+    fn release(&mut self, seq_id: u64);
+    fn info(&self) -> serde_json::Value;
+}
+
+pub struct Engine<B: Backend, M: CausalLm<B>> {
+    pub model: M,
+    seqs: HashMap<u64, Seq<B>>,
+    info: serde_json::Value,
+}
+
+impl<B: Backend, M: CausalLm<B>> Engine<B, M> {
+    /// `info`: architecture-specific metadata merged into [`DynEngine::info`].
+    pub fn new(model: M, info: serde_json::Value) -> Self {
+        Engine {
+            model,
+            seqs: HashMap::new(),
+            info,
+        }
+    }
+
+    fn step_one(&mut self, input: &StepInput<'_>) -> Result<Option<SeqOutput>> {
+        let vocab = self.model.vocab_size();
+        if let Some(&bad) = input.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(CoreError::invalid(format!(
+                "token id {bad} is out of range: the vocabulary has {vocab} entries"
+            )));
+        }
+        let layers = self.model.num_layers();
+        let seq = self.seqs.entry(input.seq_id).or_insert_with(|| Seq {
+            cache: KvCache::new(layers),
+            history: Vec::new(),
+            rng: None,
+        });
+        if seq.cache.len + input.tokens.len() > self.model.max_context() {
+            return Err(CoreError::exhausted(format!(
+                "sequence would hold {} positions, over the context of {}",
+                seq.cache.len + input.tokens.len(),
+                self.model.max_context()
+            )));
+        }
+        if input.tokens.is_empty() {
+            return Err(CoreError::invalid("a step needs at least one token per sequence"));
+        }
+        let logits = self.model.forward(input.tokens, &mut seq.cache, false);
+        seq.history.extend_from_slice(input.tokens);
+        if !input.sample {
+            return Ok(None);
+        }
+        let mut row: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .into_vec()
+            .map_err(|e| CoreError::internal(format!("reading logits: {e:?}")))?;
+        let rng = seq.rng.get_or_insert_with(|| Rng::new(input.params.seed));
+        Ok(Some(sample(&mut row, &seq.history, &input.params, rng)))
+    }
+}
+
+impl<B: Backend, M: CausalLm<B>> DynEngine for Engine<B, M> {
+    fn step(&mut self, inputs: &[StepInput<'_>], outputs: &mut [SeqOutput]) -> Result<()> {
+        // Sequences run one after another: each result is exactly what it would be alone.
+        for (input, out) in inputs.iter().zip(outputs.iter_mut()) {
+            if let Some(o) = self.step_one(input)? {
+                *out = o;
+            }
+        }
+        Ok(())
+    }
+
+    fn release(&mut self, seq_id: u64) {
+        self.seqs.remove(&seq_id);
+    }
+
+    fn info(&self) -> serde_json::Value {
+        let mut v = serde_json::json!({
+            "vocab_size": self.model.vocab_size(),
+            "max_context": self.model.max_context(),
+            "num_layers": self.model.num_layers(),
+            "num_params": self.model.num_params(),
+            "active_sequences": self.seqs.len(),
+        });
+        if let (Some(dst), Some(src)) = (v.as_object_mut(), self.info.as_object()) {
+            for (k, val) in src {
+                dst.insert(k.clone(), val.clone());
+            }
+        }
+        v
+    }
+}

@@ -1,0 +1,261 @@
+//! The C ABI implementation every plugin shares. An architecture crate implements
+//! [`Architecture`] and writes `llm_core::export_backend!(MyArch);` — nothing else crosses FFI.
+
+use std::ffi::{c_char, CStr};
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::PathBuf;
+
+use burn_ndarray::{NdArray, NdArrayDevice};
+use burn_tensor::backend::Backend;
+use llm_abi::{
+    c_string, free_c_string, read_c_str, AbiError, BackendVTable, ErrorCode, ModelHandle,
+    SeqInput, SeqOutput, ABI_VERSION,
+};
+use llm_formats::ModelSource;
+use serde::Deserialize;
+
+use crate::engine::{CausalLm, DynEngine, Engine, StepInput};
+use crate::error::{CoreError, Result};
+use crate::weights::{LoadCtx, Quantization};
+
+/// The CPU backend: f32 on ndarray.
+pub type Cpu = NdArray<f32>;
+
+/// What an architecture crate provides to become a plugin.
+pub trait Architecture: 'static {
+    /// Plugin name, e.g. `c"llama"`.
+    const NAME: &'static CStr;
+    /// JSON array of the config `model_type`s served, e.g. `c"[\"llama\"]"`.
+    const MODEL_TYPES: &'static CStr;
+    type Model<B: Backend>: CausalLm<B>;
+    /// Build the model from a source's config and weights.
+    fn load<B: Backend>(
+        config: &serde_json::Value,
+        weights: &LoadCtx<'_, B>,
+        opts: &LoadOptions,
+    ) -> Result<Self::Model<B>>;
+}
+
+/// The `load` request (see `llm_abi::load_request`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadOptions {
+    pub source: PathBuf,
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default = "default_quantization")]
+    pub quantization: String,
+    /// 0 = the model's own context length.
+    #[serde(default)]
+    pub max_context: usize,
+}
+
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_quantization() -> String {
+    "none".into()
+}
+
+impl LoadOptions {
+    /// Cap the model's own context by the load option.
+    pub fn context(&self, model_max: usize) -> usize {
+        if self.max_context == 0 {
+            model_max
+        } else {
+            self.max_context.min(model_max)
+        }
+    }
+}
+
+/// Open the source and build an engine on the requested device.
+pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEngine>> {
+    let opts: LoadOptions = serde_json::from_str(request_json)
+        .map_err(|e| CoreError::invalid(format!("load request: {e}")))?;
+    let quantization = match opts.quantization.as_str() {
+        "none" | "auto" => Quantization::None,
+        other => {
+            return Err(CoreError::unimplemented(format!(
+                "quantization `{other}` is not supported by this build (none is)"
+            )))
+        }
+    };
+    let source = ModelSource::open(&opts.source)?;
+    let model_type = source.model_type()?;
+    let served: Vec<String> = serde_json::from_str(A::MODEL_TYPES.to_str().unwrap_or("[]"))
+        .map_err(|e| CoreError::internal(format!("plugin model types: {e}")))?;
+    if !served.contains(&model_type) {
+        return Err(CoreError::invalid(format!(
+            "{}: model_type `{model_type}` is not served by the {} plugin",
+            source.describe(),
+            A::NAME.to_string_lossy()
+        )));
+    }
+    match opts.device.as_str() {
+        "cpu" => build::<A, Cpu>(&source, NdArrayDevice::Cpu, quantization, &opts, "f32"),
+        other => Err(CoreError::unimplemented(format!(
+            "device `{other}` is not available in this build (cpu is)"
+        ))),
+    }
+}
+
+fn build<A: Architecture, B: Backend>(
+    source: &ModelSource,
+    device: B::Device,
+    quantization: Quantization,
+    opts: &LoadOptions,
+    dtype: &str,
+) -> Result<Box<dyn DynEngine>> {
+    let ctx = LoadCtx {
+        store: source.tensors(),
+        device,
+        quantization,
+        source: source.describe(),
+    };
+    let model = A::load::<B>(source.config(), &ctx, opts)?;
+    let info = serde_json::json!({
+        "architecture": A::NAME.to_string_lossy(),
+        "model_type": source.model_type()?,
+        "device": opts.device,
+        "dtype": dtype,
+        "quantization": format!("{quantization:?}").to_lowercase(),
+    });
+    Ok(Box::new(Engine::new(model, info)))
+}
+
+/// Run `f`, turning errors and panics into an [`AbiError`] and a return code.
+fn guard(err: *mut AbiError, f: impl FnOnce() -> Result<()>) -> i32 {
+    let result = catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(CoreError::internal(format!("plugin panicked: {msg}")))
+    });
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            if !err.is_null() {
+                // SAFETY: the caller passes a valid, writable AbiError slot.
+                unsafe {
+                    (*err).code = e.code as i32;
+                    (*err).message = c_string(&e.message);
+                }
+            }
+            if e.code == ErrorCode::Ok {
+                ErrorCode::Internal as i32
+            } else {
+                e.code as i32
+            }
+        }
+    }
+}
+
+unsafe fn engine<'a>(model: *mut ModelHandle) -> Result<&'a mut Box<dyn DynEngine>> {
+    (model as *mut Box<dyn DynEngine>)
+        .as_mut()
+        .ok_or_else(|| CoreError::invalid("null model handle"))
+}
+
+unsafe extern "C" fn ffi_load<A: Architecture>(
+    request_json: *const c_char,
+    out: *mut *mut ModelHandle,
+    err: *mut AbiError,
+) -> i32 {
+    guard(err, || {
+        let req = read_c_str(request_json)
+            .ok_or_else(|| CoreError::invalid("load request is not a UTF-8 C string"))?;
+        let engine = load_engine::<A>(req)?;
+        *out = Box::into_raw(Box::new(engine)) as *mut ModelHandle;
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn ffi_info(model: *mut ModelHandle, out: *mut *mut c_char, err: *mut AbiError) -> i32 {
+    guard(err, || {
+        let info = engine(model)?.info();
+        *out = c_string(&info.to_string());
+        Ok(())
+    })
+}
+
+unsafe extern "C" fn ffi_step(
+    model: *mut ModelHandle,
+    inputs: *const SeqInput,
+    n: usize,
+    outputs: *mut SeqOutput,
+    err: *mut AbiError,
+) -> i32 {
+    guard(err, || {
+        let engine = engine(model)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let raw = std::slice::from_raw_parts(inputs, n);
+        let outs = std::slice::from_raw_parts_mut(outputs, n);
+        let inputs: Vec<StepInput<'_>> = raw
+            .iter()
+            .map(|r| StepInput {
+                seq_id: r.seq_id,
+                tokens: if r.n_tokens == 0 {
+                    &[]
+                } else {
+                    std::slice::from_raw_parts(r.tokens, r.n_tokens)
+                },
+                sample: r.sample != 0,
+                params: r.params,
+            })
+            .collect();
+        engine.step(&inputs, outs)
+    })
+}
+
+unsafe extern "C" fn ffi_release(model: *mut ModelHandle, seq_id: u64) {
+    let _ = guard(std::ptr::null_mut(), || {
+        engine(model)?.release(seq_id);
+        Ok(())
+    });
+}
+
+unsafe extern "C" fn ffi_destroy(model: *mut ModelHandle) {
+    let _ = guard(std::ptr::null_mut(), || {
+        if !model.is_null() {
+            drop(Box::from_raw(model as *mut Box<dyn DynEngine>));
+        }
+        Ok(())
+    });
+}
+
+unsafe extern "C" fn ffi_free_string(s: *mut c_char) {
+    free_c_string(s)
+}
+
+/// The vtable of architecture `A`.
+pub const fn vtable<A: Architecture>() -> BackendVTable {
+    BackendVTable {
+        abi_version: ABI_VERSION,
+        vtable_size: std::mem::size_of::<BackendVTable>(),
+        name: A::NAME.as_ptr(),
+        model_types: A::MODEL_TYPES.as_ptr(),
+        load: ffi_load::<A>,
+        info: ffi_info,
+        step: ffi_step,
+        release: ffi_release,
+        destroy: ffi_destroy,
+        free_string: ffi_free_string,
+    }
+}
+
+/// Export architecture `$arch` as this cdylib's plugin entry point.
+#[macro_export]
+macro_rules! export_backend {
+    ($arch:ty) => {
+        /// The plugin entry point (see `llm_abi::ENTRY_SYMBOL`).
+        #[no_mangle]
+        pub extern "C" fn llm_backend_entry_v1() -> *const $crate::abi::BackendVTable {
+            static VTABLE: $crate::abi::BackendVTable = $crate::export::vtable::<$arch>();
+            &VTABLE
+        }
+    };
+}

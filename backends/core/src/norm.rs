@@ -1,0 +1,34 @@
+//! RMSNorm (HF `LlamaRMSNorm`; Gemma's `(1 + w)` variant via `unit_offset`).
+
+use burn_tensor::backend::Backend;
+use burn_tensor::Tensor;
+
+use crate::error::Result;
+use crate::weights::Weights;
+
+pub struct RmsNorm<B: Backend> {
+    /// `[hidden]`.
+    pub weight: Tensor<B, 1>,
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    /// Load `<leaf>.weight`. `unit_offset`: the checkpoint stores `w` and the norm scales by
+    /// `1 + w` (Gemma); folded in at load so the forward is the same op either way.
+    pub fn load(w: &Weights<B>, leaf: &str, hidden: usize, eps: f64, unit_offset: bool) -> Result<Self> {
+        let weight = w.pp(leaf).tensor("weight", [hidden])?;
+        let weight = if unit_offset { weight.add_scalar(1.0) } else { weight };
+        Ok(RmsNorm { weight, eps })
+    }
+
+    /// `x`: `[tokens, hidden]`. `x * rsqrt(mean(x^2) + eps) * w`, in f32 as HF computes it.
+    pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        let var = x.clone().powi_scalar(2).mean_dim(1);
+        let x = x * var.add_scalar(self.eps).sqrt().recip();
+        x * self.weight.clone().unsqueeze_dim(0)
+    }
+
+    pub fn num_params(&self) -> usize {
+        self.weight.dims()[0]
+    }
+}

@@ -1,0 +1,128 @@
+//! Loading tensors by checkpoint name, candle `VarBuilder` style: `w.pp("model").pp("layers").pp(3)`
+//! walks the same dotted path the checkpoint keys use, so struct fields read like the keys and no
+//! name remapping table exists outside the GGUF reader.
+
+use std::fmt::Display;
+
+use burn_tensor::backend::Backend;
+use burn_tensor::{Tensor, TensorData};
+use llm_formats::TensorStore;
+
+use crate::error::{CoreError, Result};
+use crate::linear::{DenseLinear, Linear};
+
+/// How linear weights are stored once loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Quantization {
+    /// Keep the checkpoint's floats (converted to the compute dtype).
+    None,
+}
+
+/// Shared settings of one load.
+pub struct LoadCtx<'a, B: Backend> {
+    pub store: &'a dyn TensorStore,
+    pub device: B::Device,
+    pub quantization: Quantization,
+    /// Names the source in error messages.
+    pub source: String,
+}
+
+/// A cursor into the checkpoint at a dotted prefix.
+pub struct Weights<'a, B: Backend> {
+    ctx: &'a LoadCtx<'a, B>,
+    prefix: String,
+}
+
+impl<'a, B: Backend> Weights<'a, B> {
+    pub fn new(ctx: &'a LoadCtx<'a, B>) -> Self {
+        Weights {
+            ctx,
+            prefix: String::new(),
+        }
+    }
+
+    /// Descend one level: `pp("model")`, `pp(3)`.
+    pub fn pp(&self, name: impl Display) -> Self {
+        Weights {
+            ctx: self.ctx,
+            prefix: self.key(&name.to_string()),
+        }
+    }
+
+    /// The full checkpoint key of `leaf` under this prefix.
+    pub fn key(&self, leaf: &str) -> String {
+        if self.prefix.is_empty() {
+            leaf.to_string()
+        } else {
+            format!("{}.{leaf}", self.prefix)
+        }
+    }
+
+    pub fn contains(&self, leaf: &str) -> bool {
+        self.ctx.store.contains(&self.key(leaf))
+    }
+
+    pub fn device(&self) -> &B::Device {
+        &self.ctx.device
+    }
+
+    pub fn ctx(&self) -> &LoadCtx<'a, B> {
+        self.ctx
+    }
+
+    /// Load `leaf` as f32 and check its shape.
+    pub fn tensor<const D: usize>(&self, leaf: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
+        let key = self.key(leaf);
+        if !self.ctx.store.contains(&key) {
+            return Err(CoreError::invalid(format!(
+                "{}: tensor `{key}` is missing",
+                self.ctx.source
+            )));
+        }
+        let t = self.ctx.store.f32(&key)?;
+        if t.shape != shape {
+            return Err(CoreError::invalid(format!(
+                "{}: tensor `{key}` has shape {:?}, the config implies {:?}",
+                self.ctx.source, t.shape, shape
+            )));
+        }
+        Ok(Tensor::from_data(
+            TensorData::new(t.data, shape.to_vec()),
+            &self.ctx.device,
+        ))
+    }
+
+    /// A linear layer `leaf.weight` `[out, in]` (+ `leaf.bias` `[out]` when `bias`), stored as the
+    /// load's quantization says.
+    pub fn linear(
+        &self,
+        leaf: &str,
+        in_features: usize,
+        out_features: usize,
+        bias: bool,
+    ) -> Result<Box<dyn Linear<B>>> {
+        let w = self.pp(leaf);
+        let weight = w.tensor("weight", [out_features, in_features])?;
+        let bias = if bias {
+            Some(w.tensor("bias", [out_features])?)
+        } else {
+            if w.contains("bias") {
+                return Err(CoreError::invalid(format!(
+                    "{}: tensor `{}` exists but the config says this layer has no bias",
+                    self.ctx.source,
+                    w.key("bias")
+                )));
+            }
+            None
+        };
+        match self.ctx.quantization {
+            Quantization::None => Ok(Box::new(DenseLinear::new(weight, bias))),
+        }
+    }
+
+    /// A linear layer that is never quantized (lm_head, as bitsandbytes leaves it).
+    pub fn dense(&self, leaf: &str, in_features: usize, out_features: usize) -> Result<DenseLinear<B>> {
+        let weight = self.pp(leaf).tensor("weight", [out_features, in_features])?;
+        Ok(DenseLinear::new(weight, None))
+    }
+}
