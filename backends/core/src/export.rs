@@ -92,7 +92,7 @@ pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEng
         )));
     }
     match opts.device.as_str() {
-        "cpu" => build::<A, Cpu>(&source, NdArrayDevice::Cpu, quantization, &opts, "f32"),
+        "cpu" => build::<A, Cpu>(&source, NdArrayDevice::Cpu, true, quantization, &opts, "f32"),
         other => Err(CoreError::unimplemented(format!(
             "device `{other}` is not available in this build (cpu is)"
         ))),
@@ -102,6 +102,7 @@ pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEng
 fn build<A: Architecture, B: Backend>(
     source: &ModelSource,
     device: B::Device,
+    host_linear: bool,
     quantization: Quantization,
     opts: &LoadOptions,
     dtype: &str,
@@ -111,6 +112,7 @@ fn build<A: Architecture, B: Backend>(
         device,
         quantization,
         source: source.describe(),
+        host_linear,
     };
     let model = A::load::<B>(source.config(), &ctx, opts)?;
     let info = serde_json::json!({

@@ -6,6 +6,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod export;
+pub mod host_linear;
 pub mod linear;
 pub mod mlp;
 pub mod norm;

@@ -9,6 +9,7 @@ use burn_tensor::{Tensor, TensorData};
 use llm_formats::TensorStore;
 
 use crate::error::{CoreError, Result};
+use crate::host_linear::HostLinear;
 use crate::linear::{DenseLinear, Linear};
 
 /// How linear weights are stored once loaded.
@@ -25,6 +26,27 @@ pub struct LoadCtx<'a, B: Backend> {
     pub quantization: Quantization,
     /// Names the source in error messages.
     pub source: String,
+    /// Float linears run as host GEMVs ([`HostLinear`]) instead of Burn matmuls: the CPU backend.
+    pub host_linear: bool,
+}
+
+impl<B: Backend> LoadCtx<'_, B> {
+    /// A float (never quantized) linear layer from a loaded weight `[out, in]`.
+    pub fn dense_from(&self, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Box<dyn Linear<B>> {
+        if self.host_linear {
+            let [out, inp] = weight.dims();
+            let host = |t: TensorData| t.convert::<f32>().into_vec::<f32>().expect("f32 weights");
+            Box::new(HostLinear::new(
+                host(weight.into_data()),
+                bias.map(|b| host(b.into_data())),
+                out,
+                inp,
+                self.device.clone(),
+            ))
+        } else {
+            Box::new(DenseLinear::new(weight, bias))
+        }
+    }
 }
 
 /// A cursor into the checkpoint at a dotted prefix.
@@ -116,13 +138,13 @@ impl<'a, B: Backend> Weights<'a, B> {
             None
         };
         match self.ctx.quantization {
-            Quantization::None => Ok(Box::new(DenseLinear::new(weight, bias))),
+            Quantization::None => Ok(self.ctx.dense_from(weight, bias)),
         }
     }
 
-    /// A linear layer that is never quantized (lm_head, as bitsandbytes leaves it).
-    pub fn dense(&self, leaf: &str, in_features: usize, out_features: usize) -> Result<DenseLinear<B>> {
+    /// A linear layer without bias that is never quantized (lm_head, as bitsandbytes leaves it).
+    pub fn dense(&self, leaf: &str, in_features: usize, out_features: usize) -> Result<Box<dyn Linear<B>>> {
         let weight = self.pp(leaf).tensor("weight", [out_features, in_features])?;
-        Ok(DenseLinear::new(weight, None))
+        Ok(self.ctx.dense_from(weight, None))
     }
 }

@@ -630,10 +630,10 @@ fn reverse_permute(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec
     for h in 0..n_head {
         for i in 0..half {
             for j in 0..2 {
-                // GGUF row (h, j, i) holds HF row (h, i, j).
-                let src = (h * 2 + j) * half + i;
-                let dst = (h * half + i) * 2 + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
+                // GGUF row (h, i, j) of [n_head, d/2, 2] holds HF row (h, j, i) of [n_head, 2, d/2].
+                let gguf = (h * half + i) * 2 + j;
+                let hf = (h * 2 + j) * half + i;
+                out[hf * cols..(hf + 1) * cols].copy_from_slice(&data[gguf * cols..(gguf + 1) * cols]);
             }
         }
     }
@@ -701,7 +701,8 @@ mod tests {
     #[test]
     fn reverse_permute_inverts_llama_cpp_permute() {
         // llama.cpp: w.reshape(n_head, 2, rows/n_head/2, cols).swapaxes(1, 2).reshape(rows, cols)
-        let (rows, cols, n_head) = (8, 3, 2);
+        // d/2 = 3: the permutation is not its own inverse (it is for d/2 = 2).
+        let (rows, cols, n_head) = (12, 3, 2);
         let hf: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
         let half = rows / n_head / 2;
         let mut gguf = vec![0.0; hf.len()];

@@ -8,7 +8,7 @@ use burn_tensor::backend::Backend;
 use burn_tensor::{Int, Tensor, TensorData};
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalLm, CoreError,
-    DenseLinear, ForwardCtx, GateUp, GatedMlp, KvCache, Linear, LoadCtx, LoadOptions, QkvProj,
+    ForwardCtx, GateUp, GatedMlp, KvCache, Linear, LoadCtx, LoadOptions, QkvProj,
     Result, RmsNorm, Rope, RopeFields, Weights,
 };
 use serde::Deserialize;
@@ -161,7 +161,7 @@ pub struct LlamaModel<B: Backend> {
 pub struct LlamaForCausalLM<B: Backend> {
     pub model: LlamaModel<B>,
     /// `[vocab, hidden]`; the embedding matrix itself when `tie_word_embeddings`.
-    pub lm_head: DenseLinear<B>,
+    pub lm_head: Box<dyn Linear<B>>,
     pub config: LlamaConfig,
     rope: Rope,
     max_context: usize,
@@ -188,7 +188,7 @@ impl<B: Backend> LlamaForCausalLM<B> {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::load(&w, "norm", c.hidden_size, c.rms_norm_eps, false)?;
         let lm_head = if c.tie_word_embeddings {
-            DenseLinear::new(embed_tokens.clone(), None)
+            ctx.dense_from(embed_tokens.clone(), None)
         } else {
             root.dense("lm_head", c.hidden_size, c.vocab_size)?
         };

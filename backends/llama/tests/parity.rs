@@ -13,6 +13,7 @@ fn load(dir: &std::path::Path) -> LlamaForCausalLM<Cpu> {
         device: Default::default(),
         quantization: Quantization::None,
         source: source.describe(),
+        host_linear: true,
     };
     let opts = LoadOptions {
         source: dir.to_path_buf(),
