@@ -1,1 +1,177 @@
-fn main(){}
+//! `llm-server`: serves chat/text generation over gRPC from architecture plugins.
+
+mod detok;
+mod error;
+mod plugin;
+mod registry;
+mod request;
+mod scheduler;
+mod service;
+mod template;
+mod tokenizer;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use llm_proto::v1::llm_service_server::LlmServiceServer;
+
+use crate::plugin::Plugins;
+use crate::registry::{LoadSpec, Registry};
+use crate::request::Limits;
+use crate::service::Service;
+
+#[derive(Debug, Parser)]
+#[command(name = "llm-server", version, about = "Serve open-weight chat models over gRPC")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    listen: SocketAddr,
+    /// Load a model at startup: NAME=SOURCE, SOURCE a local HF directory or a .gguf file.
+    /// Repeatable.
+    #[arg(long = "load", value_name = "NAME=SOURCE")]
+    load: Vec<String>,
+    /// How linear weights are held for models loaded at startup (and LoadModel's default).
+    #[arg(long, default_value = "none", value_parser = ["none"])]
+    quantization: String,
+    /// Device for models loaded at startup (and LoadModel's default).
+    #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+    device: String,
+    /// Directory holding the architecture plugins (lib<arch>_backend.so). Default: the
+    /// directory of this executable.
+    #[arg(long)]
+    plugin_dir: Option<PathBuf>,
+    /// Largest max_new_tokens a request may ask for.
+    #[arg(long, default_value_t = 4096)]
+    max_new_tokens_limit: u32,
+    /// Cap on positions per sequence (prompt + generated); 0 = each model's own context length.
+    #[arg(long, default_value_t = 0)]
+    max_context: u32,
+    /// Sequences a model decodes together at most.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+}
+
+fn parse_load(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, source) = s
+        .split_once('=')
+        .ok_or_else(|| format!("--load {s:?}: expected NAME=SOURCE"))?;
+    Ok((name.to_string(), PathBuf::from(source)))
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Args::parse()).await {
+        eprintln!("llm-server: {e}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let loads = args
+        .load
+        .iter()
+        .map(|s| parse_load(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let plugin_dir = match args.plugin_dir {
+        Some(d) => d,
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.to_path_buf()))
+            .ok_or("cannot locate the executable's directory; pass --plugin-dir")?,
+    };
+    let plugins = Plugins::discover(&plugin_dir).map_err(|e| e.to_string())?;
+    if plugins.model_types().is_empty() {
+        tracing::warn!(dir = %plugin_dir.display(), "no plugins found");
+    }
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let registry = Arc::new(Registry::new(plugins, health_reporter, args.max_batch.max(1)));
+    registry.init_health().await;
+
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(llm_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| e.to_string())?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(llm_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .map_err(|e| e.to_string())?;
+
+    let service = Service {
+        registry: registry.clone(),
+        limits: Limits {
+            max_new_tokens: args.max_new_tokens_limit,
+        },
+        default_device: args.device.clone(),
+        default_quantization: args.quantization.clone(),
+    };
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+    tracing::info!(addr = %local, "listening");
+
+    // Startup loads run while the server already answers (health says NOT_SERVING until a model
+    // is ready); a failed startup load is fatal, as the user asked for that model.
+    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    for (name, source) in loads {
+        let registry = registry.clone();
+        let spec = LoadSpec {
+            name: name.clone(),
+            source,
+            device: args.device.clone(),
+            quantization: args.quantization.clone(),
+            max_context: args.max_context,
+        };
+        let fail_tx = fail_tx.clone();
+        tokio::spawn(async move {
+            if let Err(e) = registry.load(spec).await {
+                let _ = fail_tx.send(format!("loading `{name}`: {e}"));
+            }
+        });
+    }
+    drop(fail_tx);
+
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(LlmServiceServer::new(service))
+        .serve_with_incoming_shutdown(incoming, shutdown_signal());
+    tokio::select! {
+        r = server => r.map_err(|e| e.to_string()),
+        Some(msg) = fail_rx.recv() => Err(msg),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,226 @@
+//! Everything text-side of a model: tokenizer, chat template, end-of-sequence ids. Built from an
+//! HF directory (tokenizer.json, tokenizer_config.json, chat_template.jinja,
+//! generation_config.json) or from a GGUF file's metadata, the way transformers' GGUF loader
+//! builds them (`integrations/ggml.py`, GGUFGPTConverter).
+
+use std::path::Path;
+
+use llm_formats::{GgufFile, ModelSource};
+use serde_json::{json, Value};
+use tokenizers::Tokenizer;
+
+use crate::error::{Result, ServerError};
+use crate::template::ChatTemplate;
+
+pub struct TextModel {
+    pub tokenizer: Tokenizer,
+    pub chat_template: Option<ChatTemplate>,
+    /// Generation stops at any of these.
+    pub eos_ids: Vec<u32>,
+}
+
+impl std::fmt::Debug for TextModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TextModel").field("eos_ids", &self.eos_ids).finish_non_exhaustive()
+    }
+}
+
+fn files_error(path: &Path, msg: impl std::fmt::Display) -> ServerError {
+    ServerError::ModelFiles {
+        code: llm_abi::ErrorCode::InvalidArgument,
+        message: format!("{}: {msg}", path.display()),
+    }
+}
+
+/// A token given in tokenizer_config.json as a string or as an AddedToken dict.
+fn token_text(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// `eos_token_id` as an int or a list of ints.
+fn id_list(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        _ => vec![],
+    }
+}
+
+impl TextModel {
+    pub fn from_source(source: &ModelSource) -> Result<TextModel> {
+        match source {
+            ModelSource::HfDir {
+                dir,
+                config,
+                generation_config,
+                ..
+            } => Self::from_hf_dir(dir, config, generation_config.as_ref()),
+            ModelSource::Gguf { file, .. } => Self::from_gguf(file),
+        }
+    }
+
+    fn from_hf_dir(dir: &Path, config: &Value, generation_config: Option<&Value>) -> Result<TextModel> {
+        let tok_path = dir.join("tokenizer.json");
+        if !tok_path.exists() {
+            return Err(ServerError::ModelFiles {
+                code: llm_abi::ErrorCode::NotFound,
+                message: format!("{} is missing: the model needs a tokenizer", tok_path.display()),
+            });
+        }
+        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| files_error(&tok_path, e))?;
+        let tc_path = dir.join("tokenizer_config.json");
+        let tc = llm_formats::read_json_opt(&tc_path)?.unwrap_or(Value::Null);
+        let bos = token_text(tc.get("bos_token"));
+        let eos = token_text(tc.get("eos_token"));
+        // transformers >= 4.43 saves the template to chat_template.jinja; older configs inline it
+        // (a string, or a list of named templates of which "default" is used).
+        let jinja_path = dir.join("chat_template.jinja");
+        let source = if jinja_path.exists() {
+            Some(std::fs::read_to_string(&jinja_path).map_err(|e| files_error(&jinja_path, e))?)
+        } else {
+            match tc.get("chat_template") {
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(Value::Array(list)) => list
+                    .iter()
+                    .find(|t| t.get("name").and_then(Value::as_str) == Some("default"))
+                    .and_then(|t| t.get("template").and_then(Value::as_str))
+                    .map(str::to_owned),
+                _ => None,
+            }
+        };
+        let chat_template = source
+            .map(|s| ChatTemplate::new(&s, bos.clone(), eos.clone()))
+            .transpose()
+            .map_err(|e| files_error(&tc_path, e))?;
+        // HF generate stops at generation_config.eos_token_id, which defaults to the model
+        // config's; the tokenizer's eos_token is the last resort.
+        let mut eos_ids = id_list(generation_config.and_then(|g| g.get("eos_token_id")));
+        if eos_ids.is_empty() {
+            eos_ids = id_list(config.get("eos_token_id"));
+        }
+        if eos_ids.is_empty() {
+            eos_ids.extend(eos.as_deref().and_then(|e| tokenizer.token_to_id(e)));
+        }
+        Ok(TextModel {
+            tokenizer,
+            chat_template,
+            eos_ids,
+        })
+    }
+
+    fn from_gguf(file: &GgufFile) -> Result<TextModel> {
+        let path = file.path();
+        let model = file.meta_str("tokenizer.ggml.model")?;
+        let tokens = file.meta_strings("tokenizer.ggml.tokens")?;
+        let types = file.meta_ints("tokenizer.ggml.token_type").unwrap_or_default();
+        let tokenizer_json = match model {
+            "gpt2" => {
+                let merges = file.meta_strings("tokenizer.ggml.merges")?;
+                gpt2_tokenizer_json(&tokens, &types, &merges)
+            }
+            other => {
+                return Err(ServerError::ModelFiles {
+                    code: llm_abi::ErrorCode::Unimplemented,
+                    message: format!(
+                        "{}: GGUF tokenizer model `{other}` is not supported (gpt2 is)",
+                        path.display()
+                    ),
+                })
+            }
+        };
+        let tokenizer = Tokenizer::from_bytes(tokenizer_json.to_string().as_bytes())
+            .map_err(|e| files_error(path, format!("building the tokenizer from metadata: {e}")))?;
+        let text_of = |key: &str| -> Option<String> {
+            let id = file.meta_u64(key).ok()? as usize;
+            tokens.get(id).map(|s| s.to_string())
+        };
+        let chat_template = match file.meta_str("tokenizer.chat_template") {
+            Ok(src) => Some(
+                ChatTemplate::new(src, text_of("tokenizer.ggml.bos_token_id"), text_of("tokenizer.ggml.eos_token_id"))
+                    .map_err(|e| files_error(path, e))?,
+            ),
+            Err(_) => None,
+        };
+        // llama.cpp's end-of-generation set: the declared eos/eot ids plus the control tokens
+        // chat formats end a turn with (llama-vocab.cpp), since many GGUFs declare only one.
+        const EOG_TEXTS: &[&str] = &[
+            "<|eot_id|>",
+            "<|im_end|>",
+            "<|end|>",
+            "<end_of_turn>",
+            "<|endoftext|>",
+            "<|end_of_text|>",
+            "<EOT>",
+            "<｜end▁of▁sentence｜>",
+        ];
+        let mut eos_ids: Vec<u32> = ["tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id"]
+            .iter()
+            .filter_map(|k| file.meta_u64(k).ok().map(|v| v as u32))
+            .collect();
+        for (id, t) in tokens.iter().enumerate() {
+            let control = types.get(id).is_none_or(|&ty| ty == 3);
+            if control && EOG_TEXTS.contains(t) {
+                eos_ids.push(id as u32);
+            }
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        Ok(TextModel {
+            tokenizer,
+            chat_template,
+            eos_ids,
+        })
+    }
+
+    /// Token ids of raw text, as HF `tokenizer(text)` (special tokens added per the tokenizer's
+    /// post-processor).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        self.tokenizer
+            .encode(text, add_special_tokens)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| ServerError::Internal(format!("tokenizer: {e}")))
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
+        self.tokenizer.decode(ids, skip_special_tokens).unwrap_or_default()
+    }
+}
+
+/// tokenizer.json of a byte-level BPE built from GGUF metadata, as transformers'
+/// GGUFGPTConverter builds it: ByteLevel pre-tokenizer (GPT-2 split regex) and decoder, control
+/// tokens (type 3) and user-defined tokens (type 4) as added tokens.
+fn gpt2_tokenizer_json(tokens: &[&str], types: &[i64], merges: &[&str]) -> Value {
+    let vocab: serde_json::Map<String, Value> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.to_string(), json!(i)))
+        .collect();
+    let added: Vec<Value> = tokens
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| matches!(types.get(*i), Some(3) | Some(4)))
+        .map(|(i, t)| {
+            json!({"id": i, "content": t, "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": false, "special": types[i] == 3})
+        })
+        .collect();
+    json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        }
+    })
+}
