@@ -122,6 +122,9 @@ async fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
     tracing::info!(addr = %local, "listening");
+    // One machine-readable line on stdout, so a supervisor (or a test) using `--listen HOST:0`
+    // learns the port.
+    println!("llm-server listening on {local}");
 
     // Startup loads run while the server already answers (health says NOT_SERVING until a model
     // is ready); a failed startup load is fatal, as the user asked for that model.

@@ -13,7 +13,9 @@ use crate::error::{Result, ServerError};
 use crate::template::ChatTemplate;
 
 pub struct TextModel {
-    pub tokenizer: Tokenizer,
+    /// None for a directory without tokenizer.json (test models): such a model takes
+    /// `prompt_ids` only and streams token ids with empty text.
+    pub tokenizer: Option<Tokenizer>,
     pub chat_template: Option<ChatTemplate>,
     /// Generation stops at any of these.
     pub eos_ids: Vec<u32>,
@@ -65,13 +67,12 @@ impl TextModel {
 
     fn from_hf_dir(dir: &Path, config: &Value, generation_config: Option<&Value>) -> Result<TextModel> {
         let tok_path = dir.join("tokenizer.json");
-        if !tok_path.exists() {
-            return Err(ServerError::ModelFiles {
-                code: llm_abi::ErrorCode::NotFound,
-                message: format!("{} is missing: the model needs a tokenizer", tok_path.display()),
-            });
-        }
-        let tokenizer = Tokenizer::from_file(&tok_path).map_err(|e| files_error(&tok_path, e))?;
+        let tokenizer = if tok_path.exists() {
+            Some(Tokenizer::from_file(&tok_path).map_err(|e| files_error(&tok_path, e))?)
+        } else {
+            tracing::warn!(dir = %dir.display(), "no tokenizer.json: the model accepts prompt_ids only");
+            None
+        };
         let tc_path = dir.join("tokenizer_config.json");
         let tc = llm_formats::read_json_opt(&tc_path)?.unwrap_or(Value::Null);
         let bos = token_text(tc.get("bos_token"));
@@ -103,7 +104,9 @@ impl TextModel {
             eos_ids = id_list(config.get("eos_token_id"));
         }
         if eos_ids.is_empty() {
-            eos_ids.extend(eos.as_deref().and_then(|e| tokenizer.token_to_id(e)));
+            if let (Some(t), Some(e)) = (&tokenizer, eos.as_deref()) {
+                eos_ids.extend(t.token_to_id(e));
+            }
         }
         Ok(TextModel {
             tokenizer,
@@ -132,8 +135,10 @@ impl TextModel {
                 })
             }
         };
-        let tokenizer = Tokenizer::from_bytes(tokenizer_json.to_string().as_bytes())
-            .map_err(|e| files_error(path, format!("building the tokenizer from metadata: {e}")))?;
+        let tokenizer = Some(
+            Tokenizer::from_bytes(tokenizer_json.to_string().as_bytes())
+                .map_err(|e| files_error(path, format!("building the tokenizer from metadata: {e}")))?,
+        );
         let text_of = |key: &str| -> Option<String> {
             let id = file.meta_u64(key).ok()? as usize;
             tokens.get(id).map(|s| s.to_string())
@@ -179,14 +184,20 @@ impl TextModel {
     /// Token ids of raw text, as HF `tokenizer(text)` (special tokens added per the tokenizer's
     /// post-processor).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        self.tokenizer
-            .encode(text, add_special_tokens)
+        let t = self.tokenizer.as_ref().ok_or_else(|| {
+            ServerError::invalid("input", "this model has no tokenizer (no tokenizer.json): send prompt_ids")
+        })?;
+        t.encode(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| ServerError::Internal(format!("tokenizer: {e}")))
     }
 
+    /// Empty text for a model without tokenizer.
     pub fn decode(&self, ids: &[u32], skip_special_tokens: bool) -> String {
-        self.tokenizer.decode(ids, skip_special_tokens).unwrap_or_default()
+        self.tokenizer
+            .as_ref()
+            .and_then(|t| t.decode(ids, skip_special_tokens).ok())
+            .unwrap_or_default()
     }
 }
 
