@@ -17,7 +17,12 @@ use tonic::transport::Channel;
 #[command(name = "llm", version, about = "Client for llm-server")]
 struct Cli {
     /// Server URL.
-    #[arg(long, global = true, env = "LLM_SERVER", default_value = "http://127.0.0.1:50051")]
+    #[arg(
+        long,
+        global = true,
+        env = "LLM_SERVER",
+        default_value = "http://127.0.0.1:50051"
+    )]
     server: String,
     #[command(subcommand)]
     command: Command,
@@ -47,6 +52,7 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(allow_negative_numbers = true)]
 struct GenerateArgs {
     /// Model name (see `llm models`).
     #[arg(long)]
@@ -143,7 +149,11 @@ async fn generate(url: &str, a: GenerateArgs) -> Result<()> {
         }),
     };
     let mut client = connect(url).await?;
-    let mut stream = client.generate(req).await.map_err(status_error)?.into_inner();
+    let mut stream = client
+        .generate(req)
+        .await
+        .map_err(status_error)?
+        .into_inner();
     let mut out = std::io::stdout().lock();
     let mut first_id = true;
     let mut ended_with_newline = true;
@@ -165,7 +175,11 @@ async fn generate(url: &str, a: GenerateArgs) -> Result<()> {
             }
             if a.stats {
                 let reason = FinishReason::try_from(done.finish_reason)
-                    .map(|r| r.as_str_name().trim_start_matches("FINISH_REASON_").to_lowercase())
+                    .map(|r| {
+                        r.as_str_name()
+                            .trim_start_matches("FINISH_REASON_")
+                            .to_lowercase()
+                    })
                     .unwrap_or_default();
                 eprintln!(
                     "[{reason}] prompt {} tokens, generated {} tokens, TTFT {:.1} ms, {:.1} tok/s, seed {}",
@@ -217,13 +231,27 @@ async fn models(url: &str) -> Result<()> {
     for m in list.models {
         println!(
             "{:<24} {:<10} {:<7} {:<6} {:<5} {:>8} {:>14}  {}",
-            m.name, m.architecture, m.state, m.device, m.quantization, m.max_context, m.num_parameters, m.source
+            m.name,
+            m.architecture,
+            m.state,
+            m.device,
+            m.quantization,
+            m.max_context,
+            m.num_parameters,
+            m.source
         );
     }
     Ok(())
 }
 
-async fn load(url: &str, name: String, source: String, device: String, quantization: String, max_context: u32) -> Result<()> {
+async fn load(
+    url: &str,
+    name: String,
+    source: String,
+    device: String,
+    quantization: String,
+    max_context: u32,
+) -> Result<()> {
     let mut client = connect(url).await?;
     let r = client
         .load_model(LoadModelRequest {

@@ -71,7 +71,9 @@ impl From<ServerError> for Status {
             ServerError::InvalidArgument { .. } | ServerError::Template(_) => Code::InvalidArgument,
             ServerError::ModelNotFound(_) => Code::NotFound,
             ServerError::ModelExists(_) => Code::AlreadyExists,
-            ServerError::ModelFiles { code, .. } | ServerError::Plugin { code, .. } => abi_code(*code),
+            ServerError::ModelFiles { code, .. } | ServerError::Plugin { code, .. } => {
+                abi_code(*code)
+            }
             ServerError::ResourceExhausted(_) => Code::ResourceExhausted,
             ServerError::Unavailable(_) => Code::Unavailable,
             ServerError::Internal(_) => Code::Internal,

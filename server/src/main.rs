@@ -23,7 +23,11 @@ use crate::request::Limits;
 use crate::service::Service;
 
 #[derive(Debug, Parser)]
-#[command(name = "llm-server", version, about = "Serve open-weight chat models over gRPC")]
+#[command(
+    name = "llm-server",
+    version,
+    about = "Serve open-weight chat models over gRPC"
+)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50051")]
@@ -94,7 +98,11 @@ async fn run(args: Args) -> Result<(), String> {
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    let registry = Arc::new(Registry::new(plugins, health_reporter, args.max_batch.max(1)));
+    let registry = Arc::new(Registry::new(
+        plugins,
+        health_reporter,
+        args.max_batch.max(1),
+    ));
     registry.init_health().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -166,7 +174,8 @@ async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };

@@ -46,29 +46,39 @@ impl Plugin {
         let lib = unsafe { Library::new(path) }.map_err(|e| plugin_error(path, e))?;
         let lib: &'static Library = Box::leak(Box::new(lib));
         // SAFETY: the symbol's type is fixed by the ABI crate; its name carries the ABI version.
-        let entry = unsafe { lib.get::<EntryFn>(ENTRY_SYMBOL) }
-            .map_err(|e| plugin_error(path, format!("no entry symbol (not an llm plugin, or an older ABI): {e}")))?;
+        let entry = unsafe { lib.get::<EntryFn>(ENTRY_SYMBOL) }.map_err(|e| {
+            plugin_error(
+                path,
+                format!("no entry symbol (not an llm plugin, or an older ABI): {e}"),
+            )
+        })?;
         // SAFETY: the entry function takes no arguments and returns a pointer to static data.
         let vtable = unsafe { entry() };
         // SAFETY: checked non-null; the first field is read before any other.
-        let vtable: &'static BackendVTable = unsafe { vtable.as_ref() }
-            .ok_or_else(|| plugin_error(path, "entry returned null"))?;
+        let vtable: &'static BackendVTable =
+            unsafe { vtable.as_ref() }.ok_or_else(|| plugin_error(path, "entry returned null"))?;
         if vtable.abi_version != ABI_VERSION {
             return Err(plugin_error(
                 path,
-                format!("ABI version {} (this server speaks {ABI_VERSION})", vtable.abi_version),
+                format!(
+                    "ABI version {} (this server speaks {ABI_VERSION})",
+                    vtable.abi_version
+                ),
             ));
         }
         if vtable.vtable_size != std::mem::size_of::<BackendVTable>() {
-            return Err(plugin_error(path, "vtable layout differs from this server's"));
+            return Err(plugin_error(
+                path,
+                "vtable layout differs from this server's",
+            ));
         }
         // SAFETY: static NUL-terminated strings per the ABI.
         let name = unsafe { read_c_str(vtable.name) }
             .ok_or_else(|| plugin_error(path, "bad name"))?
             .to_string();
         let types = unsafe { read_c_str(vtable.model_types) }.unwrap_or("[]");
-        let model_types: Vec<String> =
-            serde_json::from_str(types).map_err(|e| plugin_error(path, format!("bad model_types: {e}")))?;
+        let model_types: Vec<String> = serde_json::from_str(types)
+            .map_err(|e| plugin_error(path, format!("bad model_types: {e}")))?;
         Ok(Plugin {
             name,
             model_types,
@@ -84,7 +94,9 @@ impl Plugin {
         } else {
             // SAFETY: the plugin wrote a NUL-terminated string it allocated; we free it with its
             // own free function after copying.
-            let m = unsafe { read_c_str(err.message) }.unwrap_or("(invalid UTF-8)").to_string();
+            let m = unsafe { read_c_str(err.message) }
+                .unwrap_or("(invalid UTF-8)")
+                .to_string();
             unsafe { (self.vtable.free_string)(err.message) };
             m
         };
@@ -96,7 +108,8 @@ impl Plugin {
 
     /// Load a model. `request` is the JSON described by `llm_abi::load_request`.
     pub fn load(self: &Arc<Self>, request: &serde_json::Value) -> Result<PluginModel> {
-        let req = CString::new(request.to_string()).map_err(|e| ServerError::Internal(e.to_string()))?;
+        let req =
+            CString::new(request.to_string()).map_err(|e| ServerError::Internal(e.to_string()))?;
         let mut handle: *mut ModelHandle = std::ptr::null_mut();
         let mut err = AbiError::ok();
         // SAFETY: valid C string, out pointers to locals.
@@ -142,7 +155,13 @@ impl PluginModel {
         let mut err = AbiError::ok();
         // SAFETY: live handle; the slices (and the token buffers they point to) outlive the call.
         let rc = unsafe {
-            (self.plugin.vtable.step)(self.handle, inputs.as_ptr(), inputs.len(), outputs.as_mut_ptr(), &mut err)
+            (self.plugin.vtable.step)(
+                self.handle,
+                inputs.as_ptr(),
+                inputs.len(),
+                outputs.as_mut_ptr(),
+                &mut err,
+            )
         };
         if rc != 0 {
             return Err(self.plugin.take_error(rc, err));
@@ -176,14 +195,16 @@ pub fn is_plugin_file(path: &Path) -> bool {
     let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
         return false;
     };
-    name.starts_with("lib")
-        && (name.ends_with("_backend.so") || name.ends_with("_backend.dylib"))
+    name.starts_with("lib") && (name.ends_with("_backend.so") || name.ends_with("_backend.dylib"))
 }
 
 impl Plugins {
     pub fn discover(dir: &Path) -> Result<Plugins> {
         let entries = std::fs::read_dir(dir).map_err(|e| {
-            ServerError::Internal(format!("cannot read plugin directory {}: {e}", dir.display()))
+            ServerError::Internal(format!(
+                "cannot read plugin directory {}: {e}",
+                dir.display()
+            ))
         })?;
         let mut files: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))

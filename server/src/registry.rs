@@ -109,7 +109,12 @@ impl Registry {
 
     pub async fn load(self: &Arc<Self>, spec: LoadSpec) -> Result<(ModelInfo, f64)> {
         check_name(&spec.name)?;
-        if self.models.read().expect("registry lock").contains_key(&spec.name) {
+        if self
+            .models
+            .read()
+            .expect("registry lock")
+            .contains_key(&spec.name)
+        {
             return Err(ServerError::ModelExists(spec.name));
         }
         let t0 = Instant::now();
@@ -139,15 +144,18 @@ impl Registry {
     fn load_blocking(&self, spec: LoadSpec) -> Result<LoadedModel> {
         let source = ModelSource::open(&spec.source)?;
         let model_type = source.model_type()?;
-        let plugin = self.plugins.for_model_type(&model_type).ok_or_else(|| ServerError::ModelFiles {
-            code: llm_abi::ErrorCode::Unimplemented,
-            message: format!(
-                "{}: no plugin in {} serves model_type `{model_type}` (available: {})",
-                source.describe(),
-                self.plugins.dir.display(),
-                self.plugins.model_types().join(", ")
-            ),
-        })?;
+        let plugin =
+            self.plugins
+                .for_model_type(&model_type)
+                .ok_or_else(|| ServerError::ModelFiles {
+                    code: llm_abi::ErrorCode::Unimplemented,
+                    message: format!(
+                        "{}: no plugin in {} serves model_type `{model_type}` (available: {})",
+                        source.describe(),
+                        self.plugins.dir.display(),
+                        self.plugins.model_types().join(", ")
+                    ),
+                })?;
         let text = Arc::new(TextModel::from_source(&source)?);
         drop(source);
         let mut model = plugin.load(&json!({
@@ -158,7 +166,12 @@ impl Registry {
         }))?;
         let pi = model.info()?;
         let get_u64 = |k: &str| pi.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
-        let get_str = |k: &str| pi.get(k).and_then(|v| v.as_str()).unwrap_or_default().to_string();
+        let get_str = |k: &str| {
+            pi.get(k)
+                .and_then(|v| v.as_str())
+                .unwrap_or_default()
+                .to_string()
+        };
         let info = ModelInfo {
             name: spec.name.clone(),
             source: spec.source.display().to_string(),
@@ -182,7 +195,11 @@ impl Registry {
                 max_context: info.max_context as usize,
             },
         );
-        Ok(LoadedModel { info, text, scheduler })
+        Ok(LoadedModel {
+            info,
+            text,
+            scheduler,
+        })
     }
 
     pub async fn unload(&self, name: &str) -> Result<()> {

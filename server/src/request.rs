@@ -57,11 +57,18 @@ fn finite(field: &str, v: f32) -> Result<f32> {
     if v.is_finite() {
         Ok(v)
     } else {
-        Err(ServerError::invalid(field, format!("must be a finite number (got {v})")))
+        Err(ServerError::invalid(
+            field,
+            format!("must be a finite number (got {v})"),
+        ))
     }
 }
 
-pub fn parse(req: GenerateRequest, limits: Limits, random_seed: impl FnOnce() -> u64) -> Result<ValidRequest> {
+pub fn parse(
+    req: GenerateRequest,
+    limits: Limits,
+    random_seed: impl FnOnce() -> u64,
+) -> Result<ValidRequest> {
     if req.model.is_empty() {
         return Err(ServerError::invalid("model", "is required"));
     }
@@ -74,14 +81,21 @@ pub fn parse(req: GenerateRequest, limits: Limits, random_seed: impl FnOnce() ->
         }
         Some(generate_request::Input::Chat(chat)) => {
             if chat.messages.is_empty() {
-                return Err(ServerError::invalid("chat.messages", "must hold at least one message"));
+                return Err(ServerError::invalid(
+                    "chat.messages",
+                    "must hold at least one message",
+                ));
             }
             let mut msgs = Vec::with_capacity(chat.messages.len());
             for (i, m) in chat.messages.into_iter().enumerate() {
                 if !ROLES.contains(&m.role.as_str()) {
                     return Err(ServerError::invalid(
                         format!("chat.messages[{i}].role"),
-                        format!("unknown role {:?} (expected one of {})", m.role, ROLES.join(", ")),
+                        format!(
+                            "unknown role {:?} (expected one of {})",
+                            m.role,
+                            ROLES.join(", ")
+                        ),
                     ));
                 }
                 msgs.push(Message {
@@ -99,15 +113,23 @@ pub fn parse(req: GenerateRequest, limits: Limits, random_seed: impl FnOnce() ->
         }
         Some(generate_request::Input::PromptIds(ids)) => {
             if ids.ids.is_empty() {
-                return Err(ServerError::invalid("prompt_ids.ids", "must hold at least one token id"));
+                return Err(ServerError::invalid(
+                    "prompt_ids.ids",
+                    "must hold at least one token id",
+                ));
             }
             Input::Ids(ids.ids)
         }
     };
     let p = req.params.unwrap_or_default();
-    let max_new_tokens = p.max_new_tokens.unwrap_or(DEFAULT_MAX_NEW_TOKENS.min(limits.max_new_tokens));
+    let max_new_tokens = p
+        .max_new_tokens
+        .unwrap_or(DEFAULT_MAX_NEW_TOKENS.min(limits.max_new_tokens));
     if max_new_tokens == 0 {
-        return Err(ServerError::invalid("params.max_new_tokens", "must be at least 1"));
+        return Err(ServerError::invalid(
+            "params.max_new_tokens",
+            "must be at least 1",
+        ));
     }
     if max_new_tokens > limits.max_new_tokens {
         return Err(ServerError::invalid(
@@ -127,13 +149,22 @@ pub fn parse(req: GenerateRequest, limits: Limits, random_seed: impl FnOnce() ->
     }
     let top_p = finite("params.top_p", p.top_p.unwrap_or(1.0))?;
     if !(top_p > 0.0 && top_p <= 1.0) {
-        return Err(ServerError::invalid("params.top_p", format!("must be in (0, 1] (got {top_p})")));
+        return Err(ServerError::invalid(
+            "params.top_p",
+            format!("must be in (0, 1] (got {top_p})"),
+        ));
     }
     let min_p = finite("params.min_p", p.min_p.unwrap_or(0.0))?;
     if !(0.0..1.0).contains(&min_p) {
-        return Err(ServerError::invalid("params.min_p", format!("must be in [0, 1) (got {min_p})")));
+        return Err(ServerError::invalid(
+            "params.min_p",
+            format!("must be in [0, 1) (got {min_p})"),
+        ));
     }
-    let repetition_penalty = finite("params.repetition_penalty", p.repetition_penalty.unwrap_or(1.0))?;
+    let repetition_penalty = finite(
+        "params.repetition_penalty",
+        p.repetition_penalty.unwrap_or(1.0),
+    )?;
     if repetition_penalty <= 0.0 {
         return Err(ServerError::invalid(
             "params.repetition_penalty",
@@ -149,11 +180,17 @@ pub fn parse(req: GenerateRequest, limits: Limits, random_seed: impl FnOnce() ->
     if p.stop.len() > MAX_STOP_STRINGS {
         return Err(ServerError::invalid(
             "params.stop",
-            format!("at most {MAX_STOP_STRINGS} stop strings (got {})", p.stop.len()),
+            format!(
+                "at most {MAX_STOP_STRINGS} stop strings (got {})",
+                p.stop.len()
+            ),
         ));
     }
     if let Some(i) = p.stop.iter().position(String::is_empty) {
-        return Err(ServerError::invalid(format!("params.stop[{i}]"), "must not be empty"));
+        return Err(ServerError::invalid(
+            format!("params.stop[{i}]"),
+            "must not be empty",
+        ));
     }
     let seed = p.seed.unwrap_or_else(random_seed);
     Ok(ValidRequest {
@@ -182,7 +219,9 @@ mod tests {
     use super::*;
     use llm_proto::v1::{Chat, ChatMessage, GenerationParams};
 
-    const LIMITS: Limits = Limits { max_new_tokens: 100 };
+    const LIMITS: Limits = Limits {
+        max_new_tokens: 100,
+    };
 
     fn chat(role: &str) -> GenerateRequest {
         GenerateRequest {
@@ -221,7 +260,10 @@ mod tests {
 
     #[test]
     fn each_bad_field_is_named() {
-        assert_eq!(field_of(parse(chat("robot"), LIMITS, || 0)), "chat.messages[0].role");
+        assert_eq!(
+            field_of(parse(chat("robot"), LIMITS, || 0)),
+            "chat.messages[0].role"
+        );
         let p = |f: fn(&mut GenerationParams)| {
             let mut g = GenerationParams::default();
             f(&mut g);
@@ -233,10 +275,16 @@ mod tests {
         assert_eq!(p(|g| g.top_p = Some(1.5)), "params.top_p");
         assert_eq!(p(|g| g.max_new_tokens = Some(0)), "params.max_new_tokens");
         assert_eq!(p(|g| g.max_new_tokens = Some(101)), "params.max_new_tokens");
-        assert_eq!(p(|g| g.repetition_penalty = Some(0.0)), "params.repetition_penalty");
+        assert_eq!(
+            p(|g| g.repetition_penalty = Some(0.0)),
+            "params.repetition_penalty"
+        );
         assert_eq!(p(|g| g.min_p = Some(1.0)), "params.min_p");
         assert_eq!(p(|g| g.top_logprobs = 21), "params.top_logprobs");
-        assert_eq!(p(|g| g.stop = vec!["a".into(), "".into()]), "params.stop[1]");
+        assert_eq!(
+            p(|g| g.stop = vec!["a".into(), "".into()]),
+            "params.stop[1]"
+        );
         let empty = GenerateRequest {
             input: Some(generate_request::Input::Chat(Chat { messages: vec![] })),
             ..chat("user")

@@ -55,7 +55,12 @@ pub struct Scheduler {
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
 
 impl Scheduler {
-    pub fn start(name: &str, model: PluginModel, text: Arc<TextModel>, cfg: SchedulerConfig) -> Scheduler {
+    pub fn start(
+        name: &str,
+        model: PluginModel,
+        text: Arc<TextModel>,
+        cfg: SchedulerConfig,
+    ) -> Scheduler {
         let (tx, rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name(format!("sched-{name}"))
@@ -166,7 +171,9 @@ impl Loop {
 
     fn admit(&mut self) {
         while self.running.len() < self.cfg.max_batch {
-            let Some(job) = self.waiting.pop_front() else { break };
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
             if job.tx.is_closed() {
                 continue;
             }
@@ -257,7 +264,12 @@ impl Loop {
 
 /// Apply one sampled token to a sequence and stream it. Returns `Some(Some(reason))` when the
 /// sequence finished, `Some(None)` when its client is gone, `None` to continue.
-fn advance(s: &mut Seq, out: &SeqOutput, text: &TextModel, max_context: usize) -> Option<Option<FinishReason>> {
+fn advance(
+    s: &mut Seq,
+    out: &SeqOutput,
+    text: &TextModel,
+    max_context: usize,
+) -> Option<Option<FinishReason>> {
     let now = Instant::now();
     s.prefilled = true;
     s.generated += 1;

@@ -35,7 +35,10 @@ fn tokenize(model: &LoadedModel, input: &Input) -> Result<Vec<u32>> {
             let template = text.chat_template.as_ref().ok_or_else(|| {
                 ServerError::invalid(
                     "chat",
-                    format!("model `{}` has no chat template; send `prompt` or `prompt_ids`", model.info.name),
+                    format!(
+                        "model `{}` has no chat template; send `prompt` or `prompt_ids`",
+                        model.info.name
+                    ),
                 )
             })?;
             let rendered = template.render(messages, true)?;
@@ -49,14 +52,20 @@ fn tokenize(model: &LoadedModel, input: &Input) -> Result<Vec<u32>> {
             if let Some(i) = ids.iter().position(|&t| t >= vocab) {
                 return Err(ServerError::invalid(
                     format!("prompt_ids.ids[{i}]"),
-                    format!("token id {} is not below the vocabulary size {vocab}", ids[i]),
+                    format!(
+                        "token id {} is not below the vocabulary size {vocab}",
+                        ids[i]
+                    ),
                 ));
             }
             ids.clone()
         }
     };
     if ids.is_empty() {
-        return Err(ServerError::invalid(input.field(), "tokenizes to no tokens"));
+        return Err(ServerError::invalid(
+            input.field(),
+            "tokenizes to no tokens",
+        ));
     }
     let ctx = model.info.max_context as usize;
     if ids.len() >= ctx {
@@ -72,7 +81,8 @@ fn tokenize(model: &LoadedModel, input: &Input) -> Result<Vec<u32>> {
     Ok(ids)
 }
 
-type GenerateStream = Pin<Box<dyn Stream<Item = std::result::Result<GenerateResponse, Status>> + Send>>;
+type GenerateStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<GenerateResponse, Status>> + Send>>;
 
 impl Service {
     async fn generate_inner(&self, req: GenerateRequest) -> Result<GenerateStream> {
@@ -99,7 +109,12 @@ impl Service {
 fn rand_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0),
+    );
     h.finish()
 }
 
@@ -107,17 +122,26 @@ fn rand_seed() -> u64 {
 impl LlmService for Service {
     type GenerateStream = GenerateStream;
 
-    async fn generate(&self, req: Request<GenerateRequest>) -> std::result::Result<Response<Self::GenerateStream>, Status> {
+    async fn generate(
+        &self,
+        req: Request<GenerateRequest>,
+    ) -> std::result::Result<Response<Self::GenerateStream>, Status> {
         Ok(Response::new(self.generate_inner(req.into_inner()).await?))
     }
 
-    async fn list_models(&self, _req: Request<ListModelsRequest>) -> std::result::Result<Response<ListModelsResponse>, Status> {
+    async fn list_models(
+        &self,
+        _req: Request<ListModelsRequest>,
+    ) -> std::result::Result<Response<ListModelsResponse>, Status> {
         Ok(Response::new(ListModelsResponse {
             models: self.registry.list(),
         }))
     }
 
-    async fn load_model(&self, req: Request<LoadModelRequest>) -> std::result::Result<Response<LoadModelResponse>, Status> {
+    async fn load_model(
+        &self,
+        req: Request<LoadModelRequest>,
+    ) -> std::result::Result<Response<LoadModelResponse>, Status> {
         let r = req.into_inner();
         if r.source.is_empty() {
             return Err(ServerError::invalid("source", "is required").into());
@@ -137,7 +161,10 @@ impl LlmService for Service {
         }))
     }
 
-    async fn unload_model(&self, req: Request<UnloadModelRequest>) -> std::result::Result<Response<UnloadModelResponse>, Status> {
+    async fn unload_model(
+        &self,
+        req: Request<UnloadModelRequest>,
+    ) -> std::result::Result<Response<UnloadModelResponse>, Status> {
         self.registry.unload(&req.into_inner().name).await?;
         Ok(Response::new(UnloadModelResponse {}))
     }

@@ -106,10 +106,28 @@ fn strftime_now(format: String) -> String {
 /// A small strftime over UTC for the directives chat templates use.
 fn strftime(format: &str, unix: i64) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
-    const DAYS: [&str; 7] = ["Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday"];
+    const DAYS: [&str; 7] = [
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
+    ];
     let days = unix.div_euclid(86_400);
     let rem = unix.rem_euclid(86_400);
     // Howard Hinnant's civil_from_days.
@@ -181,12 +199,24 @@ impl ChatTemplate {
 
     /// Render `messages` with `add_generation_prompt`, as `apply_chat_template(tokenize=False)`.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
-        self.render_with(Value::from_serialize(messages), add_generation_prompt, Value::UNDEFINED)
+        self.render_with(
+            Value::from_serialize(messages),
+            add_generation_prompt,
+            Value::UNDEFINED,
+        )
     }
 
     /// Render arbitrary message values (tests feed the huggingface.js vectors through this).
-    pub fn render_with(&self, messages: Value, add_generation_prompt: bool, extra: Value) -> Result<String> {
-        let tmpl = self.env.get_template("chat_template").expect("added in new");
+    pub fn render_with(
+        &self,
+        messages: Value,
+        add_generation_prompt: bool,
+        extra: Value,
+    ) -> Result<String> {
+        let tmpl = self
+            .env
+            .get_template("chat_template")
+            .expect("added in new");
         let ctx = minijinja::context! {
             messages => messages,
             add_generation_prompt => add_generation_prompt,
@@ -221,7 +251,10 @@ mod tests {
             role: "user".into(),
             content: " hi ".into(),
         };
-        assert_eq!(t.render(std::slice::from_ref(&user), true).unwrap(), "<user>hi\n<assistant>");
+        assert_eq!(
+            t.render(std::slice::from_ref(&user), true).unwrap(),
+            "<user>hi\n<assistant>"
+        );
         let sys = Message {
             role: "system".into(),
             content: "x".into(),
@@ -232,10 +265,15 @@ mod tests {
 
     #[test]
     fn tojson_is_python_json_dumps() {
-        let t = ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}", None, None).unwrap();
+        let t =
+            ChatTemplate::new("{{ x | tojson }}|{{ x | tojson(indent=2) }}", None, None).unwrap();
         let x = serde_json::json!({"b": [1, 2.0, "é<"], "a": {}});
         let out = t
-            .render_with(Value::UNDEFINED, false, minijinja::context! { x => Value::from_serialize(&x) })
+            .render_with(
+                Value::UNDEFINED,
+                false,
+                minijinja::context! { x => Value::from_serialize(&x) },
+            )
             .unwrap();
         assert_eq!(
             out,
@@ -246,6 +284,9 @@ mod tests {
     #[test]
     fn strftime_directives() {
         // 2024-07-26 13:05:09 UTC, a Friday.
-        assert_eq!(strftime("%d %b %Y %H:%M:%S %A %j", 1_722_000_309), "26 Jul 2024 13:25:09 Friday 208");
+        assert_eq!(
+            strftime("%d %b %Y %H:%M:%S %A %j", 1_722_000_309),
+            "26 Jul 2024 13:25:09 Friday 208"
+        );
     }
 }

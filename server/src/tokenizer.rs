@@ -23,7 +23,9 @@ pub struct TextModel {
 
 impl std::fmt::Debug for TextModel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TextModel").field("eos_ids", &self.eos_ids).finish_non_exhaustive()
+        f.debug_struct("TextModel")
+            .field("eos_ids", &self.eos_ids)
+            .finish_non_exhaustive()
     }
 }
 
@@ -47,7 +49,10 @@ fn token_text(v: Option<&Value>) -> Option<String> {
 fn id_list(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
         _ => vec![],
     }
 }
@@ -65,7 +70,11 @@ impl TextModel {
         }
     }
 
-    fn from_hf_dir(dir: &Path, config: &Value, generation_config: Option<&Value>) -> Result<TextModel> {
+    fn from_hf_dir(
+        dir: &Path,
+        config: &Value,
+        generation_config: Option<&Value>,
+    ) -> Result<TextModel> {
         let tok_path = dir.join("tokenizer.json");
         let tokenizer = if tok_path.exists() {
             Some(Tokenizer::from_file(&tok_path).map_err(|e| files_error(&tok_path, e))?)
@@ -119,7 +128,9 @@ impl TextModel {
         let path = file.path();
         let model = file.meta_str("tokenizer.ggml.model")?;
         let tokens = file.meta_strings("tokenizer.ggml.tokens")?;
-        let types = file.meta_ints("tokenizer.ggml.token_type").unwrap_or_default();
+        let types = file
+            .meta_ints("tokenizer.ggml.token_type")
+            .unwrap_or_default();
         let tokenizer_json = match model {
             "gpt2" => {
                 let merges = file.meta_strings("tokenizer.ggml.merges")?;
@@ -136,8 +147,9 @@ impl TextModel {
             }
         };
         let tokenizer = Some(
-            Tokenizer::from_bytes(tokenizer_json.to_string().as_bytes())
-                .map_err(|e| files_error(path, format!("building the tokenizer from metadata: {e}")))?,
+            Tokenizer::from_bytes(tokenizer_json.to_string().as_bytes()).map_err(|e| {
+                files_error(path, format!("building the tokenizer from metadata: {e}"))
+            })?,
         );
         let text_of = |key: &str| -> Option<String> {
             let id = file.meta_u64(key).ok()? as usize;
@@ -145,8 +157,12 @@ impl TextModel {
         };
         let chat_template = match file.meta_str("tokenizer.chat_template") {
             Ok(src) => Some(
-                ChatTemplate::new(src, text_of("tokenizer.ggml.bos_token_id"), text_of("tokenizer.ggml.eos_token_id"))
-                    .map_err(|e| files_error(path, e))?,
+                ChatTemplate::new(
+                    src,
+                    text_of("tokenizer.ggml.bos_token_id"),
+                    text_of("tokenizer.ggml.eos_token_id"),
+                )
+                .map_err(|e| files_error(path, e))?,
             ),
             Err(_) => None,
         };
@@ -185,7 +201,10 @@ impl TextModel {
     /// post-processor).
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
         let t = self.tokenizer.as_ref().ok_or_else(|| {
-            ServerError::invalid("input", "this model has no tokenizer (no tokenizer.json): send prompt_ids")
+            ServerError::invalid(
+                "input",
+                "this model has no tokenizer (no tokenizer.json): send prompt_ids",
+            )
         })?;
         t.encode(text, add_special_tokens)
             .map(|e| e.get_ids().to_vec())
@@ -234,4 +253,99 @@ fn gpt2_tokenizer_json(tokens: &[&str], types: &[i64], merges: &[&str]) -> Value
             "vocab": vocab, "merges": merges,
         }
     })
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::template::Message;
+
+    fn repo() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    /// The default model (fetched by the repo script on first use), its text side.
+    pub(crate) fn smollm2() -> TextModel {
+        let script = repo().join("scripts/fetch-default-model.sh");
+        let out = std::process::Command::new(&script)
+            .output()
+            .expect("fetch script");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let path = std::path::PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        TextModel::from_source(&ModelSource::open(&path).unwrap()).unwrap()
+    }
+
+    pub(crate) fn reference() -> Value {
+        serde_json::from_slice(
+            &std::fs::read(repo().join("tests/fixtures/smollm2/reference.json")).unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn ids(v: &Value) -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect()
+    }
+
+    #[test]
+    fn gguf_tokenizer_and_template_match_transformers() {
+        let text = smollm2();
+        let r = reference();
+        for case in r["tokenizer_cases"].as_array().unwrap() {
+            let s = case["text"].as_str().unwrap();
+            assert_eq!(
+                text.encode(s, true).unwrap(),
+                ids(&case["ids"]),
+                "tokenizing {s:?}"
+            );
+        }
+        let messages = [
+            Message {
+                role: "system".into(),
+                content: "You are a helpful assistant".into(),
+            },
+            Message {
+                role: "user".into(),
+                content: "Tell a light-hearted joke for a room of Data Scientists".into(),
+            },
+        ];
+        let rendered = text
+            .chat_template
+            .as_ref()
+            .unwrap()
+            .render(&messages, true)
+            .unwrap();
+        assert_eq!(rendered, r["prompt_text"].as_str().unwrap());
+        assert_eq!(
+            text.encode(&rendered, false).unwrap(),
+            ids(&r["prompt_ids"])
+        );
+        // HF stops the reference generation at id 2 (<|im_end|>).
+        assert!(text
+            .eos_ids
+            .contains(&(r["eos_token_id"].as_u64().unwrap() as u32)));
+    }
+
+    #[test]
+    fn hf_tokenizer_fixture_agrees_with_gguf_built_one() {
+        // tests/fixtures/smollm2/hf_tokenizer is what transformers built from the same GGUF.
+        let hf =
+            Tokenizer::from_file(repo().join("tests/fixtures/smollm2/hf_tokenizer/tokenizer.json"))
+                .unwrap();
+        let ours = smollm2();
+        for case in reference()["tokenizer_cases"].as_array().unwrap() {
+            let s = case["text"].as_str().unwrap();
+            assert_eq!(
+                hf.encode(s, true).unwrap().get_ids(),
+                ours.encode(s, true).unwrap().as_slice()
+            );
+        }
+    }
 }

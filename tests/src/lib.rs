@@ -17,7 +17,10 @@ use tonic::transport::Channel;
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test>-<hash>
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 /// A binary of this workspace; panics with a hint if it was not built.
@@ -42,8 +45,15 @@ pub fn fixtures() -> PathBuf {
 /// Run a repo script that prints a path, e.g. `scripts/fetch-default-model.sh`.
 fn script_path(script: &str) -> PathBuf {
     let s = repo_root().join(script);
-    let out = Command::new(&s).output().unwrap_or_else(|e| panic!("running {}: {e}", s.display()));
-    assert!(out.status.success(), "{} failed: {}", s.display(), String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(&s)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", s.display()));
+    assert!(
+        out.status.success(),
+        "{} failed: {}",
+        s.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8").trim())
 }
 
@@ -87,7 +97,9 @@ impl Server {
             .expect("spawn llm-server");
         let stdout = child.stdout.take().expect("stdout");
         let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).expect("read server stdout");
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read server stdout");
         let addr = line
             .trim()
             .strip_prefix("llm-server listening on ")
@@ -111,7 +123,9 @@ impl Server {
     }
 
     pub async fn client(&self) -> LlmServiceClient<Channel> {
-        LlmServiceClient::connect(self.url()).await.expect("connect")
+        LlmServiceClient::connect(self.url())
+            .await
+            .expect("connect")
     }
 
     /// Wait until `models` are all listed (loaded), or panic after `timeout`.
@@ -120,13 +134,18 @@ impl Server {
         loop {
             if let Ok(mut c) = LlmServiceClient::connect(self.url()).await {
                 if let Ok(r) = c.list_models(llm_proto::v1::ListModelsRequest {}).await {
-                    let names: Vec<String> = r.into_inner().models.into_iter().map(|m| m.name).collect();
+                    let names: Vec<String> =
+                        r.into_inner().models.into_iter().map(|m| m.name).collect();
                     if models.iter().all(|m| names.iter().any(|n| n == m)) {
                         return;
                     }
                 }
             }
-            assert!(t0.elapsed() < timeout, "models {models:?} not loaded in time:\n{}", self.log());
+            assert!(
+                t0.elapsed() < timeout,
+                "models {models:?} not loaded in time:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -173,10 +192,16 @@ pub const SEED_USER: &str = "Tell a light-hearted joke for a room of Data Scient
 
 /// tests/fixtures/smollm2/reference.json.
 pub fn smollm2_reference() -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(fixtures().join("smollm2/reference.json")).expect("reference.json"))
-        .expect("json")
+    serde_json::from_slice(
+        &std::fs::read(fixtures().join("smollm2/reference.json")).expect("reference.json"),
+    )
+    .expect("json")
 }
 
 pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }

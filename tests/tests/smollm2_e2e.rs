@@ -5,7 +5,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use llm_e2e::*;
-use llm_proto::v1::{generate_request, Chat, ChatMessage, FinishReason, GenerateRequest, GenerationParams};
+use llm_proto::v1::{
+    generate_request, Chat, ChatMessage, FinishReason, GenerateRequest, GenerationParams,
+};
 use tokio_stream::StreamExt;
 
 fn seed_chat(max_new_tokens: u32) -> GenerateRequest {
@@ -33,7 +35,9 @@ fn seed_chat(max_new_tokens: u32) -> GenerateRequest {
 async fn smol_server() -> Server {
     let model = default_model();
     let server = Server::start(&["--load", &format!("smol={}", model.display())]);
-    server.wait_models(&["smol"], Duration::from_secs(120)).await;
+    server
+        .wait_models(&["smol"], Duration::from_secs(120))
+        .await;
     server
 }
 
@@ -44,7 +48,11 @@ async fn seed_chat_streams_the_reference_greedy_answer() {
 
     // Rust client: tokens arrive one by one, before the stream ends.
     let mut client = server.client().await;
-    let mut stream = client.generate(seed_chat(80)).await.expect("generate").into_inner();
+    let mut stream = client
+        .generate(seed_chat(80))
+        .await
+        .expect("generate")
+        .into_inner();
     let mut text = String::new();
     let mut ids = Vec::new();
     let mut arrivals = Vec::new();
@@ -62,25 +70,62 @@ async fn seed_chat_streams_the_reference_greedy_answer() {
     assert_eq!(ids, ids_of(&reference["greedy_ids"]), "greedy ids");
     assert_eq!(text, reference["greedy_text"].as_str().unwrap());
     assert_eq!(done.finish_reason, FinishReason::Eos as i32);
-    assert_eq!(done.prompt_tokens as usize, ids_of(&reference["prompt_ids"]).len());
+    assert_eq!(
+        done.prompt_tokens as usize,
+        ids_of(&reference["prompt_ids"]).len()
+    );
     assert_eq!(done.completion_tokens as usize, ids.len());
     assert!(done.time_to_first_token_ms > 0.0 && done.decode_tokens_per_second > 0.0);
     // Streaming, not one batch at the end: the first chunk came well before the last.
     assert!(arrivals.len() > 2, "{} messages", arrivals.len());
     let spread = *arrivals.last().unwrap() - arrivals[0];
-    assert!(spread > Duration::from_millis(50), "all chunks arrived within {spread:?}");
+    assert!(
+        spread > Duration::from_millis(50),
+        "all chunks arrived within {spread:?}"
+    );
 
     // The CLI prints the same text.
     let out = server.llm(&[
-        "generate", "--model", "smol", "--system", SEED_SYSTEM, "--user", SEED_USER, "--max-new-tokens", "80",
+        "generate",
+        "--model",
+        "smol",
+        "--system",
+        SEED_SYSTEM,
+        "--user",
+        SEED_USER,
+        "--max-new-tokens",
+        "80",
     ]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{}\n", reference["greedy_text"].as_str().unwrap()));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{}\n", reference["greedy_text"].as_str().unwrap())
+    );
 
     // --prompt-ids + --ids reproduce the reference ids from the rendered prompt's ids.
-    let prompt: Vec<String> = ids_of(&reference["prompt_ids"]).iter().map(u32::to_string).collect();
-    let out = server.llm(&["generate", "--model", "smol", "--prompt-ids", &prompt.join(","), "--ids", "--max-new-tokens", "80"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let prompt: Vec<String> = ids_of(&reference["prompt_ids"])
+        .iter()
+        .map(u32::to_string)
+        .collect();
+    let out = server.llm(&[
+        "generate",
+        "--model",
+        "smol",
+        "--prompt-ids",
+        &prompt.join(","),
+        "--ids",
+        "--max-new-tokens",
+        "80",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let got: Vec<u32> = String::from_utf8(out.stdout)
         .unwrap()
         .split_whitespace()
@@ -94,20 +139,42 @@ async fn grpcurl_sees_reflection_and_health() {
     let server = smol_server().await;
     let grpcurl = python_env().join("bin/grpcurl");
     let run = |args: &[&str]| {
-        let out = Command::new(&grpcurl).arg("-plaintext").args(args).output().expect("grpcurl");
-        assert!(out.status.success(), "grpcurl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(&grpcurl)
+            .arg("-plaintext")
+            .args(args)
+            .output()
+            .expect("grpcurl");
+        assert!(
+            out.status.success(),
+            "grpcurl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let services = run(&[&server.addr, "list"]);
-    assert!(services.lines().any(|l| l == "llm.v1.LlmService"), "{services}");
-    assert!(services.lines().any(|l| l == "grpc.health.v1.Health"), "{services}");
+    assert!(
+        services.lines().any(|l| l == "llm.v1.LlmService"),
+        "{services}"
+    );
+    assert!(
+        services.lines().any(|l| l == "grpc.health.v1.Health"),
+        "{services}"
+    );
     let methods = run(&[&server.addr, "list", "llm.v1.LlmService"]);
     for m in ["Generate", "ListModels", "LoadModel", "UnloadModel"] {
-        assert!(methods.contains(&format!("llm.v1.LlmService.{m}")), "{methods}");
+        assert!(
+            methods.contains(&format!("llm.v1.LlmService.{m}")),
+            "{methods}"
+        );
     }
     let health = run(&[&server.addr, "grpc.health.v1.Health/Check"]);
     assert!(health.contains("\"SERVING\""), "{health}");
-    let health = run(&["-d", r#"{"service":"llm.v1.LlmService/smol"}"#, &server.addr, "grpc.health.v1.Health/Check"]);
+    let health = run(&[
+        "-d",
+        r#"{"service":"llm.v1.LlmService/smol"}"#,
+        &server.addr,
+        "grpc.health.v1.Health/Check",
+    ]);
     assert!(health.contains("\"SERVING\""), "{health}");
     // A generation through reflection alone (no .proto given to grpcurl).
     let out = run(&[
@@ -134,13 +201,37 @@ async fn health_is_not_serving_without_models_and_seeded_sampling_repeats() {
     // Load through the CLI, sample with a seed twice: same tokens; another seed: different.
     let model = default_model();
     let out = server.llm(&["load", "smol", model.to_str().unwrap()]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let sample = |seed: &str| {
         let out = server.llm(&[
-            "generate", "--model", "smol", "--prompt", "Once upon a time", "--temperature", "1.0", "--top-k", "50",
-            "--top-p", "0.95", "--repetition-penalty", "1.1", "--seed", seed, "--max-new-tokens", "24", "--ids",
+            "generate",
+            "--model",
+            "smol",
+            "--prompt",
+            "Once upon a time",
+            "--temperature",
+            "1.0",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--repetition-penalty",
+            "1.1",
+            "--seed",
+            seed,
+            "--max-new-tokens",
+            "24",
+            "--ids",
         ]);
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let a = sample("7");
@@ -152,5 +243,9 @@ async fn health_is_not_serving_without_models_and_seeded_sampling_repeats() {
     assert!(out.status.success());
     let out = server.llm(&["generate", "--model", "smol", "--prompt", "hi"]);
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("NotFound"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

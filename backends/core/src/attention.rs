@@ -30,7 +30,9 @@ pub enum QkvProj<B: Backend> {
         k_proj: Box<dyn Linear<B>>,
         v_proj: Box<dyn Linear<B>>,
     },
-    Fused { qkv_proj: Box<dyn Linear<B>> },
+    Fused {
+        qkv_proj: Box<dyn Linear<B>>,
+    },
 }
 
 /// One layer's cached keys and values: `[kv_heads, positions, head_dim]` each.
@@ -107,11 +109,20 @@ pub struct Attention<B: Backend> {
 
 impl<B: Backend> Attention<B> {
     /// `x`: `[tokens, hidden]` -> `[tokens, hidden]`; appends this chunk's k/v to `kv`.
-    pub fn forward(&self, x: Tensor<B, 2>, ctx: &ForwardCtx<B>, kv: &mut Option<LayerKv<B>>) -> Tensor<B, 2> {
+    pub fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        ctx: &ForwardCtx<B>,
+        kv: &mut Option<LayerKv<B>>,
+    ) -> Tensor<B, 2> {
         let c = self.cfg;
         let s = ctx.len;
         let (q, k, v) = match &self.qkv {
-            QkvProj::Separate { q_proj, k_proj, v_proj } => (
+            QkvProj::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => (
                 q_proj.forward(x.clone()),
                 k_proj.forward(x.clone()),
                 v_proj.forward(x),
@@ -133,10 +144,16 @@ impl<B: Backend> Attention<B> {
         let v = heads(v, c.num_kv_heads);
 
         let (k, v) = match kv.take() {
-            Some(past) => (Tensor::cat(vec![past.k, k], 1), Tensor::cat(vec![past.v, v], 1)),
+            Some(past) => (
+                Tensor::cat(vec![past.k, k], 1),
+                Tensor::cat(vec![past.v, v], 1),
+            ),
             None => (k, v),
         };
-        *kv = Some(LayerKv { k: k.clone(), v: v.clone() });
+        *kv = Some(LayerKv {
+            k: k.clone(),
+            v: v.clone(),
+        });
 
         // GQA: each kv head serves `groups` query heads (HF `repeat_kv`).
         let total = k.dims()[1];
@@ -174,9 +191,11 @@ impl<B: Backend> Attention<B> {
 
     pub fn num_params(&self) -> usize {
         let qkv = match &self.qkv {
-            QkvProj::Separate { q_proj, k_proj, v_proj } => {
-                q_proj.num_params() + k_proj.num_params() + v_proj.num_params()
-            }
+            QkvProj::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => q_proj.num_params() + k_proj.num_params() + v_proj.num_params(),
             QkvProj::Fused { qkv_proj } => qkv_proj.num_params(),
         };
         qkv + self.o_proj.num_params()

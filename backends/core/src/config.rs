@@ -80,7 +80,9 @@ pub enum RopeScaling {
         original_max_position_embeddings: f64,
     },
     /// HF `_compute_linear_scaling_rope_parameters`: positions divided by `factor`.
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Per-frequency divisors stored in a GGUF's `rope_freqs.weight` (llama.cpp's form of llama3).
     FreqFactors,
 }
@@ -147,7 +149,8 @@ fn parse_scaling(v: &Value, what: &str) -> Result<RopeScaling> {
         }
     };
     for k in obj.keys() {
-        if !matches!(k.as_str(), "rope_type" | "type" | "rope_theta") && !allowed.contains(&k.as_str())
+        if !matches!(k.as_str(), "rope_type" | "type" | "rope_theta")
+            && !allowed.contains(&k.as_str())
         {
             return Err(CoreError::invalid(format!(
                 "{what}: rope scaling field `{k}` is not used by rope type `{ty}`"
@@ -197,12 +200,16 @@ mod tests {
 
     #[test]
     fn unknown_fields_are_rejected_by_name() {
-        let err = parse_config::<Tiny>(&json!({"hidden_size": 4, "sliding_window": 8}), "x/config.json")
-            .unwrap_err();
+        let err = parse_config::<Tiny>(
+            &json!({"hidden_size": 4, "sliding_window": 8}),
+            "x/config.json",
+        )
+        .unwrap_err();
         assert!(err.message.contains("sliding_window"), "{}", err.message);
         assert!(err.message.contains("x/config.json"), "{}", err.message);
         // Inert keys are fine.
-        parse_config::<Tiny>(&json!({"hidden_size": 4, "use_cache": true}), "x").unwrap();
+        let t = parse_config::<Tiny>(&json!({"hidden_size": 4, "use_cache": true}), "x").unwrap();
+        assert_eq!(t.hidden_size, 4);
     }
 
     #[test]

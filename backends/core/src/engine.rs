@@ -83,7 +83,9 @@ impl<B: Backend, M: CausalLm<B>> Engine<B, M> {
             )));
         }
         if input.tokens.is_empty() {
-            return Err(CoreError::invalid("a step needs at least one token per sequence"));
+            return Err(CoreError::invalid(
+                "a step needs at least one token per sequence",
+            ));
         }
         let logits = self.model.forward(input.tokens, &mut seq.cache, false);
         seq.history.extend_from_slice(input.tokens);

@@ -8,8 +8,8 @@ use std::path::PathBuf;
 use burn_ndarray::{NdArray, NdArrayDevice};
 use burn_tensor::backend::Backend;
 use llm_abi::{
-    c_string, free_c_string, read_c_str, AbiError, BackendVTable, ErrorCode, ModelHandle,
-    SeqInput, SeqOutput, ABI_VERSION,
+    c_string, free_c_string, read_c_str, AbiError, BackendVTable, ErrorCode, ModelHandle, SeqInput,
+    SeqOutput, ABI_VERSION,
 };
 use llm_formats::ModelSource;
 use serde::Deserialize;
@@ -92,7 +92,14 @@ pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEng
         )));
     }
     match opts.device.as_str() {
-        "cpu" => build::<A, Cpu>(&source, NdArrayDevice::Cpu, true, quantization, &opts, "f32"),
+        "cpu" => build::<A, Cpu>(
+            &source,
+            NdArrayDevice::Cpu,
+            true,
+            quantization,
+            &opts,
+            "f32",
+        ),
         other => Err(CoreError::unimplemented(format!(
             "device `{other}` is not available in this build (cpu is)"
         ))),
@@ -174,7 +181,11 @@ unsafe extern "C" fn ffi_load<A: Architecture>(
     })
 }
 
-unsafe extern "C" fn ffi_info(model: *mut ModelHandle, out: *mut *mut c_char, err: *mut AbiError) -> i32 {
+unsafe extern "C" fn ffi_info(
+    model: *mut ModelHandle,
+    out: *mut *mut c_char,
+    err: *mut AbiError,
+) -> i32 {
     guard(err, || {
         let info = engine(model)?.info();
         *out = c_string(&info.to_string());

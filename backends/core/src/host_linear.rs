@@ -118,7 +118,14 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// `y[t, n] = sum_k x[t, k] * w[n, k] (+ bias[n])`. `x`: `[tokens, k]`, `w`: `[n, k]`.
-pub fn matmul_xwt(x: &[f32], w: &[f32], bias: Option<&[f32]>, tokens: usize, k: usize, n: usize) -> Vec<f32> {
+pub fn matmul_xwt(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    tokens: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
     // Work in blocks of output features so each weight row is read once per call and stays in
     // cache while every token row uses it; compute y^T block-wise, then transpose.
     const BLOCK: usize = 64;
@@ -168,7 +175,13 @@ pub struct HostLinear<B: Backend> {
 
 impl<B: Backend> HostLinear<B> {
     /// From a checkpoint-layout weight `[out, in]`.
-    pub fn new(weight: Vec<f32>, bias: Option<Vec<f32>>, out_features: usize, in_features: usize, device: B::Device) -> Self {
+    pub fn new(
+        weight: Vec<f32>,
+        bias: Option<Vec<f32>>,
+        out_features: usize,
+        in_features: usize,
+        device: B::Device,
+    ) -> Self {
         assert_eq!(weight.len(), out_features * in_features);
         HostLinear {
             weight,
@@ -189,8 +202,18 @@ impl<B: Backend> Linear<B> for HostLinear<B> {
             .convert::<f32>()
             .into_vec()
             .expect("f32 activations");
-        let y = matmul_xwt(&xs, &self.weight, self.bias.as_deref(), tokens, k, self.out_features);
-        Tensor::from_data(TensorData::new(y, [tokens, self.out_features]), &self.device)
+        let y = matmul_xwt(
+            &xs,
+            &self.weight,
+            self.bias.as_deref(),
+            tokens,
+            k,
+            self.out_features,
+        );
+        Tensor::from_data(
+            TensorData::new(y, [tokens, self.out_features]),
+            &self.device,
+        )
     }
     fn in_features(&self) -> usize {
         self.in_features
@@ -210,13 +233,20 @@ mod tests {
     #[test]
     fn matches_naive_and_is_batch_invariant() {
         let (t, k, n) = (5, 37, 130);
-        let x: Vec<f32> = (0..t * k).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
-        let w: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5).collect();
+        let x: Vec<f32> = (0..t * k)
+            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5)
+            .collect();
         let bias: Vec<f32> = (0..n).map(|i| i as f32 * 0.01).collect();
         let y = matmul_xwt(&x, &w, Some(&bias), t, k, n);
         for ti in 0..t {
             for j in 0..n {
-                let naive: f64 = (0..k).map(|i| x[ti * k + i] as f64 * w[j * k + i] as f64).sum::<f64>() + bias[j] as f64;
+                let naive: f64 = (0..k)
+                    .map(|i| x[ti * k + i] as f64 * w[j * k + i] as f64)
+                    .sum::<f64>()
+                    + bias[j] as f64;
                 assert!((y[ti * n + j] as f64 - naive).abs() < 1e-4);
             }
             // Row ti alone gives bit-identical results.

@@ -27,7 +27,9 @@ impl<B: Backend> GatedMlp<B> {
     /// `x`: `[tokens, hidden]` -> `[tokens, hidden]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let (gate, up) = match &self.gate_up {
-            GateUp::Separate { gate_proj, up_proj } => (gate_proj.forward(x.clone()), up_proj.forward(x)),
+            GateUp::Separate { gate_proj, up_proj } => {
+                (gate_proj.forward(x.clone()), up_proj.forward(x))
+            }
             GateUp::Fused { gate_up_proj } => {
                 let gu = gate_up_proj.forward(x);
                 let i = gu.dims()[1] / 2;
@@ -43,7 +45,9 @@ impl<B: Backend> GatedMlp<B> {
 
     pub fn num_params(&self) -> usize {
         let gu = match &self.gate_up {
-            GateUp::Separate { gate_proj, up_proj } => gate_proj.num_params() + up_proj.num_params(),
+            GateUp::Separate { gate_proj, up_proj } => {
+                gate_proj.num_params() + up_proj.num_params()
+            }
             GateUp::Fused { gate_up_proj } => gate_up_proj.num_params(),
         };
         gu + self.down_proj.num_params()

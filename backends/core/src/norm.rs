@@ -15,9 +15,19 @@ pub struct RmsNorm<B: Backend> {
 impl<B: Backend> RmsNorm<B> {
     /// Load `<leaf>.weight`. `unit_offset`: the checkpoint stores `w` and the norm scales by
     /// `1 + w` (Gemma); folded in at load so the forward is the same op either way.
-    pub fn load(w: &Weights<B>, leaf: &str, hidden: usize, eps: f64, unit_offset: bool) -> Result<Self> {
+    pub fn load(
+        w: &Weights<B>,
+        leaf: &str,
+        hidden: usize,
+        eps: f64,
+        unit_offset: bool,
+    ) -> Result<Self> {
         let weight = w.pp(leaf).tensor("weight", [hidden])?;
-        let weight = if unit_offset { weight.add_scalar(1.0) } else { weight };
+        let weight = if unit_offset {
+            weight.add_scalar(1.0)
+        } else {
+            weight
+        };
         Ok(RmsNorm { weight, eps })
     }
 

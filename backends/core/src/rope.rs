@@ -25,7 +25,7 @@ impl Rope {
     /// `freq_factors`: `rope_freqs.weight` of a GGUF (`[head_dim/2]`), required for
     /// [`RopeScaling::FreqFactors`] and rejected otherwise.
     pub fn new(cfg: &RopeConfig, head_dim: usize, freq_factors: Option<Vec<f32>>) -> Result<Rope> {
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(CoreError::invalid(format!("head_dim {head_dim} is odd")));
         }
         // HF `_compute_default_rope_parameters`: 1 / base^(arange(0, dim, 2) / dim), in f32.
@@ -54,16 +54,22 @@ impl Rope {
                 let high_freq_wavelen = old / high;
                 for f in inv_freq.iter_mut() {
                     let wavelen = 2.0 * std::f32::consts::PI / *f;
-                    let scaled = if wavelen > low_freq_wavelen { *f / factor } else { *f };
+                    let scaled = if wavelen > low_freq_wavelen {
+                        *f / factor
+                    } else {
+                        *f
+                    };
                     let smooth = (old / wavelen - low) / (high - low);
                     let smoothed = (1.0 - smooth) * scaled / factor + smooth * scaled;
-                    let medium = !(wavelen < high_freq_wavelen) && !(wavelen > low_freq_wavelen);
+                    let medium = wavelen >= high_freq_wavelen && wavelen <= low_freq_wavelen;
                     *f = if medium { smoothed } else { scaled };
                 }
             }
             RopeScaling::FreqFactors => {
                 let factors = freq_factors.as_ref().ok_or_else(|| {
-                    CoreError::invalid("rope scaling by frequency factors needs `rope_freqs.weight`")
+                    CoreError::invalid(
+                        "rope scaling by frequency factors needs `rope_freqs.weight`",
+                    )
                 })?;
                 if factors.len() != inv_freq.len() {
                     return Err(CoreError::invalid(format!(

@@ -96,7 +96,9 @@ pub fn sample(logits: &mut [f32], history: &[u32], p: &SamplingParams, rng: &mut
         // (what vLLM reports by default): comparable across sampling settings.
         let lp = log_softmax(logits);
         out.logprob = lp[token];
-        let k = (p.top_logprobs as usize).min(MAX_TOP_LOGPROBS).min(lp.len());
+        let k = (p.top_logprobs as usize)
+            .min(MAX_TOP_LOGPROBS)
+            .min(lp.len());
         if k > 0 {
             let mut idx: Vec<usize> = (0..lp.len()).collect();
             idx.select_nth_unstable_by(k - 1, |&a, &b| lp[b].total_cmp(&lp[a]).then(a.cmp(&b)));
@@ -145,7 +147,11 @@ fn draw(logits: &[f32], p: &SamplingParams, rng: &mut Rng) -> usize {
     }
     if p.min_p > 0.0 {
         let floor = probs[0] * p.min_p as f64;
-        keep = probs[..keep].iter().take_while(|&&q| q >= floor).count().max(1);
+        keep = probs[..keep]
+            .iter()
+            .take_while(|&&q| q >= floor)
+            .count()
+            .max(1);
     }
     let z: f64 = probs[..keep].iter().sum();
     let mut u = rng.next_f64() * z;
@@ -222,9 +228,12 @@ mod tests {
             top_logprobs: 3,
             ..params()
         };
-        let out = sample(&mut vec![0.0, 2.0, 1.0, -1.0], &[], &p, &mut Rng::new(0));
+        let out = sample(&mut [0.0, 2.0, 1.0, -1.0], &[], &p, &mut Rng::new(0));
         assert_eq!(&out.top_ids[..3], &[1, 2, 0]);
-        let total: f32 = [0.0f32, 2.0, 1.0, -1.0].iter().map(|l| (l - 2.0f32).exp()).sum();
+        let total: f32 = [0.0f32, 2.0, 1.0, -1.0]
+            .iter()
+            .map(|l| (l - 2.0f32).exp())
+            .sum();
         assert!((out.logprob - (-total.ln())).abs() < 1e-6);
     }
 }

@@ -27,7 +27,8 @@ pub fn to_vec<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
 /// The default model's GGUF (SmolLM2-135M-Instruct), fetched by `scripts/fetch-default-model.sh`
 /// on first use.
 pub fn default_model() -> PathBuf {
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-default-model.sh");
+    let script =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../scripts/fetch-default-model.sh");
     let out = std::process::Command::new(&script)
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", script.display()));

@@ -32,7 +32,11 @@ pub struct LoadCtx<'a, B: Backend> {
 
 impl<B: Backend> LoadCtx<'_, B> {
     /// A float (never quantized) linear layer from a loaded weight `[out, in]`.
-    pub fn dense_from(&self, weight: Tensor<B, 2>, bias: Option<Tensor<B, 1>>) -> Box<dyn Linear<B>> {
+    pub fn dense_from(
+        &self,
+        weight: Tensor<B, 2>,
+        bias: Option<Tensor<B, 1>>,
+    ) -> Box<dyn Linear<B>> {
         if self.host_linear {
             let [out, inp] = weight.dims();
             let host = |t: TensorData| t.convert::<f32>().into_vec::<f32>().expect("f32 weights");
@@ -143,8 +147,15 @@ impl<'a, B: Backend> Weights<'a, B> {
     }
 
     /// A linear layer without bias that is never quantized (lm_head, as bitsandbytes leaves it).
-    pub fn dense(&self, leaf: &str, in_features: usize, out_features: usize) -> Result<Box<dyn Linear<B>>> {
-        let weight = self.pp(leaf).tensor("weight", [out_features, in_features])?;
+    pub fn dense(
+        &self,
+        leaf: &str,
+        in_features: usize,
+        out_features: usize,
+    ) -> Result<Box<dyn Linear<B>>> {
+        let weight = self
+            .pp(leaf)
+            .tensor("weight", [out_features, in_features])?;
         Ok(self.ctx.dense_from(weight, None))
     }
 }

@@ -181,11 +181,17 @@ impl<'a> Reader<'a> {
         Ok(match ty {
             0 => GgufValue::U64(self.bytes(1, what)?[0] as u64),
             1 => GgufValue::I64(self.bytes(1, what)?[0] as i8 as i64),
-            2 => GgufValue::U64(u16::from_le_bytes(self.bytes(2, what)?.try_into().unwrap()) as u64),
-            3 => GgufValue::I64(i16::from_le_bytes(self.bytes(2, what)?.try_into().unwrap()) as i64),
+            2 => {
+                GgufValue::U64(u16::from_le_bytes(self.bytes(2, what)?.try_into().unwrap()) as u64)
+            }
+            3 => {
+                GgufValue::I64(i16::from_le_bytes(self.bytes(2, what)?.try_into().unwrap()) as i64)
+            }
             4 => GgufValue::U64(self.u32(what)? as u64),
             5 => GgufValue::I64(self.u32(what)? as i32 as i64),
-            6 => GgufValue::F64(f32::from_le_bytes(self.bytes(4, what)?.try_into().unwrap()) as f64),
+            6 => {
+                GgufValue::F64(f32::from_le_bytes(self.bytes(4, what)?.try_into().unwrap()) as f64)
+            }
             7 => GgufValue::Bool(self.bytes(1, what)?[0] != 0),
             8 => GgufValue::Str(self.string(what)?),
             9 if depth == 0 => {
@@ -376,7 +382,10 @@ impl GgufFile {
             .and_then(GgufValue::as_array)
             .ok_or_else(|| self.missing(key, "an array"))?;
         arr.iter()
-            .map(|v| v.as_str().ok_or_else(|| self.missing(key, "a string array")))
+            .map(|v| {
+                v.as_str()
+                    .ok_or_else(|| self.missing(key, "a string array"))
+            })
             .collect()
     }
 
@@ -429,11 +438,15 @@ impl GgufFile {
                 })
             };
             match k {
-                "context_length" => c.insert("max_position_embeddings".into(), json!(num()? as u64)),
+                "context_length" => {
+                    c.insert("max_position_embeddings".into(), json!(num()? as u64))
+                }
                 "block_count" => c.insert("num_hidden_layers".into(), json!(num()? as u64)),
                 "feed_forward_length" => c.insert("intermediate_size".into(), json!(num()? as u64)),
                 "embedding_length" => c.insert("hidden_size".into(), json!(num()? as u64)),
-                "attention.head_count" => c.insert("num_attention_heads".into(), json!(num()? as u64)),
+                "attention.head_count" => {
+                    c.insert("num_attention_heads".into(), json!(num()? as u64))
+                }
                 "attention.head_count_kv" => {
                     c.insert("num_key_value_heads".into(), json!(num()? as u64))
                 }
@@ -447,7 +460,9 @@ impl GgufFile {
                     c.insert("head_dim".into(), json!(num()? as u64))
                 }
                 // head_dim of the rotary part: must cover the whole head for llama (checked below).
-                "rope.dimension_count" => c.insert("_rope_dimension_count".into(), json!(num()? as u64)),
+                "rope.dimension_count" => {
+                    c.insert("_rope_dimension_count".into(), json!(num()? as u64))
+                }
                 other => {
                     return Err(FormatError::Unsupported(format!(
                         "{}: GGUF metadata `{prefix}{other}` is not supported",
@@ -472,7 +487,10 @@ impl GgufFile {
         }
         if self.tensors.contains_key("rope_freqs.weight") {
             // Llama 3.1 GGUFs carry the llama3 rope scaling as precomputed per-frequency factors.
-            c.insert("rope_scaling".into(), json!({"rope_type": "gguf_freq_factors"}));
+            c.insert(
+                "rope_scaling".into(),
+                json!({"rope_type": "gguf_freq_factors"}),
+            );
         }
         c.insert(
             "tie_word_embeddings".into(),
@@ -633,7 +651,8 @@ fn reverse_permute(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec
                 // GGUF row (h, i, j) of [n_head, d/2, 2] holds HF row (h, j, i) of [n_head, 2, d/2].
                 let gguf = (h * half + i) * 2 + j;
                 let hf = (h * 2 + j) * half + i;
-                out[hf * cols..(hf + 1) * cols].copy_from_slice(&data[gguf * cols..(gguf + 1) * cols]);
+                out[hf * cols..(hf + 1) * cols]
+                    .copy_from_slice(&data[gguf * cols..(gguf + 1) * cols]);
             }
         }
     }
@@ -673,7 +692,7 @@ impl TensorStore for GgufFile {
                 None
             };
             if let Some(h) = heads {
-                if shape.len() != 2 || shape[0] % (2 * h) != 0 {
+                if shape.len() != 2 || !shape[0].is_multiple_of(2 * h) {
                     return Err(FormatError::Invalid(format!(
                         "{what}: shape {shape:?} does not split into {h} heads"
                     )));
@@ -712,7 +731,8 @@ mod tests {
                     // permuted[h, i, j] = hf[h, j, i]
                     let dst = (h * half + i) * 2 + j;
                     let src = (h * 2 + j) * half + i;
-                    gguf[dst * cols..(dst + 1) * cols].copy_from_slice(&hf[src * cols..(src + 1) * cols]);
+                    gguf[dst * cols..(dst + 1) * cols]
+                        .copy_from_slice(&hf[src * cols..(src + 1) * cols]);
                 }
             }
         }

@@ -137,7 +137,10 @@ impl SafetensorsDir {
 
     /// Total bytes of the tensor data over all shards.
     pub fn data_bytes(&self) -> usize {
-        self.shards.iter().map(|s| s.mmap.len() - s.data_start).sum()
+        self.shards
+            .iter()
+            .map(|s| s.mmap.len() - s.data_start)
+            .sum()
     }
 
     /// The shard paths, in order.

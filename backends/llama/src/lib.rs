@@ -8,8 +8,8 @@ use burn_tensor::backend::Backend;
 use burn_tensor::{Int, Tensor, TensorData};
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalLm, CoreError,
-    ForwardCtx, GateUp, GatedMlp, KvCache, Linear, LoadCtx, LoadOptions, QkvProj,
-    Result, RmsNorm, Rope, RopeFields, Weights,
+    ForwardCtx, GateUp, GatedMlp, KvCache, Linear, LoadCtx, LoadOptions, QkvProj, Result, RmsNorm,
+    Rope, RopeFields, Weights,
 };
 use serde::Deserialize;
 
@@ -73,7 +73,7 @@ impl LlamaConfig {
         }
     }
     fn check(&self, what: &str) -> Result<()> {
-        if self.num_attention_heads == 0 || self.num_attention_heads % self.num_kv_heads() != 0 {
+        if self.num_kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
             return Err(CoreError::invalid(format!(
                 "{what}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
@@ -100,7 +100,12 @@ pub struct LlamaDecoderLayer<B: Backend> {
 
 impl<B: Backend> LlamaDecoderLayer<B> {
     fn load(w: &Weights<B>, c: &LlamaConfig) -> Result<Self> {
-        let (h, hd, nh, nkv) = (c.hidden_size, c.head_dim(), c.num_attention_heads, c.num_kv_heads());
+        let (h, hd, nh, nkv) = (
+            c.hidden_size,
+            c.head_dim(),
+            c.num_attention_heads,
+            c.num_kv_heads(),
+        );
         let attn = w.pp("self_attn");
         let self_attn = Attention {
             qkv: QkvProj::Separate {
@@ -123,7 +128,13 @@ impl<B: Backend> LlamaDecoderLayer<B> {
         Ok(LlamaDecoderLayer {
             input_layernorm: RmsNorm::load(w, "input_layernorm", h, c.rms_norm_eps, false)?,
             self_attn,
-            post_attention_layernorm: RmsNorm::load(w, "post_attention_layernorm", h, c.rms_norm_eps, false)?,
+            post_attention_layernorm: RmsNorm::load(
+                w,
+                "post_attention_layernorm",
+                h,
+                c.rms_norm_eps,
+                false,
+            )?,
             mlp: GatedMlp {
                 gate_up: GateUp::Separate {
                     gate_proj: mlp.linear("gate_proj", h, i, c.mlp_bias)?,
@@ -136,8 +147,16 @@ impl<B: Backend> LlamaDecoderLayer<B> {
     }
 
     /// `x`: `[tokens, hidden]`.
-    fn forward(&self, x: Tensor<B, 2>, ctx: &ForwardCtx<B>, kv: &mut Option<llm_core::attention::LayerKv<B>>) -> Tensor<B, 2> {
-        let x = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), ctx, kv);
+    fn forward(
+        &self,
+        x: Tensor<B, 2>,
+        ctx: &ForwardCtx<B>,
+        kv: &mut Option<llm_core::attention::LayerKv<B>>,
+    ) -> Tensor<B, 2> {
+        let x = x.clone()
+            + self
+                .self_attn
+                .forward(self.input_layernorm.forward(x), ctx, kv);
         x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
     }
 
@@ -169,7 +188,11 @@ pub struct LlamaForCausalLM<B: Backend> {
 }
 
 impl<B: Backend> LlamaForCausalLM<B> {
-    pub fn load(config: &serde_json::Value, ctx: &LoadCtx<'_, B>, opts: &LoadOptions) -> Result<Self> {
+    pub fn load(
+        config: &serde_json::Value,
+        ctx: &LoadCtx<'_, B>,
+        opts: &LoadOptions,
+    ) -> Result<Self> {
         let c: LlamaConfig = parse_config(config, &ctx.source)?;
         c.check(&ctx.source)?;
         let root = Weights::new(ctx);
@@ -182,7 +205,9 @@ impl<B: Backend> LlamaForCausalLM<B> {
         let rope = Rope::new(&rope_cfg, c.head_dim(), freq_factors)
             .map_err(|e| CoreError::new(e.code, format!("{}: {}", ctx.source, e.message)))?;
         let w = root.pp("model");
-        let embed_tokens = w.pp("embed_tokens").tensor("weight", [c.vocab_size, c.hidden_size])?;
+        let embed_tokens = w
+            .pp("embed_tokens")
+            .tensor("weight", [c.vocab_size, c.hidden_size])?;
         let layers = (0..c.num_hidden_layers)
             .map(|i| LlamaDecoderLayer::load(&w.pp("layers").pp(i), &c))
             .collect::<Result<Vec<_>>>()?;
@@ -214,7 +239,12 @@ impl<B: Backend> CausalLm<B> for LlamaForCausalLM<B> {
         let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
         let mut h = self.model.embed_tokens.clone().select(0, ids);
-        let ctx = ForwardCtx::new(start, n, self.rope.tables(start, n, &self.device), &self.device);
+        let ctx = ForwardCtx::new(
+            start,
+            n,
+            self.rope.tables(start, n, &self.device),
+            &self.device,
+        );
         for (layer, kv) in self.model.layers.iter().zip(cache.layers.iter_mut()) {
             h = layer.forward(h, &ctx, kv);
         }
@@ -236,7 +266,12 @@ impl<B: Backend> CausalLm<B> for LlamaForCausalLM<B> {
         let [v, h] = self.model.embed_tokens.dims();
         let tied = self.config.tie_word_embeddings;
         v * h
-            + self.model.layers.iter().map(|l| l.num_params()).sum::<usize>()
+            + self
+                .model
+                .layers
+                .iter()
+                .map(|l| l.num_params())
+                .sum::<usize>()
             + self.model.norm.num_params()
             + if tied { 0 } else { self.lm_head.num_params() }
     }
@@ -252,7 +287,11 @@ impl Architecture for Llama {
     const NAME: &'static std::ffi::CStr = c"llama";
     const MODEL_TYPES: &'static std::ffi::CStr = c"[\"llama\"]";
     type Model<B: Backend> = LlamaForCausalLM<B>;
-    fn load<B: Backend>(config: &serde_json::Value, ctx: &LoadCtx<'_, B>, opts: &LoadOptions) -> Result<Self::Model<B>> {
+    fn load<B: Backend>(
+        config: &serde_json::Value,
+        ctx: &LoadCtx<'_, B>,
+        opts: &LoadOptions,
+    ) -> Result<Self::Model<B>> {
         LlamaForCausalLM::load(config, ctx, opts)
     }
 }

@@ -29,7 +29,11 @@ fn reference() -> SafetensorsDir {
 }
 
 fn ids(r: &SafetensorsDir, name: &str) -> Vec<u32> {
-    r.ints(name).unwrap().into_iter().map(|i| i as u32).collect()
+    r.ints(name)
+        .unwrap()
+        .into_iter()
+        .map(|i| i as u32)
+        .collect()
 }
 
 fn argmax(v: &[f32]) -> u32 {

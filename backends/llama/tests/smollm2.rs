@@ -8,11 +8,16 @@ use llm_core::weights::Quantization;
 use llm_core::{CausalLm, Cpu, KvCache, LoadCtx, LoadOptions};
 
 fn reference() -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(fixtures().join("smollm2/reference.json")).unwrap()).unwrap()
+    serde_json::from_slice(&std::fs::read(fixtures().join("smollm2/reference.json")).unwrap())
+        .unwrap()
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -32,7 +37,8 @@ fn smollm2_gguf_logits_and_greedy_match_hf() {
         quantization: "none".into(),
         max_context: 0,
     };
-    let model: LlamaForCausalLM<Cpu> = LlamaForCausalLM::load(source.config(), &ctx, &opts).unwrap();
+    let model: LlamaForCausalLM<Cpu> =
+        LlamaForCausalLM::load(source.config(), &ctx, &opts).unwrap();
     let r = reference();
     let prompt = ids(&r["prompt_ids"]);
     let greedy = ids(&r["greedy_ids"]);
