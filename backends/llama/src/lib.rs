@@ -73,7 +73,8 @@ impl LlamaConfig {
         }
     }
     fn check(&self, what: &str) -> Result<()> {
-        if self.num_kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.num_kv_heads()) {
+        if self.num_kv_heads() == 0 || !self.num_attention_heads.is_multiple_of(self.num_kv_heads())
+        {
             return Err(CoreError::invalid(format!(
                 "{what}: num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_attention_heads,
