@@ -36,8 +36,10 @@ struct Args {
     /// Repeatable.
     #[arg(long = "load", value_name = "NAME=SOURCE")]
     load: Vec<String>,
-    /// How linear weights are held for models loaded at startup (and LoadModel's default).
-    #[arg(long, default_value = "none", value_parser = ["none"])]
+    /// How linear weights are held for models loaded at startup (and LoadModel's default):
+    /// auto = NF4 for float checkpoints (the bitsandbytes recipe), as stored for quantized ones
+    /// (bnb NF4 stays NF4, GGUF is dequantized); nf4 = always NF4; none = float.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "nf4", "none"])]
     quantization: String,
     /// Device for models loaded at startup (and LoadModel's default).
     #[arg(long, default_value = "cpu", value_parser = ["cpu"])]

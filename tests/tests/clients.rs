@@ -45,15 +45,20 @@ async fn python_grpcio_client_streams_the_seed_chat() {
 #[tokio::test(flavor = "multi_thread")]
 async fn tiny_llama_loads_generates_reference_ids_and_unloads_via_cli() {
     let server = Server::start(&[]);
-    let dir = fixtures().join("tiny/llama/bf16");
-    let out = server.llm(&["load", "tiny", dir.to_str().unwrap()]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let ok = |out: std::process::Output| {
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let fixture = |d: &str| fixtures().join("tiny/llama").join(d).display().to_string();
+    // Float weights, and the bitsandbytes checkpoint kept NF4 (quantization auto).
+    ok(server.llm(&["load", "tiny", &fixture("bf16"), "--quantization", "none"]));
+    ok(server.llm(&["load", "tiny-nf4", &fixture("nf4")]));
 
-    // The reference prompt and greedy continuation, read from the fixture with the formats crate.
+    // The reference prompt and greedy continuations, read from the fixture.
     let refs = std::fs::read(fixtures().join("tiny/llama/reference.safetensors")).unwrap();
     let ints = |name: &str| -> Vec<u32> {
         let n = u64::from_le_bytes(refs[..8].try_into().unwrap()) as usize;
@@ -69,46 +74,111 @@ async fn tiny_llama_loads_generates_reference_ids_and_unloads_via_cli() {
             .collect()
     };
     let input: Vec<String> = ints("input_ids").iter().map(u32::to_string).collect();
-    let greedy = ints("greedy_f32");
-    let out = server.llm(&[
-        "generate",
-        "--model",
-        "tiny",
-        "--prompt-ids",
-        &input.join(","),
-        "--ids",
-        "--max-new-tokens",
-        &greedy.len().to_string(),
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let got: Vec<u32> = String::from_utf8(out.stdout)
-        .unwrap()
+    let generate = |model: &str, n: usize| -> Vec<u32> {
+        ok(server.llm(&[
+            "generate",
+            "--model",
+            model,
+            "--prompt-ids",
+            &input.join(","),
+            "--ids",
+            "--max-new-tokens",
+            &n.to_string(),
+        ]))
         .split_whitespace()
         .map(|s| s.parse().unwrap())
-        .collect();
-    assert_eq!(got, greedy);
+        .collect()
+    };
+    let greedy = ints("greedy_f32");
+    assert_eq!(generate("tiny", greedy.len()), greedy);
+    let greedy_nf4 = ints("greedy_nf4_f32");
+    assert_eq!(generate("tiny-nf4", greedy_nf4.len()), greedy_nf4);
 
     // Text input needs a tokenizer this directory does not have: a clear error.
     let out = server.llm(&["generate", "--model", "tiny", "--prompt", "hello"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("tokenizer"));
 
-    let out = server.llm(&["models"]);
-    let listing = String::from_utf8_lossy(&out.stdout).to_string();
+    let listing = ok(server.llm(&["models"]));
     assert!(
-        listing.contains("tiny") && listing.contains("llama"),
+        listing
+            .lines()
+            .any(|l| l.starts_with("tiny ") && l.contains(" none ")),
         "{listing}"
     );
-    let out = server.llm(&["unload", "tiny"]);
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        listing
+            .lines()
+            .any(|l| l.starts_with("tiny-nf4 ") && l.contains(" nf4 ")),
+        "{listing}"
     );
-    let out = server.llm(&["models"]);
-    assert!(!String::from_utf8_lossy(&out.stdout).contains("tiny"));
+    ok(server.llm(&["unload", "tiny"]));
+    let listing = ok(server.llm(&["models"]));
+    assert!(
+        !listing.lines().any(|l| l.starts_with("tiny ")),
+        "{listing}"
+    );
+    assert!(
+        listing.lines().any(|l| l.starts_with("tiny-nf4 ")),
+        "{listing}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reflection_v1_and_v1alpha_list_the_services() {
+    use tonic_reflection::pb::{v1, v1alpha};
+    let server = Server::start(&[]);
+    // v1 (grpcurl >= 1.9, ghz, Postman) ...
+    let channel = tonic::transport::Endpoint::from_shared(server.url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut c = v1::server_reflection_client::ServerReflectionClient::new(channel.clone());
+    let req = v1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(v1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut s = c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = s.message().await.unwrap().unwrap();
+    let Some(v1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        resp.message_response
+    else {
+        panic!("unexpected v1 reflection response");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"llm.v1.LlmService".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+    // ... and v1alpha (grpcurl 1.8, tested with the real grpcurl in smollm2_e2e).
+    let mut c = v1alpha::server_reflection_client::ServerReflectionClient::new(channel);
+    let req = v1alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            v1alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "llm.v1.LlmService".into(),
+            ),
+        ),
+    };
+    let mut s = c
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let resp = s.message().await.unwrap().unwrap();
+    assert!(matches!(
+        resp.message_response,
+        Some(v1alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+    ));
 }

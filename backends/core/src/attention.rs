@@ -189,6 +189,24 @@ impl<B: Backend> Attention<B> {
         self.o_proj.forward(out)
     }
 
+    /// The projections with their checkpoint names under `prefix` (e.g. `model.layers.0.self_attn`).
+    pub fn linears(&self, prefix: &str) -> Vec<(String, &dyn Linear<B>)> {
+        let mut v: Vec<(String, &dyn Linear<B>)> = match &self.qkv {
+            QkvProj::Separate {
+                q_proj,
+                k_proj,
+                v_proj,
+            } => vec![
+                (format!("{prefix}.q_proj"), q_proj.as_ref()),
+                (format!("{prefix}.k_proj"), k_proj.as_ref()),
+                (format!("{prefix}.v_proj"), v_proj.as_ref()),
+            ],
+            QkvProj::Fused { qkv_proj } => vec![(format!("{prefix}.qkv_proj"), qkv_proj.as_ref())],
+        };
+        v.push((format!("{prefix}.o_proj"), self.o_proj.as_ref()));
+        v
+    }
+
     pub fn num_params(&self) -> usize {
         let qkv = match &self.qkv {
             QkvProj::Separate {

@@ -46,11 +46,8 @@ pub fn parse_config<T: DeserializeOwned>(value: &Value, what: &str) -> Result<T>
     for (k, _) in INERT_KEYS {
         obj.remove(*k);
     }
-    if obj.contains_key("quantization_config") {
-        return Err(CoreError::unimplemented(format!(
-            "{what}: field `quantization_config` (a pre-quantized checkpoint) is not supported yet"
-        )));
-    }
+    // Validated and used by the loader (`BnbConfig::parse`), not by the architecture.
+    obj.remove("quantization_config");
     serde_json::from_value(Value::Object(obj))
         .map_err(|e| CoreError::invalid(format!("{what}: {e}")))
 }
@@ -227,5 +224,95 @@ mod tests {
         };
         let e = f.resolve(10000.0, "x").unwrap_err();
         assert!(e.message.contains("yarn"));
+    }
+}
+
+/// `quantization_config` of a pre-quantized bitsandbytes checkpoint. Every key is used or
+/// rejected: only the 4-bit NF4 layout with uint8 storage is implemented.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BnbConfig {
+    pub double_quant: bool,
+    /// Module names bnb left unquantized (`llm_int8_skip_modules`); their weights are float.
+    pub skip_modules: Vec<String>,
+}
+
+impl BnbConfig {
+    /// None for a checkpoint without `quantization_config`.
+    pub fn parse(config: &Value, what: &str) -> Result<Option<BnbConfig>> {
+        let Some(q) = config.get("quantization_config") else {
+            return Ok(None);
+        };
+        let obj = q.as_object().ok_or_else(|| {
+            CoreError::invalid(format!("{what}: `quantization_config` is not an object"))
+        })?;
+        let method = obj
+            .get("quant_method")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if method != "bitsandbytes" {
+            return Err(CoreError::unimplemented(format!(
+                "{what}: quantization_config.quant_method `{method}` is not supported (bitsandbytes is)"
+            )));
+        }
+        let flag = |k: &str| obj.get(k).and_then(Value::as_bool).unwrap_or(false);
+        if flag("load_in_8bit") || !flag("load_in_4bit") {
+            return Err(CoreError::unimplemented(format!(
+                "{what}: only 4-bit bitsandbytes checkpoints are supported (load_in_4bit)"
+            )));
+        }
+        let mut cfg = BnbConfig {
+            double_quant: false,
+            skip_modules: Vec::new(),
+        };
+        for (k, v) in obj {
+            match k.as_str() {
+                "quant_method" | "load_in_4bit" | "load_in_8bit" => {}
+                "bnb_4bit_quant_type" => {
+                    if v.as_str() != Some("nf4") {
+                        return Err(CoreError::unimplemented(format!(
+                            "{what}: bnb_4bit_quant_type {v} is not supported (nf4 is)"
+                        )));
+                    }
+                }
+                "bnb_4bit_use_double_quant" => cfg.double_quant = v.as_bool().unwrap_or(false),
+                // The compute dtype is the device's (f32 on CPU, bf16 on CUDA), as requested by
+                // the seed's config; any other value would only change rounding of activations.
+                "bnb_4bit_compute_dtype" => match v.as_str() {
+                    Some("bfloat16" | "float16" | "float32") => {}
+                    _ => {
+                        return Err(CoreError::invalid(format!(
+                            "{what}: bnb_4bit_compute_dtype {v}"
+                        )))
+                    }
+                },
+                "bnb_4bit_quant_storage" => {
+                    if v.as_str() != Some("uint8") {
+                        return Err(CoreError::unimplemented(format!(
+                            "{what}: bnb_4bit_quant_storage {v} is not supported (uint8 is)"
+                        )));
+                    }
+                }
+                "llm_int8_skip_modules" => {
+                    cfg.skip_modules = v
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|s| s.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                }
+                // 8-bit (LLM.int8) settings: no effect on a 4-bit checkpoint.
+                "llm_int8_threshold"
+                | "llm_int8_has_fp16_weight"
+                | "llm_int8_enable_fp32_cpu_offload" => {}
+                other => {
+                    return Err(CoreError::invalid(format!(
+                        "{what}: quantization_config field `{other}` is not supported"
+                    )))
+                }
+            }
+        }
+        Ok(Some(cfg))
     }
 }

@@ -23,6 +23,8 @@ pub trait CausalLm<B: Backend>: Send + 'static {
     /// Parameter count as PyTorch's `sum(p.numel())` reports it.
     fn num_params(&self) -> usize;
     fn device(&self) -> B::Device;
+    /// Every linear layer with its checkpoint module name (`model.layers.0.self_attn.q_proj`).
+    fn linears(&self) -> Vec<(String, &dyn crate::Linear<B>)>;
 }
 
 /// One sequence's share of a step, borrowed from the ABI call.

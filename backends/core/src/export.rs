@@ -72,15 +72,23 @@ impl LoadOptions {
 pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEngine>> {
     let opts: LoadOptions = serde_json::from_str(request_json)
         .map_err(|e| CoreError::invalid(format!("load request: {e}")))?;
+    let source = ModelSource::open(&opts.source)?;
+    let prequantized = crate::config::BnbConfig::parse(source.config(), &source.describe())?;
+    let is_gguf = matches!(source, ModelSource::Gguf { .. });
     let quantization = match opts.quantization.as_str() {
-        "none" | "auto" => Quantization::None,
+        "none" => Quantization::None,
+        "nf4" => Quantization::Nf4,
+        // The seed's recipe for float checkpoints; quantized sources stay as they are (bnb NF4
+        // stays NF4, GGUF blocks are dequantized to the compute dtype).
+        "auto" if prequantized.is_some() => Quantization::Nf4,
+        "auto" if is_gguf => Quantization::None,
+        "auto" => Quantization::Nf4,
         other => {
-            return Err(CoreError::unimplemented(format!(
-                "quantization `{other}` is not supported by this build (none is)"
+            return Err(CoreError::invalid(format!(
+                "quantization `{other}` is not one of auto, nf4, none"
             )))
         }
     };
-    let source = ModelSource::open(&opts.source)?;
     let model_type = source.model_type()?;
     let served: Vec<String> = serde_json::from_str(A::MODEL_TYPES.to_str().unwrap_or("[]"))
         .map_err(|e| CoreError::internal(format!("plugin model types: {e}")))?;
@@ -127,7 +135,7 @@ fn build<A: Architecture, B: Backend>(
         "model_type": source.model_type()?,
         "device": opts.device,
         "dtype": dtype,
-        "quantization": format!("{quantization:?}").to_lowercase(),
+        "quantization": quantization.name(),
     });
     Ok(Box::new(Engine::new(model, info)))
 }

@@ -14,6 +14,7 @@ use burn_tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use crate::linear::Linear;
+use crate::nf4::Nf4Weight;
 
 const LANES: usize = 16;
 
@@ -126,16 +127,64 @@ pub fn matmul_xwt(
     k: usize,
     n: usize,
 ) -> Vec<f32> {
-    // Work in blocks of output features so each weight row is read once per call and stays in
-    // cache while every token row uses it; compute y^T block-wise, then transpose.
-    const BLOCK: usize = 64;
+    matmul_rows(x, bias, tokens, k, n, &F32Rows { w, k })
+}
+
+/// Supplies weight rows `[rows.len(), k]` to [`matmul_rows`]: borrowed from a float matrix, or
+/// decoded into `scratch`.
+pub trait RowSource: Sync {
+    fn rows<'a>(&'a self, rows: std::ops::Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32];
+}
+
+struct F32Rows<'w> {
+    w: &'w [f32],
+    k: usize,
+}
+
+impl RowSource for F32Rows<'_> {
+    fn rows<'a>(&'a self, rows: std::ops::Range<usize>, _scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        &self.w[rows.start * self.k..rows.end * self.k]
+    }
+}
+
+struct Nf4Rows<'w> {
+    weight: &'w Nf4Weight,
+    absmax: &'w [f32],
+}
+
+impl RowSource for Nf4Rows<'_> {
+    fn rows<'a>(&'a self, rows: std::ops::Range<usize>, scratch: &'a mut Vec<f32>) -> &'a [f32] {
+        scratch.resize(rows.len() * self.weight.in_features, 0.0);
+        self.weight.dequantize_rows(self.absmax, rows, scratch);
+        scratch
+    }
+}
+
+/// Output features per work item: each weight row is read once per call and stays in cache
+/// while every token row uses it.
+const BLOCK: usize = 64;
+
+/// [`matmul_xwt`] with the weight rows supplied by `rows(range, scratch)`: a slice of a float
+/// matrix, or rows dequantized into `scratch` (NF4). Results do not depend on the supplier.
+pub fn matmul_rows(
+    x: &[f32],
+    bias: Option<&[f32]>,
+    tokens: usize,
+    k: usize,
+    n: usize,
+    source: &dyn RowSource,
+) -> Vec<f32> {
+    // y^T block-wise, then transpose.
     let mut yt = vec![0f32; n * tokens];
     yt.par_chunks_mut(BLOCK * tokens)
         .enumerate()
         .for_each(|(bi, out)| {
             let n0 = bi * BLOCK;
+            let nrows = out.len() / tokens;
+            let mut scratch = Vec::new();
+            let w = source.rows(n0..n0 + nrows, &mut scratch);
             for (j, row_out) in out.chunks_mut(tokens).enumerate() {
-                let wr = &w[(n0 + j) * k..(n0 + j + 1) * k];
+                let wr = &w[j * k..(j + 1) * k];
                 let b = bias.map_or(0.0, |b| b[n0 + j]);
                 let row = |t: usize| &x[t * k..(t + 1) * k];
                 let mut t = 0;
@@ -163,10 +212,18 @@ pub fn matmul_xwt(
     y
 }
 
-/// A float linear layer computed on the host (used for the CPU backend).
+/// How a host linear holds its weight.
+pub enum HostWeight {
+    /// `[out, in]` row-major floats.
+    F32(Vec<f32>),
+    /// NF4 codes, dequantized row block by row block inside the product (the same numbers as
+    /// dequantize-then-matmul, at 0.5 byte per weight read). `absmax` is the f32 per-block absmax.
+    Nf4 { weight: Nf4Weight, absmax: Vec<f32> },
+}
+
+/// A linear layer computed on the host (the CPU backend).
 pub struct HostLinear<B: Backend> {
-    /// `[out, in]` row-major.
-    weight: Vec<f32>,
+    weight: HostWeight,
     bias: Option<Vec<f32>>,
     in_features: usize,
     out_features: usize,
@@ -184,7 +241,22 @@ impl<B: Backend> HostLinear<B> {
     ) -> Self {
         assert_eq!(weight.len(), out_features * in_features);
         HostLinear {
-            weight,
+            weight: HostWeight::F32(weight),
+            bias,
+            in_features,
+            out_features,
+            device,
+        }
+    }
+}
+
+impl<B: Backend> HostLinear<B> {
+    /// An NF4 weight (+ float bias, as bnb's Linear4bit keeps it).
+    pub fn nf4(weight: Nf4Weight, bias: Option<Vec<f32>>, device: B::Device) -> Self {
+        let (out_features, in_features) = (weight.out_features, weight.in_features);
+        let absmax = weight.absmax_f32();
+        HostLinear {
+            weight: HostWeight::Nf4 { weight, absmax },
             bias,
             in_features,
             out_features,
@@ -202,18 +274,15 @@ impl<B: Backend> Linear<B> for HostLinear<B> {
             .convert::<f32>()
             .into_vec()
             .expect("f32 activations");
-        let y = matmul_xwt(
-            &xs,
-            &self.weight,
-            self.bias.as_deref(),
-            tokens,
-            k,
-            self.out_features,
-        );
-        Tensor::from_data(
-            TensorData::new(y, [tokens, self.out_features]),
-            &self.device,
-        )
+        let bias = self.bias.as_deref();
+        let n = self.out_features;
+        let y = match &self.weight {
+            HostWeight::F32(w) => matmul_xwt(&xs, w, bias, tokens, k, n),
+            HostWeight::Nf4 { weight, absmax } => {
+                matmul_rows(&xs, bias, tokens, k, n, &Nf4Rows { weight, absmax })
+            }
+        };
+        Tensor::from_data(TensorData::new(y, [tokens, n]), &self.device)
     }
     fn in_features(&self) -> usize {
         self.in_features
@@ -222,7 +291,18 @@ impl<B: Backend> Linear<B> for HostLinear<B> {
         self.out_features
     }
     fn num_params(&self) -> usize {
-        self.weight.len() + self.bias.as_ref().map_or(0, Vec::len)
+        // PyTorch counts a Params4bit by its packed storage: out*in/2 elements.
+        let w = match &self.weight {
+            HostWeight::F32(w) => w.len(),
+            HostWeight::Nf4 { weight, .. } => weight.packed.len(),
+        };
+        w + self.bias.as_ref().map_or(0, Vec::len)
+    }
+    fn nf4(&self) -> Option<&Nf4Weight> {
+        match &self.weight {
+            HostWeight::Nf4 { weight, .. } => Some(weight),
+            HostWeight::F32(_) => None,
+        }
     }
 }
 

@@ -9,6 +9,7 @@ pub mod export;
 pub mod host_linear;
 pub mod linear;
 pub mod mlp;
+pub mod nf4;
 pub mod norm;
 pub mod rope;
 pub mod sampling;

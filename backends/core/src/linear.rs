@@ -12,6 +12,10 @@ pub trait Linear<B: Backend>: Send + Sync {
     fn out_features(&self) -> usize;
     /// Parameter count (weights + bias), as PyTorch's `numel` counts them.
     fn num_params(&self) -> usize;
+    /// The NF4 weight, when this layer holds one.
+    fn nf4(&self) -> Option<&crate::nf4::Nf4Weight> {
+        None
+    }
 }
 
 /// A float linear layer. The weight stays `[out, in]` as the checkpoint stores it and is used

@@ -43,6 +43,21 @@ impl<B: Backend> GatedMlp<B> {
         self.down_proj.forward(gate * up)
     }
 
+    /// The projections with their checkpoint names under `prefix` (e.g. `model.layers.0.mlp`).
+    pub fn linears(&self, prefix: &str) -> Vec<(String, &dyn Linear<B>)> {
+        let mut v: Vec<(String, &dyn Linear<B>)> = match &self.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => vec![
+                (format!("{prefix}.gate_proj"), gate_proj.as_ref()),
+                (format!("{prefix}.up_proj"), up_proj.as_ref()),
+            ],
+            GateUp::Fused { gate_up_proj } => {
+                vec![(format!("{prefix}.gate_up_proj"), gate_up_proj.as_ref())]
+            }
+        };
+        v.push((format!("{prefix}.down_proj"), self.down_proj.as_ref()));
+        v
+    }
+
     pub fn num_params(&self) -> usize {
         let gu = match &self.gate_up {
             GateUp::Separate { gate_proj, up_proj } => {

@@ -40,3 +40,119 @@ pub fn default_model() -> PathBuf {
     );
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
 }
+
+use crate::engine::CausalLm;
+use crate::export::{Architecture, Cpu, LoadOptions};
+use crate::weights::{LoadCtx, Quantization};
+use crate::KvCache;
+use llm_formats::{ModelSource, SafetensorsDir, TensorStore};
+
+/// Load `A` from `path` on the CPU backend, as the plugin would.
+pub fn load_cpu<A: Architecture>(
+    path: &std::path::Path,
+    quantization: Quantization,
+) -> A::Model<Cpu> {
+    let source = ModelSource::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let ctx = LoadCtx {
+        store: source.tensors(),
+        device: Default::default(),
+        quantization,
+        source: source.describe(),
+        host_linear: true,
+    };
+    let opts = LoadOptions {
+        source: path.to_path_buf(),
+        device: "cpu".into(),
+        quantization: quantization.name().into(),
+        max_context: 0,
+    };
+    A::load::<Cpu>(source.config(), &ctx, &opts)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `tests/fixtures/tiny/<arch>/reference.safetensors`.
+pub struct TinyReference {
+    st: SafetensorsDir,
+}
+
+impl TinyReference {
+    pub fn open(arch: &str) -> TinyReference {
+        TinyReference {
+            st: SafetensorsDir::open_file(
+                &fixtures()
+                    .join("tiny")
+                    .join(arch)
+                    .join("reference.safetensors"),
+            )
+            .unwrap(),
+        }
+    }
+    pub fn ids(&self, name: &str) -> Vec<u32> {
+        self.st
+            .ints(name)
+            .unwrap()
+            .into_iter()
+            .map(|i| i as u32)
+            .collect()
+    }
+    pub fn floats(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let t = self.st.f32(name).unwrap();
+        (t.shape, t.data)
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Prompt logits (all positions) vs `logits_key`: returns the relative L2 error.
+pub fn prompt_logits_error<M: CausalLm<Cpu>>(
+    model: &M,
+    r: &TinyReference,
+    logits_key: &str,
+) -> f64 {
+    let input = r.ids("input_ids");
+    let mut cache = KvCache::new(model.num_layers());
+    let logits = to_vec(model.forward(&input, &mut cache, true));
+    rel_l2(&logits, &r.floats(logits_key).1)
+}
+
+/// Greedy continuation with the KV cache, as many tokens as `greedy_key` holds (no EOS stop).
+pub fn greedy<M: CausalLm<Cpu>>(model: &M, prompt: &[u32], n: usize) -> Vec<u32> {
+    let mut cache = KvCache::new(model.num_layers());
+    let mut last = to_vec(model.forward(prompt, &mut cache, false));
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let next = argmax(&last);
+        out.push(next);
+        if out.len() == n {
+            break;
+        }
+        last = to_vec(model.forward(&[next], &mut cache, false));
+    }
+    out
+}
+
+/// Teacher-forced decode with the KV cache against `full_logits_f32`: the worst rel. L2 error
+/// over the decode steps.
+pub fn kv_decode_error<M: CausalLm<Cpu>>(model: &M, r: &TinyReference) -> f64 {
+    let input = r.ids("input_ids");
+    let greedy = r.ids("greedy_f32");
+    let (shape, full) = r.floats("full_logits_f32");
+    let vocab = shape[1];
+    let mut cache = KvCache::new(model.num_layers());
+    let mut last = to_vec(model.forward(&input, &mut cache, false));
+    let mut worst = 0f64;
+    for (step, &tok) in greedy.iter().enumerate() {
+        let p = input.len() - 1 + step;
+        worst = worst.max(rel_l2(&last, &full[p * vocab..(p + 1) * vocab]));
+        last = to_vec(model.forward(&[tok], &mut cache, false));
+    }
+    worst
+}

@@ -11,12 +11,26 @@ use llm_formats::TensorStore;
 use crate::error::{CoreError, Result};
 use crate::host_linear::HostLinear;
 use crate::linear::{DenseLinear, Linear};
+use crate::nf4::{Nf4Weight, WeightDtype};
 
-/// How linear weights are stored once loaded.
+/// How linear weights are held once loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Quantization {
-    /// Keep the checkpoint's floats (converted to the compute dtype).
+    /// Float weights in the compute dtype (pre-quantized bnb weights are dequantized).
     None,
+    /// NF4 with double quantization (bnb `BitsAndBytesConfig(load_in_4bit=True,
+    /// bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True)`): float weights are quantized
+    /// at load, pre-quantized ones are kept as stored. lm_head and embeddings stay float.
+    Nf4,
+}
+
+impl Quantization {
+    pub fn name(self) -> &'static str {
+        match self {
+            Quantization::None => "none",
+            Quantization::Nf4 => "nf4",
+        }
+    }
 }
 
 /// Shared settings of one load.
@@ -49,6 +63,25 @@ impl<B: Backend> LoadCtx<'_, B> {
             ))
         } else {
             Box::new(DenseLinear::new(weight, bias))
+        }
+    }
+
+    /// An NF4 linear layer.
+    pub fn nf4(&self, weight: Nf4Weight, bias: Option<Tensor<B, 1>>) -> Box<dyn Linear<B>> {
+        if self.host_linear {
+            let bias = bias.map(|b| {
+                b.into_data()
+                    .convert::<f32>()
+                    .into_vec::<f32>()
+                    .expect("f32 bias")
+            });
+            Box::new(HostLinear::nf4(weight, bias, self.device.clone()))
+        } else {
+            // No device NF4 kernel in this build: hold the dequantized weights (same numbers,
+            // float memory).
+            let (o, i) = (weight.out_features, weight.in_features);
+            let w = Tensor::from_data(TensorData::new(weight.dequantize(), [o, i]), &self.device);
+            Box::new(DenseLinear::new(w, bias))
         }
     }
 }
@@ -128,7 +161,8 @@ impl<'a, B: Backend> Weights<'a, B> {
         bias: bool,
     ) -> Result<Box<dyn Linear<B>>> {
         let w = self.pp(leaf);
-        let weight = w.tensor("weight", [out_features, in_features])?;
+        let key = w.key("weight");
+        let store = self.ctx.store;
         let bias = if bias {
             Some(w.tensor("bias", [out_features])?)
         } else {
@@ -141,9 +175,49 @@ impl<'a, B: Backend> Weights<'a, B> {
             }
             None
         };
-        match self.ctx.quantization {
-            Quantization::None => Ok(self.ctx.dense_from(weight, bias)),
+        if Nf4Weight::is_bnb(store, &key) {
+            let q = Nf4Weight::from_bnb(store, &key, out_features, in_features, &self.ctx.source)?;
+            return Ok(match self.ctx.quantization {
+                Quantization::Nf4 => self.ctx.nf4(q, bias),
+                Quantization::None => {
+                    let t = Tensor::from_data(
+                        TensorData::new(q.dequantize(), [out_features, in_features]),
+                        &self.ctx.device,
+                    );
+                    self.ctx.dense_from(t, bias)
+                }
+            });
         }
+        match self.ctx.quantization {
+            Quantization::None => {
+                let weight = w.tensor("weight", [out_features, in_features])?;
+                Ok(self.ctx.dense_from(weight, bias))
+            }
+            Quantization::Nf4 => {
+                let t = self.host_f32(&key, &[out_features, in_features])?;
+                let dtype = WeightDtype::of(store.raw(&key)?.dtype);
+                let q = Nf4Weight::quantize(&t, out_features, in_features, true, dtype);
+                Ok(self.ctx.nf4(q, bias))
+            }
+        }
+    }
+
+    /// A tensor's f32 data on the host, shape-checked.
+    fn host_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
+        if !self.ctx.store.contains(key) {
+            return Err(CoreError::invalid(format!(
+                "{}: tensor `{key}` is missing",
+                self.ctx.source
+            )));
+        }
+        let t = self.ctx.store.f32(key)?;
+        if t.shape != shape {
+            return Err(CoreError::invalid(format!(
+                "{}: tensor `{key}` has shape {:?}, the config implies {:?}",
+                self.ctx.source, t.shape, shape
+            )));
+        }
+        Ok(t.data)
     }
 
     /// A linear layer without bias that is never quantized (lm_head, as bitsandbytes leaves it).

@@ -756,4 +756,43 @@ mod tests {
         assert_eq!(v[1], 1.0);
         assert_eq!(v[16], 29.0);
     }
+
+    #[test]
+    fn q4_0_f16_bf16_blocks() {
+        // Q4_0: d = 0.5, value = (nibble - 8) * d; low nibbles first.
+        let mut b = half::f16::from_f32(0.5).to_le_bytes().to_vec();
+        b.extend((0..16).map(|i| (i as u8) | (3 << 4)));
+        let v = dequantize(ggml_type::Q4_0, &b, 32, "t").unwrap();
+        assert_eq!(v[0], -4.0);
+        assert_eq!(v[15], 3.5);
+        assert_eq!(v[16], -2.5);
+        let f: Vec<u8> = [1.5f32, -2.25]
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect();
+        assert_eq!(
+            dequantize(ggml_type::F16, &f, 2, "t").unwrap(),
+            vec![1.5, -2.25]
+        );
+        let f: Vec<u8> = [1.5f32, -2.25]
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect();
+        assert_eq!(
+            dequantize(ggml_type::BF16, &f, 2, "t").unwrap(),
+            vec![1.5, -2.25]
+        );
+    }
+
+    #[test]
+    fn q5_blocks() {
+        // Q5_0: element j's fifth bit is bit j of qh; value = (q - 16) * d.
+        let mut b = half::f16::from_f32(1.0).to_le_bytes().to_vec();
+        b.extend(0x8000_0001u32.to_le_bytes());
+        b.extend([0u8; 16]);
+        let v = dequantize(ggml_type::Q5_0, &b, 32, "t").unwrap();
+        assert_eq!(v[0], 0.0);
+        assert_eq!(v[1], -16.0);
+        assert_eq!(v[31], 0.0);
+    }
 }

@@ -279,6 +279,15 @@ impl<B: Backend> CausalLm<B> for LlamaForCausalLM<B> {
     fn device(&self) -> B::Device {
         self.device.clone()
     }
+    fn linears(&self) -> Vec<(String, &dyn Linear<B>)> {
+        let mut v = Vec::new();
+        for (i, l) in self.model.layers.iter().enumerate() {
+            v.extend(l.self_attn.linears(&format!("model.layers.{i}.self_attn")));
+            v.extend(l.mlp.linears(&format!("model.layers.{i}.mlp")));
+        }
+        v.push(("lm_head".to_string(), self.lm_head.as_ref()));
+        v
+    }
 }
 
 /// The plugin.

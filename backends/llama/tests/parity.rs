@@ -1,86 +1,70 @@
-//! Llama against the reference fixtures (HF transformers fp32 forward of the same weights).
+//! Llama against the reference fixtures: HF transformers' fp32 forward of the same weights, and
+//! of bitsandbytes' own NF4 dequantization (tests/fixtures/README.md).
 
-use llama_backend::LlamaForCausalLM;
-use llm_core::formats::{ModelSource, SafetensorsDir};
-use llm_core::testing::{fixtures, rel_l2, to_vec};
+use llama_backend::Llama;
+use llm_core::testing::{
+    fixtures, greedy, kv_decode_error, load_cpu, prompt_logits_error, TinyReference,
+};
 use llm_core::weights::Quantization;
-use llm_core::{CausalLm, Cpu, KvCache, LoadCtx, LoadOptions};
 
-fn load(dir: &std::path::Path) -> LlamaForCausalLM<Cpu> {
-    let source = ModelSource::open(dir).unwrap();
-    let ctx = LoadCtx {
-        store: source.tensors(),
-        device: Default::default(),
-        quantization: Quantization::None,
-        source: source.describe(),
-        host_linear: true,
-    };
-    let opts = LoadOptions {
-        source: dir.to_path_buf(),
-        device: "cpu".into(),
-        quantization: "none".into(),
-        max_context: 0,
-    };
-    LlamaForCausalLM::load(source.config(), &ctx, &opts).unwrap()
+#[test]
+fn tiny_llama_f32_logits_greedy_and_kv_decode_match_hf() {
+    let model = load_cpu::<Llama>(&fixtures().join("tiny/llama/bf16"), Quantization::None);
+    let r = TinyReference::open("llama");
+    let err = prompt_logits_error(&model, &r, "logits_f32");
+    assert!(err < 1e-4, "prompt logits rel L2 {err}");
+    let want = r.ids("greedy_f32");
+    assert_eq!(greedy(&model, &r.ids("input_ids"), want.len()), want);
+    let err = kv_decode_error(&model, &r);
+    assert!(err < 1e-4, "KV-cache decode rel L2 {err}");
 }
 
-fn reference() -> SafetensorsDir {
-    SafetensorsDir::open_file(&fixtures().join("tiny/llama/reference.safetensors")).unwrap()
+#[test]
+fn tiny_llama_nf4_quantized_on_load_and_prequantized_match_bnb() {
+    let r = TinyReference::open("llama");
+    let want = r.ids("greedy_nf4_f32");
+    for dir in ["bf16", "nf4"] {
+        let model = load_cpu::<Llama>(&fixtures().join("tiny/llama").join(dir), Quantization::Nf4);
+        let err = prompt_logits_error(&model, &r, "logits_nf4_f32");
+        assert!(err < 1e-4, "{dir}: NF4 prompt logits rel L2 {err}");
+        assert_eq!(
+            greedy(&model, &r.ids("input_ids"), want.len()),
+            want,
+            "{dir}"
+        );
+    }
 }
 
-fn ids(r: &SafetensorsDir, name: &str) -> Vec<u32> {
-    r.ints(name)
-        .unwrap()
-        .into_iter()
-        .map(|i| i as u32)
-        .collect()
-}
-
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
+#[test]
+fn nf4_linears_hold_what_the_bnb_checkpoint_stores() {
+    use llm_core::formats::{SafetensorsDir, TensorStore};
+    use llm_core::CausalLm;
+    let model = load_cpu::<Llama>(&fixtures().join("tiny/llama/bf16"), Quantization::Nf4);
+    let file = SafetensorsDir::open(&fixtures().join("tiny/llama/nf4")).unwrap();
+    let mut quantized = 0;
+    for (name, linear) in model.linears() {
+        let key = format!("{name}.weight");
+        match linear.nf4() {
+            Some(q) => {
+                quantized += 1;
+                let on_disk: usize = [
+                    "",
+                    ".absmax",
+                    ".quant_map",
+                    ".nested_absmax",
+                    ".nested_quant_map",
+                ]
+                .iter()
+                .map(|s| file.raw(&format!("{key}{s}")).unwrap().data.len())
+                .sum();
+                assert_eq!(q.stored_bytes(), on_disk, "{name}");
+                // 0.5 byte per weight + absmax codes.
+                let n = q.out_features * q.in_features;
+                assert_eq!(q.packed.len(), n / 2);
+            }
+            // lm_head stays float, as bnb leaves it.
+            None => assert_eq!(name, "lm_head"),
         }
     }
-    best as u32
-}
-
-#[test]
-fn tiny_llama_prompt_logits_match_hf() {
-    use llm_core::formats::TensorStore;
-    let model = load(&fixtures().join("tiny/llama/bf16"));
-    let r = reference();
-    let input = ids(&r, "input_ids");
-    let mut cache = KvCache::new(model.num_layers());
-    let logits = to_vec(model.forward(&input, &mut cache, true));
-    let expected = r.f32("logits_f32").unwrap();
-    let err = rel_l2(&logits, &expected.data);
-    assert!(err < 1e-4, "rel L2 {err}");
-}
-
-#[test]
-fn tiny_llama_greedy_and_kv_cache_decode_match_hf() {
-    use llm_core::formats::TensorStore;
-    let model = load(&fixtures().join("tiny/llama/bf16"));
-    let r = reference();
-    let input = ids(&r, "input_ids");
-    let greedy = ids(&r, "greedy_f32");
-    let full = r.f32("full_logits_f32").unwrap();
-    let vocab = full.shape[1];
-
-    let mut cache = KvCache::new(model.num_layers());
-    let mut last = to_vec(model.forward(&input, &mut cache, false));
-    let mut out = Vec::new();
-    for step in 0..greedy.len() {
-        // Row p of full_logits is what the model must produce after position p.
-        let p = input.len() - 1 + step;
-        let expected = &full.data[p * vocab..(p + 1) * vocab];
-        let err = rel_l2(&last, expected);
-        assert!(err < 1e-4, "decode step {step}: rel L2 {err}");
-        let next = argmax(&last);
-        out.push(next);
-        last = to_vec(model.forward(&[next], &mut cache, false));
-    }
-    assert_eq!(out, greedy);
+    assert_eq!(quantized, 14);
 }

@@ -1,0 +1,819 @@
+//! NF4 4-bit weights, bit-compatible with bitsandbytes (`functional.quantize_4bit` /
+//! `dequantize_4bit`, CUDA kernels `kQuantizeBlockwise` / `kDequantizeBlockwise` in
+//! csrc/kernels.cu): blocks of 64 weights share an absmax; each weight is the index of the
+//! nearest NF4 code of `w / absmax`; two codes per byte, the first element in the HIGH nibble.
+//! With double quantization the per-block absmax values are themselves quantized: their mean is
+//! subtracted (`nested_offset`) and the rest is quantized to 8-bit codes of bnb's signed dynamic
+//! map in blocks of 256, each with an f32 absmax.
+
+// The code books are written with the digits bnb prints; they parse to the same f32 bits.
+#![allow(clippy::excessive_precision)]
+
+use llm_formats::{StoredDtype, TensorStore};
+
+use crate::error::{CoreError, Result};
+
+/// Weights per absmax block.
+pub const BLOCKSIZE: usize = 64;
+/// Absmax values per nested (double-quant) block.
+pub const NESTED_BLOCKSIZE: usize = 256;
+
+/// The NF4 code book (bnb `quant_map` for nf4).
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+];
+
+/// bnb `create_dynamic_map(signed=True)`: the 8-bit code double quantization uses. Copied from
+/// bnb's own serialized `nested_quant_map` (a test checks it against the fixture checkpoint).
+pub const DYNAMIC_CODE: [f32; 256] = [
+    -0.992968738079071,
+    -0.9789062738418579,
+    -0.96484375,
+    -0.9507812261581421,
+    -0.936718761920929,
+    -0.922656238079071,
+    -0.9085937738418579,
+    -0.89453125,
+    -0.8804687261581421,
+    -0.866406261920929,
+    -0.852343738079071,
+    -0.8382812738418579,
+    -0.82421875,
+    -0.8101562261581421,
+    -0.796093761920929,
+    -0.782031238079071,
+    -0.7679687738418579,
+    -0.75390625,
+    -0.7398437261581421,
+    -0.725781261920929,
+    -0.7117187976837158,
+    -0.6976562738418579,
+    -0.68359375,
+    -0.6695312261581421,
+    -0.655468761920929,
+    -0.6414062976837158,
+    -0.6273437738418579,
+    -0.61328125,
+    -0.5992187261581421,
+    -0.585156261920929,
+    -0.5710937976837158,
+    -0.5570312738418579,
+    -0.54296875,
+    -0.5289062261581421,
+    -0.5148437023162842,
+    -0.500781238079071,
+    -0.48671871423721313,
+    -0.47265625,
+    -0.4585937261581421,
+    -0.44453126192092896,
+    -0.43046873807907104,
+    -0.4164062440395355,
+    -0.40234375,
+    -0.3882812261581421,
+    -0.37421876192092896,
+    -0.36015623807907104,
+    -0.3460937440395355,
+    -0.33203125,
+    -0.3179687261581421,
+    -0.30390626192092896,
+    -0.28984373807907104,
+    -0.2757812738418579,
+    -0.26171875,
+    -0.24765624105930328,
+    -0.23359374701976776,
+    -0.21953125298023224,
+    -0.20546874403953552,
+    -0.19140625,
+    -0.17734375596046448,
+    -0.16328124701976776,
+    -0.14921875298023224,
+    -0.13515624403953552,
+    -0.12109375,
+    -0.10703125596046448,
+    -0.09859374910593033,
+    -0.09578125923871994,
+    -0.09296875447034836,
+    -0.09015624970197678,
+    -0.08734375238418579,
+    -0.08453124761581421,
+    -0.08171875774860382,
+    -0.07890625298023224,
+    -0.07609374821186066,
+    -0.07328125089406967,
+    -0.07046874612569809,
+    -0.0676562562584877,
+    -0.06484375149011612,
+    -0.062031250447034836,
+    -0.05921875312924385,
+    -0.05640624836087227,
+    -0.053593751043081284,
+    -0.05078125,
+    -0.047968748956918716,
+    -0.04515625163912773,
+    -0.04234374687075615,
+    -0.039531249552965164,
+    -0.03671875223517418,
+    -0.033906251192092896,
+    -0.031093750149011612,
+    -0.028281250968575478,
+    -0.025468749925494194,
+    -0.02265625074505806,
+    -0.019843751564621925,
+    -0.017031250521540642,
+    -0.014218750409781933,
+    -0.011406250298023224,
+    -0.009718749672174454,
+    -0.009156249463558197,
+    -0.008593750186264515,
+    -0.008031249977648258,
+    -0.0074687497690320015,
+    -0.006906250026077032,
+    -0.006343749817460775,
+    -0.005781250074505806,
+    -0.0052187503315508366,
+    -0.0046562496572732925,
+    -0.004093749914318323,
+    -0.0035312497057020664,
+    -0.002968749962747097,
+    -0.002406249986961484,
+    -0.001843750011175871,
+    -0.001281249918974936,
+    -0.0009437500848434865,
+    -0.0008312499849125743,
+    -0.0007187500596046448,
+    -0.0006062500760890543,
+    -0.000493750034365803,
+    -0.0003812500217463821,
+    -0.0002687500382307917,
+    -0.00015625001105945557,
+    -8.874999912222847e-05,
+    -6.625000241911039e-05,
+    -4.374999844003469e-05,
+    -2.1249998098937795e-05,
+    -7.749999895168003e-06,
+    -3.250000190746505e-06,
+    -5.500000384017767e-07,
+    0.0,
+    5.500000384017767e-07,
+    3.250000190746505e-06,
+    7.749999895168003e-06,
+    2.1249998098937795e-05,
+    4.374999844003469e-05,
+    6.625000241911039e-05,
+    8.874999912222847e-05,
+    0.00015625001105945557,
+    0.0002687500382307917,
+    0.0003812500217463821,
+    0.000493750034365803,
+    0.0006062500760890543,
+    0.0007187500596046448,
+    0.0008312499849125743,
+    0.0009437500848434865,
+    0.001281249918974936,
+    0.001843750011175871,
+    0.002406249986961484,
+    0.002968749962747097,
+    0.0035312497057020664,
+    0.004093749914318323,
+    0.0046562496572732925,
+    0.0052187503315508366,
+    0.005781250074505806,
+    0.006343749817460775,
+    0.006906250026077032,
+    0.0074687497690320015,
+    0.008031249977648258,
+    0.008593750186264515,
+    0.009156249463558197,
+    0.009718749672174454,
+    0.011406250298023224,
+    0.014218750409781933,
+    0.017031250521540642,
+    0.019843751564621925,
+    0.02265625074505806,
+    0.025468749925494194,
+    0.028281250968575478,
+    0.031093750149011612,
+    0.033906251192092896,
+    0.03671875223517418,
+    0.039531249552965164,
+    0.04234374687075615,
+    0.04515625163912773,
+    0.047968748956918716,
+    0.05078125,
+    0.053593751043081284,
+    0.05640624836087227,
+    0.05921875312924385,
+    0.062031250447034836,
+    0.06484375149011612,
+    0.0676562562584877,
+    0.07046874612569809,
+    0.07328125089406967,
+    0.07609374821186066,
+    0.07890625298023224,
+    0.08171875774860382,
+    0.08453124761581421,
+    0.08734375238418579,
+    0.09015624970197678,
+    0.09296875447034836,
+    0.09578125923871994,
+    0.09859374910593033,
+    0.10703125596046448,
+    0.12109375,
+    0.13515624403953552,
+    0.14921875298023224,
+    0.16328124701976776,
+    0.17734375596046448,
+    0.19140625,
+    0.20546874403953552,
+    0.21953125298023224,
+    0.23359374701976776,
+    0.24765624105930328,
+    0.26171875,
+    0.2757812738418579,
+    0.28984373807907104,
+    0.30390626192092896,
+    0.3179687261581421,
+    0.33203125,
+    0.3460937440395355,
+    0.36015623807907104,
+    0.37421876192092896,
+    0.3882812261581421,
+    0.40234375,
+    0.4164062440395355,
+    0.43046873807907104,
+    0.44453126192092896,
+    0.4585937261581421,
+    0.47265625,
+    0.48671871423721313,
+    0.500781238079071,
+    0.5148437023162842,
+    0.5289062261581421,
+    0.54296875,
+    0.5570312738418579,
+    0.5710937976837158,
+    0.585156261920929,
+    0.5992187261581421,
+    0.61328125,
+    0.6273437738418579,
+    0.6414062976837158,
+    0.655468761920929,
+    0.6695312261581421,
+    0.68359375,
+    0.6976562738418579,
+    0.7117187976837158,
+    0.725781261920929,
+    0.7398437261581421,
+    0.75390625,
+    0.7679687738418579,
+    0.782031238079071,
+    0.796093761920929,
+    0.8101562261581421,
+    0.82421875,
+    0.8382812738418579,
+    0.852343738079071,
+    0.866406261920929,
+    0.8804687261581421,
+    0.89453125,
+    0.9085937738418579,
+    0.922656238079071,
+    0.936718761920929,
+    0.9507812261581421,
+    0.96484375,
+    0.9789062738418579,
+    0.992968738079071,
+    1.0,
+];
+
+/// bnb `dQuantizeNF4`: the nearest NF4 code through the midpoint decision tree. NaN (an all-zero
+/// block scaled by 1/0) falls through to code 0 exactly as in bnb.
+#[allow(clippy::collapsible_else_if)]
+pub fn quantize_nf4(x: f32) -> u8 {
+    if x > 0.039_790_15 {
+        if x > 0.389_312_54 {
+            if x > 0.642_786_9 {
+                if x > 0.861_478_4 {
+                    0b1111
+                } else {
+                    0b1110
+                }
+            } else if x > 0.501_663_4 {
+                0b1101
+            } else {
+                0b1100
+            }
+        } else if x > 0.203_521_25 {
+            if x > 0.292_013_77 {
+                0b1011
+            } else {
+                0b1010
+            }
+        } else if x > 0.120_255_25 {
+            0b1001
+        } else {
+            0b1000
+        }
+    } else if x > -0.339_679_43 {
+        if x > -0.137_911_73 {
+            if x > -0.045_525_018 {
+                0b0111
+            } else {
+                0b0110
+            }
+        } else if x > -0.234_607_4 {
+            0b0101
+        } else {
+            0b0100
+        }
+    } else if x > -0.610_632_9 {
+        if x > -0.459_995_27 {
+            0b0011
+        } else {
+            0b0010
+        }
+    } else if x > -0.848_096_4 {
+        0b0001
+    } else {
+        0b0000
+    }
+}
+
+/// bnb `dQuantize<0>`: binary search of `code` (sorted, 256 entries) and round to the nearer
+/// neighbour by midpoint, with bnb's exact comparisons.
+pub fn quantize_dynamic(code: &[f32; 256], x: f32) -> u8 {
+    let mut pivot = 127usize;
+    let mut upper_pivot = 255usize;
+    let mut lower_pivot = 0usize;
+    let mut lower = -1.0f32;
+    let mut upper = 1.0f32;
+    let mut val = code[pivot];
+    let mut i = 64;
+    while i > 0 {
+        if x > val {
+            lower_pivot = pivot;
+            lower = val;
+            pivot += i;
+        } else {
+            upper_pivot = pivot;
+            upper = val;
+            pivot -= i;
+        }
+        val = code[pivot];
+        i >>= 1;
+    }
+    if upper_pivot == 255 {
+        upper = code[upper_pivot];
+    }
+    if lower_pivot == 0 {
+        lower = code[lower_pivot];
+    }
+    if x > val {
+        let midpoint = (upper + val) * 0.5;
+        if x > midpoint {
+            upper_pivot as u8
+        } else {
+            pivot as u8
+        }
+    } else {
+        let midpoint = (lower + val) * 0.5;
+        if x < midpoint {
+            lower_pivot as u8
+        } else {
+            pivot as u8
+        }
+    }
+}
+
+/// Block absmax values, as stored.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Absmax {
+    /// `bnb_4bit_use_double_quant=False`: one f32 per block.
+    Plain(Vec<f32>),
+    /// Double quantization: 8-bit codes of `absmax - offset` under `code`, scaled per 256 blocks.
+    Double {
+        codes: Vec<u8>,
+        /// One per `NESTED_BLOCKSIZE` codes.
+        nested_absmax: Vec<f32>,
+        offset: f32,
+        code: Box<[f32; 256]>,
+    },
+}
+
+/// An NF4-quantized weight matrix `[out, in]` (row-major order of the float weight).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Nf4Weight {
+    /// `out * in / 2` bytes, two codes each, the first in the high nibble.
+    pub packed: Vec<u8>,
+    pub absmax: Absmax,
+    /// The 4-bit code book (bnb `quant_map`).
+    pub code: [f32; 16],
+    pub out_features: usize,
+    pub in_features: usize,
+    /// The dtype bnb dequantizes to (`quant_state.dtype`: the weight's dtype when it was
+    /// quantized); dequantized values are rounded to it.
+    pub dtype: WeightDtype,
+}
+
+/// Float dtypes a quantized weight came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightDtype {
+    F32,
+    BF16,
+    F16,
+}
+
+impl WeightDtype {
+    fn round(self, v: f32) -> f32 {
+        match self {
+            WeightDtype::F32 => v,
+            WeightDtype::BF16 => half::bf16::from_f32(v).to_f32(),
+            WeightDtype::F16 => half::f16::from_f32(v).to_f32(),
+        }
+    }
+
+    /// The dtype a stored tensor had (GGUF blocks are dequantized to f32, as transformers does).
+    pub fn of(stored: StoredDtype) -> WeightDtype {
+        match stored {
+            StoredDtype::BF16 => WeightDtype::BF16,
+            StoredDtype::F16 => WeightDtype::F16,
+            _ => WeightDtype::F32,
+        }
+    }
+}
+
+/// Quantize `x` (already scaled by 1/absmax) per block with `q`, as kQuantizeBlockwise does.
+fn block_absmax(v: &[f32]) -> f32 {
+    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+impl Nf4Weight {
+    /// Quantize a float weight `[out, in]` the way `bnb.functional.quantize_4bit(w,
+    /// blocksize=64, compress_statistics=double_quant, quant_type="nf4")` does.
+    pub fn quantize(
+        w: &[f32],
+        out_features: usize,
+        in_features: usize,
+        double_quant: bool,
+        dtype: WeightDtype,
+    ) -> Nf4Weight {
+        assert_eq!(w.len(), out_features * in_features);
+        assert!(w.len().is_multiple_of(2), "odd number of weights");
+        let mut packed = vec![0u8; w.len() / 2];
+        let mut absmax = Vec::with_capacity(w.len().div_ceil(BLOCKSIZE));
+        for (b, block) in w.chunks(BLOCKSIZE).enumerate() {
+            let a = block_absmax(block);
+            absmax.push(a);
+            // bnb stores 1/absmax and multiplies.
+            let scale = 1.0f32 / a;
+            for (j, pair) in block.chunks(2).enumerate() {
+                let hi = quantize_nf4(pair[0] * scale);
+                let lo = quantize_nf4(pair[1] * scale);
+                packed[(b * BLOCKSIZE) / 2 + j] = (hi << 4) | lo;
+            }
+        }
+        let absmax = if double_quant {
+            // offset = absmax.mean() (f32 result of a sum; computed in f64 here: bnb's GPU
+            // reduction order differs in the last bit now and then, which can move a code by one).
+            let mean = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32;
+            let centered: Vec<f32> = absmax.iter().map(|&a| a - mean).collect();
+            let mut codes = Vec::with_capacity(centered.len());
+            let mut nested_absmax = Vec::new();
+            for block in centered.chunks(NESTED_BLOCKSIZE) {
+                let a = block_absmax(block);
+                nested_absmax.push(a);
+                let scale = 1.0f32 / a;
+                codes.extend(
+                    block
+                        .iter()
+                        .map(|&v| quantize_dynamic(&DYNAMIC_CODE, v * scale)),
+                );
+            }
+            Absmax::Double {
+                codes,
+                nested_absmax,
+                offset: mean,
+                code: Box::new(DYNAMIC_CODE),
+            }
+        } else {
+            Absmax::Plain(absmax)
+        };
+        Nf4Weight {
+            packed,
+            absmax,
+            code: NF4_CODE,
+            out_features,
+            in_features,
+            dtype,
+        }
+    }
+
+    /// Whether `key` (e.g. `model.layers.0.mlp.down_proj.weight`) is stored in bnb's 4-bit
+    /// serialized form.
+    pub fn is_bnb(store: &dyn TensorStore, key: &str) -> bool {
+        store.contains(&format!("{key}.quant_state.bitsandbytes__nf4"))
+            || store.contains(&format!("{key}.quant_state.bitsandbytes__fp4"))
+    }
+
+    /// Read a pre-quantized bnb weight (`W.weight`, `.absmax`, `.quant_map`, `.nested_absmax`,
+    /// `.nested_quant_map`, `.quant_state.bitsandbytes__nf4`) as transformers saves it.
+    pub fn from_bnb(
+        store: &dyn TensorStore,
+        key: &str,
+        out_features: usize,
+        in_features: usize,
+        what: &str,
+    ) -> Result<Nf4Weight> {
+        let bad = |m: String| CoreError::invalid(format!("{what}: `{key}`: {m}"));
+        if store.contains(&format!("{key}.quant_state.bitsandbytes__fp4")) {
+            return Err(CoreError::unimplemented(format!(
+                "{what}: `{key}` is bnb FP4; only NF4 is supported"
+            )));
+        }
+        let state_raw = store.raw(&format!("{key}.quant_state.bitsandbytes__nf4"))?;
+        let state: serde_json::Value = serde_json::from_slice(state_raw.data)
+            .map_err(|e| bad(format!("quant_state is not JSON: {e}")))?;
+        let blocksize = state["blocksize"].as_u64().unwrap_or(0) as usize;
+        if blocksize != BLOCKSIZE {
+            return Err(CoreError::unimplemented(format!(
+                "{what}: `{key}`: blocksize {blocksize} (only {BLOCKSIZE} is supported)"
+            )));
+        }
+        let shape: Vec<usize> = state["shape"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v.as_u64().map(|x| x as usize))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if shape != [out_features, in_features] {
+            return Err(bad(format!(
+                "quant_state shape {shape:?}, the config implies [{out_features}, {in_features}]"
+            )));
+        }
+        let bytes = |name: &str, dtype: StoredDtype| -> Result<Vec<u8>> {
+            let t = store.raw(&format!("{key}.{name}"))?;
+            if t.dtype != dtype {
+                return Err(bad(format!(
+                    "`{name}` is {:?}, expected {dtype:?}",
+                    t.dtype
+                )));
+            }
+            Ok(t.data.to_vec())
+        };
+        let floats = |name: &str| -> Result<Vec<f32>> {
+            Ok(bytes(name, StoredDtype::F32)?
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect())
+        };
+        let n = out_features * in_features;
+        let nblocks = n.div_ceil(BLOCKSIZE);
+        let packed = store.raw(key)?;
+        if packed.data.len() != n / 2 {
+            return Err(bad(format!(
+                "{} packed bytes, expected {}",
+                packed.data.len(),
+                n / 2
+            )));
+        }
+        let packed = packed.data.to_vec();
+        let qm = floats("absmax.quant_map").or_else(|_| floats("quant_map"))?;
+        let code: [f32; 16] = qm.try_into().map_err(|v: Vec<f32>| {
+            bad(format!("quant_map has {} entries, expected 16", v.len()))
+        })?;
+        let nested = state.get("nested_offset").and_then(|v| v.as_f64());
+        let absmax = match nested {
+            Some(offset) => {
+                let codes = bytes("absmax", StoredDtype::U8)?;
+                if codes.len() != nblocks {
+                    return Err(bad(format!(
+                        "{} absmax codes, expected {nblocks}",
+                        codes.len()
+                    )));
+                }
+                let nested_absmax = floats("nested_absmax")?;
+                if nested_absmax.len() != nblocks.div_ceil(NESTED_BLOCKSIZE) {
+                    return Err(bad(format!("{} nested absmax values", nested_absmax.len())));
+                }
+                let ncode: [f32; 256] =
+                    floats("nested_quant_map")?
+                        .try_into()
+                        .map_err(|v: Vec<f32>| {
+                            bad(format!("nested_quant_map has {} entries", v.len()))
+                        })?;
+                Absmax::Double {
+                    codes,
+                    nested_absmax,
+                    offset: offset as f32,
+                    code: Box::new(ncode),
+                }
+            }
+            None => {
+                let a = floats("absmax")?;
+                if a.len() != nblocks {
+                    return Err(bad(format!(
+                        "{} absmax values, expected {nblocks}",
+                        a.len()
+                    )));
+                }
+                Absmax::Plain(a)
+            }
+        };
+        let dtype = match state["dtype"].as_str() {
+            Some("bfloat16") => WeightDtype::BF16,
+            Some("float16") => WeightDtype::F16,
+            Some("float32") => WeightDtype::F32,
+            other => return Err(bad(format!("quant_state dtype {other:?} is not supported"))),
+        };
+        Ok(Nf4Weight {
+            packed,
+            absmax,
+            code,
+            out_features,
+            in_features,
+            dtype,
+        })
+    }
+
+    /// Per-block absmax as f32: bnb `dequantize_blockwise(absmax, state2) + offset`.
+    pub fn absmax_f32(&self) -> Vec<f32> {
+        match &self.absmax {
+            Absmax::Plain(a) => a.clone(),
+            Absmax::Double {
+                codes,
+                nested_absmax,
+                offset,
+                code,
+            } => codes
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| code[c as usize] * nested_absmax[i / NESTED_BLOCKSIZE] + offset)
+                .collect(),
+        }
+    }
+
+    /// Dequantize rows `rows` into `out` (`rows.len() * in_features` values), given
+    /// [`Self::absmax_f32`]. `code[nibble] * absmax` in f32, rounded to bf16 when bnb would.
+    pub fn dequantize_rows(&self, absmax: &[f32], rows: std::ops::Range<usize>, out: &mut [f32]) {
+        let k = self.in_features;
+        let start = rows.start * k;
+        debug_assert_eq!(out.len(), rows.len() * k);
+        for (j, o) in out.iter_mut().enumerate() {
+            let i = start + j;
+            let byte = self.packed[i / 2];
+            let nib = if i.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0F
+            };
+            *o = self
+                .dtype
+                .round(self.code[nib as usize] * absmax[i / BLOCKSIZE]);
+        }
+    }
+
+    /// The whole matrix as f32 `[out, in]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0; self.out_features * self.in_features];
+        self.dequantize_rows(&self.absmax_f32(), 0..self.out_features, &mut out);
+        out
+    }
+
+    /// Bytes held, counted as the serialized checkpoint stores them: packed codes, absmax (codes
+    /// + nested f32 scales, or f32), and the two code books.
+    pub fn stored_bytes(&self) -> usize {
+        self.packed.len()
+            + 16 * 4
+            + match &self.absmax {
+                Absmax::Plain(a) => a.len() * 4,
+                Absmax::Double {
+                    codes,
+                    nested_absmax,
+                    ..
+                } => codes.len() + nested_absmax.len() * 4 + 256 * 4,
+            }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llm_formats::SafetensorsDir;
+
+    fn f32s(store: &SafetensorsDir, name: &str) -> Vec<f32> {
+        store.f32(name).unwrap().data
+    }
+
+    #[test]
+    fn code_books_equal_bnb_serialized_ones() {
+        let st = SafetensorsDir::open(&crate::testing::fixtures().join("tiny/llama/nf4")).unwrap();
+        let key = "model.layers.0.mlp.down_proj.weight";
+        assert_eq!(f32s(&st, &format!("{key}.quant_map")), NF4_CODE.to_vec());
+        assert_eq!(
+            f32s(&st, &format!("{key}.nested_quant_map")),
+            DYNAMIC_CODE.to_vec()
+        );
+    }
+
+    /// The quantizer against bitsandbytes' own output for all five tiny architectures.
+    #[test]
+    fn quantize_on_load_equals_bnb_byte_for_byte() {
+        for arch in ["llama", "phi3", "gemma2", "qwen2", "mixtral"] {
+            let dir = crate::testing::fixtures().join("tiny").join(arch);
+            let float = SafetensorsDir::open(&dir.join("bf16")).unwrap();
+            let bnb = SafetensorsDir::open(&dir.join("nf4")).unwrap();
+            let keys: Vec<String> = bnb
+                .names()
+                .into_iter()
+                .filter_map(|n| {
+                    n.strip_suffix(".quant_state.bitsandbytes__nf4")
+                        .map(str::to_owned)
+                })
+                .collect();
+            assert!(
+                !keys.is_empty(),
+                "{arch}: no quantized weights in the fixture"
+            );
+            let (mut blocks, mut off_by_one) = (0usize, 0usize);
+            for key in &keys {
+                let w = float.f32(key).unwrap();
+                let (out, inp) = (w.shape[0], w.shape[1]);
+                let ours = Nf4Weight::quantize(&w.data, out, inp, true, WeightDtype::BF16);
+                let theirs = Nf4Weight::from_bnb(&bnb, key, out, inp, arch).unwrap();
+                assert_eq!(
+                    ours.packed, theirs.packed,
+                    "{arch} {key}: packed NF4 codes differ"
+                );
+                let (
+                    Absmax::Double {
+                        codes: a,
+                        nested_absmax: na,
+                        offset: oa,
+                        ..
+                    },
+                    Absmax::Double {
+                        codes: b,
+                        nested_absmax: nb,
+                        offset: ob,
+                        ..
+                    },
+                ) = (&ours.absmax, &theirs.absmax)
+                else {
+                    panic!("{arch} {key}: not double-quantized");
+                };
+                assert!(
+                    (oa - ob).abs() <= 1e-6 * ob.abs(),
+                    "{arch} {key}: offset {oa} vs {ob}"
+                );
+                for (x, y) in na.iter().zip(nb) {
+                    assert!(
+                        (x - y).abs() <= 1e-6 * y.abs(),
+                        "{arch} {key}: nested absmax {x} vs {y}"
+                    );
+                }
+                for (x, y) in a.iter().zip(b) {
+                    blocks += 1;
+                    match x.abs_diff(*y) {
+                        0 => {}
+                        1 => off_by_one += 1,
+                        d => panic!("{arch} {key}: absmax code off by {d}"),
+                    }
+                }
+            }
+            assert!(
+                off_by_one * 100 < blocks,
+                "{arch}: {off_by_one} of {blocks} absmax codes one step off"
+            );
+        }
+    }
+
+    #[test]
+    fn nf4_tree_is_nearest_code() {
+        for i in -1000..=1000 {
+            let x = i as f32 / 1000.0;
+            let q = quantize_nf4(x) as usize;
+            let best = (0..16)
+                .min_by(|&a, &b| (NF4_CODE[a] - x).abs().total_cmp(&(NF4_CODE[b] - x).abs()))
+                .unwrap();
+            assert!(
+                (NF4_CODE[q] - x).abs() <= (NF4_CODE[best] - x).abs() + 1e-6,
+                "{x}: {q} vs {best}"
+            );
+        }
+    }
+}
