@@ -6,8 +6,10 @@ use burn_tensor::module::attention;
 use burn_tensor::ops::AttentionModuleOptions;
 use burn_tensor::{Bool, Tensor, TensorData};
 
+use crate::error::Result;
 use crate::linear::Linear;
 use crate::rope::RopeTables;
+use crate::weights::Weights;
 
 /// Shapes and options of one attention layer.
 #[derive(Debug, Clone, Copy)]
@@ -108,6 +110,44 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Backend> Attention<B> {
+    /// `q_proj`, `k_proj`, `v_proj` (with `qkv_bias`) and `o_proj` (with `o_bias`) under `w`.
+    pub fn load(
+        w: &Weights<B>,
+        hidden: usize,
+        cfg: AttentionConfig,
+        qkv_bias: bool,
+        o_bias: bool,
+    ) -> Result<Self> {
+        let (q, kv) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        Ok(Attention {
+            qkv: QkvProj::Separate {
+                q_proj: w.linear("q_proj", hidden, q, qkv_bias)?,
+                k_proj: w.linear("k_proj", hidden, kv, qkv_bias)?,
+                v_proj: w.linear("v_proj", hidden, kv, qkv_bias)?,
+            },
+            o_proj: w.linear("o_proj", q, hidden, o_bias)?,
+            cfg,
+        })
+    }
+
+    /// One fused `qkv_proj` (rows: q, then k, then v) and `o_proj`, no biases (Phi-3).
+    pub fn load_fused(w: &Weights<B>, hidden: usize, cfg: AttentionConfig) -> Result<Self> {
+        let (q, kv) = (
+            cfg.num_heads * cfg.head_dim,
+            cfg.num_kv_heads * cfg.head_dim,
+        );
+        Ok(Attention {
+            qkv: QkvProj::Fused {
+                qkv_proj: w.linear("qkv_proj", hidden, q + 2 * kv, false)?,
+            },
+            o_proj: w.linear("o_proj", q, hidden, false)?,
+            cfg,
+        })
+    }
+
     /// `x`: `[tokens, hidden]` -> `[tokens, hidden]`; appends this chunk's k/v to `kv`.
     pub fn forward(
         &self,

@@ -6,7 +6,9 @@ use burn_tensor::backend::Backend;
 use burn_tensor::Tensor;
 
 use crate::config::Activation;
+use crate::error::Result;
 use crate::linear::Linear;
+use crate::weights::Weights;
 
 pub enum GateUp<B: Backend> {
     Separate {
@@ -21,9 +23,53 @@ pub struct GatedMlp<B: Backend> {
     pub gate_up: GateUp<B>,
     pub down_proj: Box<dyn Linear<B>>,
     pub act: Activation,
+    /// Checkpoint names of the gate, up and down projections.
+    names: [String; 3],
 }
 
 impl<B: Backend> GatedMlp<B> {
+    /// Separate projections named `[gate, up, down]` under `w` (`gate_proj`/`up_proj`/`down_proj`,
+    /// or Mixtral's `w1`/`w3`/`w2`).
+    pub fn load(
+        w: &Weights<B>,
+        names: [&str; 3],
+        hidden: usize,
+        intermediate: usize,
+        act: Activation,
+        bias: bool,
+    ) -> Result<Self> {
+        Ok(GatedMlp {
+            gate_up: GateUp::Separate {
+                gate_proj: w.linear(names[0], hidden, intermediate, bias)?,
+                up_proj: w.linear(names[1], hidden, intermediate, bias)?,
+            },
+            down_proj: w.linear(names[2], intermediate, hidden, bias)?,
+            act,
+            names: [
+                names[0].to_string(),
+                names[1].to_string(),
+                names[2].to_string(),
+            ],
+        })
+    }
+
+    /// One fused `gate_up_proj` (rows: gate, then up) and `down_proj` (Phi-3).
+    pub fn load_fused(
+        w: &Weights<B>,
+        hidden: usize,
+        intermediate: usize,
+        act: Activation,
+    ) -> Result<Self> {
+        Ok(GatedMlp {
+            gate_up: GateUp::Fused {
+                gate_up_proj: w.linear("gate_up_proj", hidden, 2 * intermediate, false)?,
+            },
+            down_proj: w.linear("down_proj", intermediate, hidden, false)?,
+            act,
+            names: ["gate_up_proj".into(), String::new(), "down_proj".into()],
+        })
+    }
+
     /// `x`: `[tokens, hidden]` -> `[tokens, hidden]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let (gate, up) = match &self.gate_up {
@@ -45,16 +91,17 @@ impl<B: Backend> GatedMlp<B> {
 
     /// The projections with their checkpoint names under `prefix` (e.g. `model.layers.0.mlp`).
     pub fn linears(&self, prefix: &str) -> Vec<(String, &dyn Linear<B>)> {
+        let n = &self.names;
         let mut v: Vec<(String, &dyn Linear<B>)> = match &self.gate_up {
             GateUp::Separate { gate_proj, up_proj } => vec![
-                (format!("{prefix}.gate_proj"), gate_proj.as_ref()),
-                (format!("{prefix}.up_proj"), up_proj.as_ref()),
+                (format!("{prefix}.{}", n[0]), gate_proj.as_ref()),
+                (format!("{prefix}.{}", n[1]), up_proj.as_ref()),
             ],
             GateUp::Fused { gate_up_proj } => {
-                vec![(format!("{prefix}.gate_up_proj"), gate_up_proj.as_ref())]
+                vec![(format!("{prefix}.{}", n[0]), gate_up_proj.as_ref())]
             }
         };
-        v.push((format!("{prefix}.down_proj"), self.down_proj.as_ref()));
+        v.push((format!("{prefix}.{}", n[2]), self.down_proj.as_ref()));
         v
     }
 

@@ -671,19 +671,30 @@ impl Nf4Weight {
     /// [`Self::absmax_f32`]. `code[nibble] * absmax` in f32, rounded to bf16 when bnb would.
     pub fn dequantize_rows(&self, absmax: &[f32], rows: std::ops::Range<usize>, out: &mut [f32]) {
         let k = self.in_features;
-        let start = rows.start * k;
-        debug_assert_eq!(out.len(), rows.len() * k);
-        for (j, o) in out.iter_mut().enumerate() {
-            let i = start + j;
-            let byte = self.packed[i / 2];
-            let nib = if i.is_multiple_of(2) {
-                byte >> 4
-            } else {
-                byte & 0x0F
-            };
-            *o = self
+        let (start, end) = (rows.start * k, rows.end * k);
+        debug_assert_eq!(out.len(), end - start);
+        // Walk whole bytes where possible: two weights per byte, one absmax per 64 weights.
+        let mut i = start;
+        let mut o = 0;
+        if i % 2 == 1 {
+            out[o] = self
                 .dtype
-                .round(self.code[nib as usize] * absmax[i / BLOCKSIZE]);
+                .round(self.code[(self.packed[i / 2] & 0x0F) as usize] * absmax[i / BLOCKSIZE]);
+            i += 1;
+            o += 1;
+        }
+        while i + 1 < end {
+            let byte = self.packed[i / 2];
+            let a = absmax[i / BLOCKSIZE];
+            out[o] = self.dtype.round(self.code[(byte >> 4) as usize] * a);
+            out[o + 1] = self.dtype.round(self.code[(byte & 0x0F) as usize] * a);
+            i += 2;
+            o += 2;
+        }
+        if i < end {
+            out[o] = self
+                .dtype
+                .round(self.code[(self.packed[i / 2] >> 4) as usize] * absmax[i / BLOCKSIZE]);
         }
     }
 

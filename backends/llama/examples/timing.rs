@@ -1,38 +1,28 @@
-use llama_backend::LlamaForCausalLM;
-use llm_core::formats::ModelSource;
+//! Rough CPU timing of load, prefill and decode: `cargo run --release -p llm-llama --example
+//! timing -- MODEL [none|nf4]`.
+use llama_backend::Llama;
+use llm_core::testing::load_cpu;
 use llm_core::weights::Quantization;
-use llm_core::{CausalLm, Cpu, KvCache, LoadCtx, LoadOptions};
+use llm_core::{CausalLm, KvCache};
 use std::time::Instant;
+
 fn main() {
-    let path = std::path::PathBuf::from(std::env::args().nth(1).unwrap());
+    let path = std::path::PathBuf::from(std::env::args().nth(1).expect("model path"));
+    let q = match std::env::args().nth(2).as_deref() {
+        Some("nf4") => Quantization::Nf4,
+        _ => Quantization::None,
+    };
     let t = Instant::now();
-    let source = ModelSource::open(&path).unwrap();
-    let ctx = LoadCtx {
-        store: source.tensors(),
-        device: Default::default(),
-        quantization: Quantization::None,
-        source: source.describe(),
-        host_linear: true,
-    };
-    let opts = LoadOptions {
-        source: path.clone(),
-        device: "cpu".into(),
-        quantization: "none".into(),
-        max_context: 0,
-    };
-    let model: LlamaForCausalLM<Cpu> =
-        LlamaForCausalLM::load(source.config(), &ctx, &opts).unwrap();
+    let model = load_cpu::<Llama>(&path, q);
     println!("load {:?}", t.elapsed());
     let mut cache = KvCache::new(model.num_layers());
     let prompt: Vec<u32> = (100..131).collect();
     let t = Instant::now();
-    let l = model.forward(&prompt, &mut cache, false);
-    let _ = l.into_data();
-    println!("prefill31 {:?}", t.elapsed());
+    let _ = model.forward(&prompt, &mut cache, false).into_data();
+    println!("prefill {} tokens {:?}", prompt.len(), t.elapsed());
     for _ in 0..5 {
         let t = Instant::now();
-        let l = model.forward(&[5], &mut cache, false);
-        let _ = l.into_data();
+        let _ = model.forward(&[5], &mut cache, false).into_data();
         println!("decode {:?}", t.elapsed());
     }
 }

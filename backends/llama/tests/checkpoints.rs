@@ -3,31 +3,16 @@
 
 use std::path::{Path, PathBuf};
 
-use llama_backend::LlamaForCausalLM;
+use llama_backend::Llama;
 use llm_core::formats::ModelSource;
-use llm_core::testing::{fixtures, rel_l2, to_vec};
+use llm_core::testing::{fixtures, load_cpu, rel_l2, to_vec};
 use llm_core::weights::Quantization;
-use llm_core::{CausalLm, Cpu, KvCache, LoadCtx, LoadOptions};
+use llm_core::{CausalLm, KvCache};
 use safetensors::tensor::TensorView;
 use safetensors::Dtype;
 
 fn logits(dir: &Path) -> Vec<f32> {
-    let source = ModelSource::open(dir).unwrap();
-    let ctx = LoadCtx {
-        store: source.tensors(),
-        device: Default::default(),
-        quantization: Quantization::None,
-        source: source.describe(),
-        host_linear: true,
-    };
-    let opts = LoadOptions {
-        source: dir.to_path_buf(),
-        device: "cpu".into(),
-        quantization: "none".into(),
-        max_context: 0,
-    };
-    let model: LlamaForCausalLM<Cpu> =
-        LlamaForCausalLM::load(source.config(), &ctx, &opts).unwrap();
+    let model = load_cpu::<Llama>(dir, Quantization::None);
     let mut cache = KvCache::new(model.num_layers());
     to_vec(model.forward(&[1, 5, 9, 200, 17, 3], &mut cache, true))
 }
