@@ -34,3 +34,29 @@ fn tiny_gemma2_nf4_matches_bnb() {
         );
     }
 }
+
+/// The sliding window is really exercised: the fixture prompt (24) is longer than the window (8),
+/// and the same weights with full attention everywhere give different logits.
+#[test]
+fn tiny_gemma2_sliding_window_matters() {
+    let src = fixtures().join("tiny/gemma2/bf16");
+    let dir = std::env::temp_dir().join(format!("gemma2-nowindow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.safetensors", "generation_config.json"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let mut cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(src.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["sliding_window"], 8);
+    let r = TinyReference::open("gemma2");
+    assert!(r.ids("input_ids").len() > 8);
+    cfg["layer_types"] = serde_json::json!(["full_attention", "full_attention", "full_attention"]);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let model = load_cpu::<Gemma2>(&dir, Quantization::None);
+    let err = prompt_logits_error(&model, &r, "logits_f32");
+    assert!(
+        err > 1e-3,
+        "full attention reproduced the sliding-window logits (rel L2 {err})"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,17 @@
+//! The hub's config.json of the real model parses: every field it has is used or explicitly
+//! known to be inert (tests/fixtures/configs).
+
+#[test]
+fn real_gemma2_config_parses_strictly() {
+    let path = llm_core::testing::fixtures().join("configs/gemma-2-2b-it/config.json");
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let c: gemma2_backend::Gemma2Config =
+        llm_core::parse_config(&value, &path.display().to_string()).unwrap();
+    assert_eq!(c.model_type, "gemma2");
+    // An unknown field is rejected by name.
+    let mut bad = value.clone();
+    bad["made_up_field"] = serde_json::json!(1);
+    let err =
+        llm_core::parse_config::<gemma2_backend::Gemma2Config>(&bad, "config.json").unwrap_err();
+    assert!(err.message.contains("made_up_field"), "{}", err.message);
+}

@@ -1,0 +1,17 @@
+//! The hub's config.json of the real model parses: every field it has is used or explicitly
+//! known to be inert (tests/fixtures/configs).
+
+#[test]
+fn real_mixtral_config_parses_strictly() {
+    let path = llm_core::testing::fixtures().join("configs/mixtral-8x7b-instruct-v0.1/config.json");
+    let value: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let c: mixtral_backend::MixtralConfig =
+        llm_core::parse_config(&value, &path.display().to_string()).unwrap();
+    assert_eq!(c.model_type, "mixtral");
+    // An unknown field is rejected by name.
+    let mut bad = value.clone();
+    bad["made_up_field"] = serde_json::json!(1);
+    let err =
+        llm_core::parse_config::<mixtral_backend::MixtralConfig>(&bad, "config.json").unwrap_err();
+    assert!(err.message.contains("made_up_field"), "{}", err.message);
+}
