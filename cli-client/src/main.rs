@@ -63,6 +63,10 @@ struct GenerateArgs {
     /// User message: the conversation is rendered with the model's chat template.
     #[arg(long, conflicts_with_all = ["prompt", "prompt_ids"])]
     user: Option<String>,
+    /// Merge --system into the user message (for templates without a system role: Gemma-2,
+    /// Mixtral).
+    #[arg(long, requires = "system")]
+    fold_system_prompt: bool,
     /// Raw prompt text (no chat template).
     #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
@@ -125,7 +129,10 @@ async fn generate(url: &str, a: GenerateArgs) -> Result<()> {
             role: "user".into(),
             content: user,
         });
-        generate_request::Input::Chat(Chat { messages })
+        generate_request::Input::Chat(Chat {
+            messages,
+            fold_system_prompt: a.fold_system_prompt,
+        })
     } else if let Some(prompt) = a.prompt {
         generate_request::Input::Prompt(prompt)
     } else if let Some(ids) = a.prompt_ids {

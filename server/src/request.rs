@@ -64,6 +64,15 @@ fn finite(field: &str, v: f32) -> Result<f32> {
     }
 }
 
+/// Merge a leading system message into the first user message, for templates without a system
+/// role: `"{system}\n\n{user}"`.
+pub fn fold_system_prompt(msgs: &mut Vec<Message>) {
+    if msgs.len() >= 2 && msgs[0].role == "system" && msgs[1].role == "user" {
+        let system = msgs.remove(0);
+        msgs[0].content = format!("{}\n\n{}", system.content, msgs[0].content);
+    }
+}
+
 pub fn parse(
     req: GenerateRequest,
     limits: Limits,
@@ -86,6 +95,7 @@ pub fn parse(
                     "must hold at least one message",
                 ));
             }
+            let fold = chat.fold_system_prompt;
             let mut msgs = Vec::with_capacity(chat.messages.len());
             for (i, m) in chat.messages.into_iter().enumerate() {
                 if !ROLES.contains(&m.role.as_str()) {
@@ -102,6 +112,9 @@ pub fn parse(
                     role: m.role,
                     content: m.content,
                 });
+            }
+            if fold {
+                fold_system_prompt(&mut msgs);
             }
             Input::Chat(msgs)
         }
@@ -231,6 +244,7 @@ mod tests {
                     role: role.into(),
                     content: "hi".into(),
                 }],
+                fold_system_prompt: false,
             })),
             params: None,
         }
@@ -286,7 +300,10 @@ mod tests {
             "params.stop[1]"
         );
         let empty = GenerateRequest {
-            input: Some(generate_request::Input::Chat(Chat { messages: vec![] })),
+            input: Some(generate_request::Input::Chat(Chat {
+                messages: vec![],
+                fold_system_prompt: false,
+            })),
             ..chat("user")
         };
         assert_eq!(field_of(parse(empty, LIMITS, || 0)), "chat.messages");

@@ -70,20 +70,27 @@ impl TextModel {
         }
     }
 
-    fn from_hf_dir(
+    pub(crate) fn from_hf_dir(
         dir: &Path,
         config: &Value,
         generation_config: Option<&Value>,
     ) -> Result<TextModel> {
-        let tok_path = dir.join("tokenizer.json");
-        let tokenizer = if tok_path.exists() {
-            Some(Tokenizer::from_file(&tok_path).map_err(|e| files_error(&tok_path, e))?)
-        } else {
-            tracing::warn!(dir = %dir.display(), "no tokenizer.json: the model accepts prompt_ids only");
-            None
-        };
         let tc_path = dir.join("tokenizer_config.json");
         let tc = llm_formats::read_json_opt(&tc_path)?.unwrap_or(Value::Null);
+        let tok_path = dir.join("tokenizer.json");
+        let tokenizer = match llm_formats::read_json_opt(&tok_path)? {
+            Some(mut json) => {
+                non_legacy_sentencepiece(&mut json, &tc);
+                Some(
+                    Tokenizer::from_bytes(json.to_string().as_bytes())
+                        .map_err(|e| files_error(&tok_path, e))?,
+                )
+            }
+            None => {
+                tracing::warn!(dir = %dir.display(), "no tokenizer.json: the model accepts prompt_ids only");
+                None
+            }
+        };
         let bos = token_text(tc.get("bos_token"));
         let eos = token_text(tc.get("eos_token"));
         // transformers >= 4.43 saves the template to chat_template.jinja; older configs inline it
@@ -220,6 +227,26 @@ impl TextModel {
     }
 }
 
+/// transformers builds Llama-family SentencePiece tokenizers with `legacy: false` (Phi-3, Llama 2
+/// chat fine-tunes) with a `Metaspace(prepend_scheme="first")` pre-tokenizer instead of the legacy
+/// `Prepend("▁")` normalizer stored in many tokenizer.json files: text right after a special token
+/// gets no "▁" prefix (`<|user|>\nTell` -> `T`,`ell`, not `▁Tell`). Do the same, so ids match.
+fn non_legacy_sentencepiece(tokenizer: &mut Value, tokenizer_config: &Value) {
+    if tokenizer_config.get("legacy").and_then(Value::as_bool) != Some(false) {
+        return;
+    }
+    let legacy_normalizer = json!({"type": "Sequence", "normalizers": [
+        {"type": "Prepend", "prepend": "\u{2581}"},
+        {"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"}
+    ]});
+    if tokenizer.get("normalizer") == Some(&legacy_normalizer)
+        && tokenizer.get("pre_tokenizer").is_none_or(Value::is_null)
+    {
+        tokenizer["normalizer"] = Value::Null;
+        tokenizer["pre_tokenizer"] = json!({"type": "Metaspace", "replacement": "\u{2581}", "prepend_scheme": "first", "split": false});
+    }
+}
+
 /// tokenizer.json of a byte-level BPE built from GGUF metadata, as transformers'
 /// GGUFGPTConverter builds it: ByteLevel pre-tokenizer (GPT-2 split regex) and decoder, control
 /// tokens (type 3) and user-defined tokens (type 4) as added tokens.
@@ -346,6 +373,111 @@ pub(crate) mod tests {
                 hf.encode(s, true).unwrap().get_ids(),
                 ours.encode(s, true).unwrap().as_slice()
             );
+        }
+    }
+
+    /// A family's tokenizer directory from tests/fixtures/tokenizers, with tokenizer.json
+    /// decompressed (it is committed xz-compressed) into a temp directory.
+    fn family(name: &str) -> TextModel {
+        let src = repo().join("tests/fixtures/tokenizers").join(name);
+        let dir = std::env::temp_dir()
+            .join(format!("llm-tokenizers-{}", std::process::id()))
+            .join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(
+            src.join("tokenizer_config.json"),
+            dir.join("tokenizer_config.json"),
+        )
+        .unwrap();
+        let out = std::process::Command::new("python3")
+            .args(["-c", "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))"])
+            .arg(src.join("tokenizer.json.xz"))
+            .arg(dir.join("tokenizer.json"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = TextModel::from_hf_dir(&dir, &json!({}), None).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        text
+    }
+
+    fn msgs(pairs: &[(&str, &str)]) -> Vec<Message> {
+        pairs
+            .iter()
+            .map(|(r, c)| Message {
+                role: r.to_string(),
+                content: c.to_string(),
+            })
+            .collect()
+    }
+
+    /// HF `apply_chat_template(..., add_generation_prompt=True)` text and ids for the five
+    /// families (tests/fixtures/tokenizers/chat_template_reference.json).
+    #[test]
+    fn five_families_render_and_tokenize_like_transformers() {
+        let all: Value = serde_json::from_slice(
+            &std::fs::read(repo().join("tests/fixtures/tokenizers/chat_template_reference.json"))
+                .unwrap(),
+        )
+        .unwrap();
+        let (sys, user) = (
+            "You are a helpful assistant",
+            "Tell a light-hearted joke for a room of Data Scientists",
+        );
+        let conversations = [
+            ("seed_messages", msgs(&[("system", sys), ("user", user)])),
+            ("user_only", msgs(&[("user", user)])),
+            (
+                "multi_turn",
+                msgs(&[
+                    ("user", "Hi!"),
+                    ("assistant", "Hello! How can I help?"),
+                    ("user", "Write a haiku about GPUs."),
+                ]),
+            ),
+        ];
+        for (fam, cases) in all.as_object().unwrap() {
+            let text = family(fam);
+            let template = text.chat_template.as_ref().expect("template");
+            for (name, messages) in &conversations {
+                let want = &cases[*name];
+                match template.render(messages, true) {
+                    Ok(rendered) => {
+                        let expected = want["text"]
+                            .as_str()
+                            .unwrap_or_else(|| panic!("{fam}/{name}: HF raised {}", want["error"]));
+                        assert_eq!(rendered, expected, "{fam}/{name}");
+                        assert_eq!(
+                            text.encode(&rendered, false).unwrap(),
+                            ids(&want["ids"]),
+                            "{fam}/{name} ids"
+                        );
+                    }
+                    Err(e) => {
+                        let hf = want["error"]
+                            .as_str()
+                            .unwrap_or_else(|| panic!("{fam}/{name}: we raised {e}, HF did not"));
+                        // HF's message is "TemplateError: <the template's own text>".
+                        let own = hf.trim_start_matches("TemplateError: ");
+                        assert_eq!(
+                            e.to_string(),
+                            format!("chat template: {own}"),
+                            "{fam}/{name}"
+                        );
+                    }
+                }
+            }
+            if cases["seed_messages"].get("error").is_some() {
+                // Folding the system prompt into the user turn makes the seed's chat render.
+                let mut folded = conversations[0].1.clone();
+                crate::request::fold_system_prompt(&mut folded);
+                let r = template.render(&folded, true).unwrap();
+                assert!(r.contains(&format!("{sys}\n\n{user}")), "{fam}: {r:?}");
+            }
         }
     }
 }

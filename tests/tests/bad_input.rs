@@ -23,6 +23,7 @@ fn chat(messages: Vec<(&str, &str)>, params: GenerationParams) -> GenerateReques
                     content: c.into(),
                 })
                 .collect(),
+            fold_system_prompt: false,
         })),
         params: Some(params),
     }

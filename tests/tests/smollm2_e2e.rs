@@ -24,6 +24,7 @@ fn seed_chat(max_new_tokens: u32) -> GenerateRequest {
                     content: SEED_USER.into(),
                 },
             ],
+            fold_system_prompt: false,
         })),
         params: Some(GenerationParams {
             max_new_tokens: Some(max_new_tokens),
