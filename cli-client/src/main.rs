@@ -88,6 +88,9 @@ struct GenerateArgs {
     repetition_penalty: Option<f32>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Keep generating past end-of-sequence tokens.
+    #[arg(long)]
+    ignore_eos: bool,
     /// Stop string (repeatable).
     #[arg(long)]
     stop: Vec<String>,
@@ -152,6 +155,7 @@ async fn generate(url: &str, a: GenerateArgs) -> Result<()> {
             stop: a.stop,
             repetition_penalty: a.repetition_penalty,
             min_p: a.min_p,
+            ignore_eos: a.ignore_eos,
             ..Default::default()
         }),
     };

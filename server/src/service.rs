@@ -67,6 +67,16 @@ fn tokenize(model: &LoadedModel, input: &Input) -> Result<Vec<u32>> {
             "tokenizes to no tokens",
         ));
     }
+    let vocab = model.info.vocab_size;
+    if let Some(&bad) = ids.iter().find(|&&t| t >= vocab) {
+        return Err(ServerError::invalid(
+            input.field(),
+            format!(
+                "the tokenizer produced token id {bad}, outside model `{}`'s vocabulary of {vocab}: its tokenizer does not match its weights",
+                model.info.name
+            ),
+        ));
+    }
     let ctx = model.info.max_context as usize;
     if ids.len() >= ctx {
         return Err(ServerError::invalid(

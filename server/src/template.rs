@@ -361,6 +361,7 @@ impl ChatTemplate {
     /// Render with a whole context of variables (messages, tools, add_generation_prompt, ...), the
     /// way huggingface.js's test vectors call templates. The template's own bos/eos tokens are
     /// defaults the context may override.
+    #[cfg(test)]
     pub fn render_context(&self, ctx: &serde_json::Value) -> Result<String> {
         let mut vars = serde_json::Map::new();
         vars.insert(

@@ -205,3 +205,32 @@ pub fn ids_of(v: &serde_json::Value) -> Vec<u32> {
         .map(|x| x.as_u64().expect("id") as u32)
         .collect()
 }
+
+/// A model directory for `family`'s tokenizer (tests/fixtures/tokenizers, decompressed) on top
+/// of a tiny architecture fixture's weights: enough for the text side of the server.
+pub fn tiny_with_tokenizer(arch: &str, family: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("llm-e2e-{arch}-{family}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tiny = fixtures().join("tiny").join(arch).join("bf16");
+    for f in ["config.json", "generation_config.json", "model.safetensors"] {
+        std::fs::copy(tiny.join(f), dir.join(f)).unwrap();
+    }
+    let tok = fixtures().join("tokenizers").join(family);
+    std::fs::copy(
+        tok.join("tokenizer_config.json"),
+        dir.join("tokenizer_config.json"),
+    )
+    .unwrap();
+    let out = Command::new("python3")
+        .args(["-c", "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))"])
+        .arg(tok.join("tokenizer.json.xz"))
+        .arg(dir.join("tokenizer.json"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir
+}

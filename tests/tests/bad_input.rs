@@ -294,3 +294,37 @@ async fn bad_requests_and_bad_model_files_get_clear_statuses() {
     assert_eq!(listed, vec!["smol".to_string(), "smol-short".to_string()]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Where HF's chat template raises, Generate returns INVALID_ARGUMENT with the template's own
+/// message (Gemma-2 has no system role); folding the system prompt gets past the template.
+#[tokio::test(flavor = "multi_thread")]
+async fn template_exceptions_reach_the_client() {
+    let dir = tiny_with_tokenizer("gemma2", "gemma-2-2b-it");
+    let server = Server::start(&["--load", &format!("gemma={}", dir.display())]);
+    server
+        .wait_models(&["gemma"], Duration::from_secs(60))
+        .await;
+    let mut c = server.client().await;
+    let mut req = chat(
+        vec![("system", "You are a helpful assistant"), ("user", "Hi")],
+        GenerationParams::default(),
+    );
+    req.model = "gemma".into();
+    let s = fail(&mut c, req.clone()).await;
+    assert_eq!(s.code(), Code::InvalidArgument);
+    assert_eq!(s.message(), "chat template: System role not supported");
+    // CLI: the same message, non-zero exit.
+    let out = server.llm(&[
+        "generate", "--model", "gemma", "--system", "sys", "--user", "hi",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("System role not supported"));
+    // With fold_system_prompt the template renders; this tiny model's vocabulary (512) is far
+    // smaller than Gemma's tokenizer, so the request then fails later, on a token id, by name.
+    if let Some(generate_request::Input::Chat(chat)) = &mut req.input {
+        chat.fold_system_prompt = true;
+    }
+    let s = fail(&mut c, req).await;
+    assert!(!s.message().contains("System role"), "{s:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

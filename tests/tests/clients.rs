@@ -42,8 +42,11 @@ async fn python_grpcio_client_streams_the_seed_chat() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("FINISH_REASON_EOS"));
 }
 
+/// Every architecture's tiny fixture through the real server, plugin and CLI: load (float and
+/// the bitsandbytes NF4 checkpoint), generate the reference greedy ids from `--prompt-ids`,
+/// unload.
 #[tokio::test(flavor = "multi_thread")]
-async fn tiny_llama_loads_generates_reference_ids_and_unloads_via_cli() {
+async fn tiny_models_of_all_five_architectures_load_generate_unload_via_cli() {
     let server = Server::start(&[]);
     let ok = |out: std::process::Output| {
         assert!(
@@ -53,75 +56,90 @@ async fn tiny_llama_loads_generates_reference_ids_and_unloads_via_cli() {
         );
         String::from_utf8(out.stdout).unwrap()
     };
-    let fixture = |d: &str| fixtures().join("tiny/llama").join(d).display().to_string();
-    // Float weights, and the bitsandbytes checkpoint kept NF4 (quantization auto).
-    ok(server.llm(&["load", "tiny", &fixture("bf16"), "--quantization", "none"]));
-    ok(server.llm(&["load", "tiny-nf4", &fixture("nf4")]));
+    for arch in ["llama", "phi3", "gemma2", "qwen2", "mixtral"] {
+        let fixture = |d: &str| {
+            fixtures()
+                .join("tiny")
+                .join(arch)
+                .join(d)
+                .display()
+                .to_string()
+        };
+        let float = format!("tiny-{arch}");
+        let nf4 = format!("tiny-{arch}-nf4");
+        ok(server.llm(&["load", &float, &fixture("bf16"), "--quantization", "none"]));
+        // The bitsandbytes checkpoint, kept NF4 (quantization auto).
+        ok(server.llm(&["load", &nf4, &fixture("nf4")]));
 
-    // The reference prompt and greedy continuations, read from the fixture.
-    let refs = std::fs::read(fixtures().join("tiny/llama/reference.safetensors")).unwrap();
-    let ints = |name: &str| -> Vec<u32> {
-        let n = u64::from_le_bytes(refs[..8].try_into().unwrap()) as usize;
-        let header: serde_json::Value = serde_json::from_slice(&refs[8..8 + n]).unwrap();
-        let off = &header[name]["data_offsets"];
-        let (a, b) = (
-            off[0].as_u64().unwrap() as usize,
-            off[1].as_u64().unwrap() as usize,
-        );
-        refs[8 + n + a..8 + n + b]
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+        let refs = std::fs::read(
+            fixtures()
+                .join("tiny")
+                .join(arch)
+                .join("reference.safetensors"),
+        )
+        .unwrap();
+        let ints = |name: &str| -> Vec<u32> {
+            let n = u64::from_le_bytes(refs[..8].try_into().unwrap()) as usize;
+            let header: serde_json::Value = serde_json::from_slice(&refs[8..8 + n]).unwrap();
+            let off = &header[name]["data_offsets"];
+            let (a, b) = (
+                off[0].as_u64().unwrap() as usize,
+                off[1].as_u64().unwrap() as usize,
+            );
+            refs[8 + n + a..8 + n + b]
+                .chunks_exact(8)
+                .map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32)
+                .collect()
+        };
+        let input: Vec<String> = ints("input_ids").iter().map(u32::to_string).collect();
+        let generate = |model: &str, n: usize| -> Vec<u32> {
+            ok(server.llm(&[
+                "generate",
+                "--model",
+                model,
+                "--prompt-ids",
+                &input.join(","),
+                "--ids",
+                "--ignore-eos",
+                "--max-new-tokens",
+                &n.to_string(),
+            ]))
+            .split_whitespace()
+            .map(|s| s.parse().unwrap())
             .collect()
-    };
-    let input: Vec<String> = ints("input_ids").iter().map(u32::to_string).collect();
-    let generate = |model: &str, n: usize| -> Vec<u32> {
-        ok(server.llm(&[
-            "generate",
-            "--model",
-            model,
-            "--prompt-ids",
-            &input.join(","),
-            "--ids",
-            "--max-new-tokens",
-            &n.to_string(),
-        ]))
-        .split_whitespace()
-        .map(|s| s.parse().unwrap())
-        .collect()
-    };
-    let greedy = ints("greedy_f32");
-    assert_eq!(generate("tiny", greedy.len()), greedy);
-    let greedy_nf4 = ints("greedy_nf4_f32");
-    assert_eq!(generate("tiny-nf4", greedy_nf4.len()), greedy_nf4);
+        };
+        let greedy = ints("greedy_f32");
+        assert_eq!(generate(&float, greedy.len()), greedy, "{arch}");
+        let greedy_nf4 = ints("greedy_nf4_f32");
+        assert_eq!(generate(&nf4, greedy_nf4.len()), greedy_nf4, "{arch} nf4");
 
-    // Text input needs a tokenizer this directory does not have: a clear error.
-    let out = server.llm(&["generate", "--model", "tiny", "--prompt", "hello"]);
+        let listing = ok(server.llm(&["models"]));
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with(&format!("{float} ")) && l.contains(" none ")),
+            "{listing}"
+        );
+        assert!(
+            listing
+                .lines()
+                .any(|l| l.starts_with(&format!("{nf4} ")) && l.contains(" nf4 ")),
+            "{listing}"
+        );
+        ok(server.llm(&["unload", &float]));
+        ok(server.llm(&["unload", &nf4]));
+        let listing = ok(server.llm(&["models"]));
+        assert!(!listing.contains(&float), "{listing}");
+    }
+    // Text input needs a tokenizer these directories do not have: a clear error.
+    ok(server.llm(&[
+        "load",
+        "t",
+        &fixtures().join("tiny/llama/bf16").display().to_string(),
+    ]));
+    let out = server.llm(&["generate", "--model", "t", "--prompt", "hello"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("tokenizer"));
-
-    let listing = ok(server.llm(&["models"]));
-    assert!(
-        listing
-            .lines()
-            .any(|l| l.starts_with("tiny ") && l.contains(" none ")),
-        "{listing}"
-    );
-    assert!(
-        listing
-            .lines()
-            .any(|l| l.starts_with("tiny-nf4 ") && l.contains(" nf4 ")),
-        "{listing}"
-    );
-    ok(server.llm(&["unload", "tiny"]));
-    let listing = ok(server.llm(&["models"]));
-    assert!(
-        !listing.lines().any(|l| l.starts_with("tiny ")),
-        "{listing}"
-    );
-    assert!(
-        listing.lines().any(|l| l.starts_with("tiny-nf4 ")),
-        "{listing}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
