@@ -1,7 +1,7 @@
 //! Grouped-query self-attention with a per-sequence KV cache (HF `LlamaAttention` and the
 //! variants the other architectures configure: biases, fused qkv, sliding window, softcap).
 
-use burn_tensor::backend::Backend;
+use crate::backend::LlmBackend;
 use burn_tensor::module::attention;
 use burn_tensor::ops::AttentionModuleOptions;
 use burn_tensor::{Bool, Tensor, TensorData};
@@ -26,7 +26,7 @@ pub struct AttentionConfig {
 }
 
 /// The q/k/v projections, separate (most checkpoints) or fused into one `qkv_proj` (Phi-3).
-pub enum QkvProj<B: Backend> {
+pub enum QkvProj<B: LlmBackend> {
     Separate {
         q_proj: Box<dyn Linear<B>>,
         k_proj: Box<dyn Linear<B>>,
@@ -38,19 +38,19 @@ pub enum QkvProj<B: Backend> {
 }
 
 /// One layer's cached keys and values: `[kv_heads, positions, head_dim]` each.
-pub struct LayerKv<B: Backend> {
+pub struct LayerKv<B: LlmBackend> {
     pub k: Tensor<B, 3>,
     pub v: Tensor<B, 3>,
 }
 
 /// A sequence's KV cache over all layers.
-pub struct KvCache<B: Backend> {
+pub struct KvCache<B: LlmBackend> {
     pub layers: Vec<Option<LayerKv<B>>>,
     /// Positions already cached.
     pub len: usize,
 }
 
-impl<B: Backend> KvCache<B> {
+impl<B: LlmBackend> KvCache<B> {
     pub fn new(num_layers: usize) -> Self {
         KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
@@ -60,7 +60,7 @@ impl<B: Backend> KvCache<B> {
 }
 
 /// What every layer of one forward shares: positions, rope tables, masks.
-pub struct ForwardCtx<B: Backend> {
+pub struct ForwardCtx<B: LlmBackend> {
     /// First position of this chunk (= tokens already in the cache).
     pub start: usize,
     /// Tokens in this chunk.
@@ -69,7 +69,7 @@ pub struct ForwardCtx<B: Backend> {
     device: B::Device,
 }
 
-impl<B: Backend> ForwardCtx<B> {
+impl<B: LlmBackend> ForwardCtx<B> {
     pub fn new(start: usize, len: usize, rope: RopeTables<B>, device: &B::Device) -> Self {
         ForwardCtx {
             start,
@@ -103,13 +103,13 @@ impl<B: Backend> ForwardCtx<B> {
     }
 }
 
-pub struct Attention<B: Backend> {
+pub struct Attention<B: LlmBackend> {
     pub qkv: QkvProj<B>,
     pub o_proj: Box<dyn Linear<B>>,
     pub cfg: AttentionConfig,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: LlmBackend> Attention<B> {
     /// `q_proj`, `k_proj`, `v_proj` (with `qkv_bias`) and `o_proj` (with `o_bias`) under `w`.
     pub fn load(
         w: &Weights<B>,

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use burn_tensor::backend::Backend;
+use crate::backend::LlmBackend;
 use burn_tensor::Tensor;
 use llm_abi::{SamplingParams, SeqOutput};
 
@@ -12,7 +12,7 @@ use crate::error::{CoreError, Result};
 use crate::sampling::{sample, Rng};
 
 /// A causal language model: what an architecture crate provides.
-pub trait CausalLm<B: Backend>: Send + 'static {
+pub trait CausalLm<B: LlmBackend>: Send + 'static {
     /// Run `tokens` at positions `cache.len..` and append them to `cache`.
     /// Returns logits `[tokens, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
     fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, all_logits: bool) -> Tensor<B, 2>;
@@ -35,7 +35,7 @@ pub struct StepInput<'a> {
     pub params: SamplingParams,
 }
 
-struct Seq<B: Backend> {
+struct Seq<B: LlmBackend> {
     cache: KvCache<B>,
     history: Vec<u32>,
     rng: Option<Rng>,
@@ -48,13 +48,13 @@ pub trait DynEngine: Send {
     fn info(&self) -> serde_json::Value;
 }
 
-pub struct Engine<B: Backend, M: CausalLm<B>> {
+pub struct Engine<B: LlmBackend, M: CausalLm<B>> {
     pub model: M,
     seqs: HashMap<u64, Seq<B>>,
     info: serde_json::Value,
 }
 
-impl<B: Backend, M: CausalLm<B>> Engine<B, M> {
+impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
     /// `info`: architecture-specific metadata merged into [`DynEngine::info`].
     pub fn new(model: M, info: serde_json::Value) -> Self {
         Engine {
@@ -104,7 +104,7 @@ impl<B: Backend, M: CausalLm<B>> Engine<B, M> {
     }
 }
 
-impl<B: Backend, M: CausalLm<B>> DynEngine for Engine<B, M> {
+impl<B: LlmBackend, M: CausalLm<B>> DynEngine for Engine<B, M> {
     fn step(&mut self, inputs: &[StepInput<'_>], outputs: &mut [SeqOutput]) -> Result<()> {
         // Sequences run one after another: each result is exactly what it would be alone.
         for (input, out) in inputs.iter().zip(outputs.iter_mut()) {

@@ -5,8 +5,8 @@ use std::ffi::{c_char, CStr};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
 
+use crate::backend::LlmBackend;
 use burn_ndarray::{NdArray, NdArrayDevice};
-use burn_tensor::backend::Backend;
 use llm_abi::{
     c_string, free_c_string, read_c_str, AbiError, BackendVTable, ErrorCode, ModelHandle, SeqInput,
     SeqOutput, ABI_VERSION,
@@ -27,9 +27,9 @@ pub trait Architecture: 'static {
     const NAME: &'static CStr;
     /// JSON array of the config `model_type`s served, e.g. `c"[\"llama\"]"`.
     const MODEL_TYPES: &'static CStr;
-    type Model<B: Backend>: CausalLm<B>;
+    type Model<B: LlmBackend>: CausalLm<B>;
     /// Build the model from a source's config and weights.
-    fn load<B: Backend>(
+    fn load<B: LlmBackend>(
         config: &serde_json::Value,
         weights: &LoadCtx<'_, B>,
         opts: &LoadOptions,
@@ -100,41 +100,41 @@ pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEng
         )));
     }
     match opts.device.as_str() {
-        "cpu" => build::<A, Cpu>(
-            &source,
-            NdArrayDevice::Cpu,
-            true,
-            quantization,
-            &opts,
-            "f32",
-        ),
-        other => Err(CoreError::unimplemented(format!(
-            "device `{other}` is not available in this build (cpu is)"
+        "cpu" => build::<A, Cpu>(&source, NdArrayDevice::Cpu, quantization, &opts),
+        #[cfg(feature = "cuda")]
+        spec if crate::cuda::parse_device(spec).is_some() => {
+            let device = crate::cuda::parse_device(spec).expect("checked");
+            build::<A, crate::cuda::CudaBf16>(&source, device, quantization, &opts)
+        }
+        other => Err(CoreError::invalid(format!(
+            "device `{other}` is not one of {}",
+            if cfg!(feature = "cuda") {
+                "cpu, cuda, cuda:N"
+            } else {
+                "cpu (this build has no CUDA)"
+            }
         ))),
     }
 }
 
-fn build<A: Architecture, B: Backend>(
+fn build<A: Architecture, B: LlmBackend>(
     source: &ModelSource,
     device: B::Device,
-    host_linear: bool,
     quantization: Quantization,
     opts: &LoadOptions,
-    dtype: &str,
 ) -> Result<Box<dyn DynEngine>> {
     let ctx = LoadCtx {
         store: source.tensors(),
         device,
         quantization,
         source: source.describe(),
-        host_linear,
     };
     let model = A::load::<B>(source.config(), &ctx, opts)?;
     let info = serde_json::json!({
         "architecture": A::NAME.to_string_lossy(),
         "model_type": source.model_type()?,
         "device": opts.device,
-        "dtype": dtype,
+        "dtype": B::DTYPE,
         "quantization": quantization.name(),
     });
     Ok(Box::new(Engine::new(model, info)))
@@ -272,7 +272,9 @@ pub const fn vtable<A: Architecture>() -> BackendVTable {
 #[macro_export]
 macro_rules! export_backend {
     ($arch:ty) => {
-        /// The plugin entry point (see `llm_abi::ENTRY_SYMBOL`).
+        /// The plugin entry point (see `llm_abi::ENTRY_SYMBOL`). Behind the arch crate's `plugin`
+        /// feature, so several architectures can be linked into one binary as rlibs.
+        #[cfg(feature = "plugin")]
         #[no_mangle]
         pub extern "C" fn llm_backend_entry_v1() -> *const $crate::abi::BackendVTable {
             static VTABLE: $crate::abi::BackendVTable = $crate::export::vtable::<$arch>();

@@ -298,9 +298,9 @@ impl<B: Backend> Linear<B> for HostLinear<B> {
         };
         w + self.bias.as_ref().map_or(0, Vec::len)
     }
-    fn nf4(&self) -> Option<&Nf4Weight> {
+    fn nf4_bytes(&self) -> Option<usize> {
         match &self.weight {
-            HostWeight::Nf4 { weight, .. } => Some(weight),
+            HostWeight::Nf4 { weight, .. } => Some(weight.stored_bytes()),
             HostWeight::F32(_) => None,
         }
     }

@@ -2,7 +2,10 @@
 //! its wiring and its weight names; everything here is reused, never copied.
 
 pub mod attention;
+pub mod backend;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod engine;
 pub mod error;
 pub mod export;
@@ -23,6 +26,7 @@ pub use llm_abi as abi;
 pub use llm_formats as formats;
 
 pub use attention::{Attention, AttentionConfig, ForwardCtx, KvCache, QkvProj};
+pub use backend::LlmBackend;
 pub use config::{parse_config, Activation, RopeConfig, RopeFields};
 pub use engine::{CausalLm, DynEngine, Engine, StepInput};
 pub use error::{CoreError, Result};

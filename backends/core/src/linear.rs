@@ -12,8 +12,8 @@ pub trait Linear<B: Backend>: Send + Sync {
     fn out_features(&self) -> usize;
     /// Parameter count (weights + bias), as PyTorch's `numel` counts them.
     fn num_params(&self) -> usize;
-    /// The NF4 weight, when this layer holds one.
-    fn nf4(&self) -> Option<&crate::nf4::Nf4Weight> {
+    /// Bytes of the NF4 weight as the checkpoint stores it, when this layer is NF4.
+    fn nf4_bytes(&self) -> Option<usize> {
         None
     }
 }

@@ -1,8 +1,8 @@
 //! Gated MLP: `down(act(gate(x)) * up(x))` (HF `LlamaMLP`; Phi-3 fuses gate and up into
 //! `gate_up_proj`; Gemma uses GELU-tanh).
 
+use crate::backend::LlmBackend;
 use burn_tensor::activation::{gelu_approximate, silu};
-use burn_tensor::backend::Backend;
 use burn_tensor::Tensor;
 
 use crate::config::Activation;
@@ -10,7 +10,7 @@ use crate::error::Result;
 use crate::linear::Linear;
 use crate::weights::Weights;
 
-pub enum GateUp<B: Backend> {
+pub enum GateUp<B: LlmBackend> {
     Separate {
         gate_proj: Box<dyn Linear<B>>,
         up_proj: Box<dyn Linear<B>>,
@@ -19,7 +19,7 @@ pub enum GateUp<B: Backend> {
     Fused { gate_up_proj: Box<dyn Linear<B>> },
 }
 
-pub struct GatedMlp<B: Backend> {
+pub struct GatedMlp<B: LlmBackend> {
     pub gate_up: GateUp<B>,
     pub down_proj: Box<dyn Linear<B>>,
     pub act: Activation,
@@ -27,7 +27,7 @@ pub struct GatedMlp<B: Backend> {
     names: [String; 3],
 }
 
-impl<B: Backend> GatedMlp<B> {
+impl<B: LlmBackend> GatedMlp<B> {
     /// Separate projections named `[gate, up, down]` under `w` (`gate_proj`/`up_proj`/`down_proj`,
     /// or Mixtral's `w1`/`w3`/`w2`).
     pub fn load(

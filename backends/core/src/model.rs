@@ -2,7 +2,7 @@
 //! a stack of decoder layers, a final norm and the LM head. Architectures provide the layer
 //! type and their config; the loop, the cache bookkeeping and the head live here once.
 
-use burn_tensor::backend::Backend;
+use crate::backend::LlmBackend;
 use burn_tensor::{Int, Tensor, TensorData};
 
 use crate::attention::{Attention, ForwardCtx, KvCache, LayerKv};
@@ -13,7 +13,7 @@ use crate::norm::RmsNorm;
 use crate::rope::Rope;
 
 /// One decoder layer.
-pub trait DecoderLayer<B: Backend>: Send + Sync + 'static {
+pub trait DecoderLayer<B: LlmBackend>: Send + Sync + 'static {
     /// `x`: `[tokens, hidden]`; appends this chunk's keys/values to `kv`.
     fn forward(
         &self,
@@ -28,14 +28,14 @@ pub trait DecoderLayer<B: Backend>: Send + Sync + 'static {
 
 /// The pre-norm layer of Llama, Mistral, Qwen2 and Phi-3 (HF `LlamaDecoderLayer`):
 /// `x + self_attn(input_layernorm(x))`, then `x + mlp(post_attention_layernorm(x))`.
-pub struct PreNormLayer<B: Backend> {
+pub struct PreNormLayer<B: LlmBackend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: Attention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
     pub mlp: GatedMlp<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> for PreNormLayer<B> {
+impl<B: LlmBackend> DecoderLayer<B> for PreNormLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 2>,
@@ -62,7 +62,7 @@ impl<B: Backend> DecoderLayer<B> for PreNormLayer<B> {
 }
 
 /// HF `*ForCausalLM` of a decoder-only transformer.
-pub struct CausalDecoder<B: Backend, L: DecoderLayer<B>> {
+pub struct CausalDecoder<B: LlmBackend, L: DecoderLayer<B>> {
     /// `model.embed_tokens`: `[vocab, hidden]`.
     pub embed_tokens: Tensor<B, 2>,
     /// `model.layers`.
@@ -82,7 +82,7 @@ pub struct CausalDecoder<B: Backend, L: DecoderLayer<B>> {
     pub device: B::Device,
 }
 
-impl<B: Backend, L: DecoderLayer<B>> CausalLm<B> for CausalDecoder<B, L> {
+impl<B: LlmBackend, L: DecoderLayer<B>> CausalLm<B> for CausalDecoder<B, L> {
     fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, all_logits: bool) -> Tensor<B, 2> {
         let n = tokens.len();
         let start = cache.len;
@@ -160,7 +160,7 @@ pub struct DecoderSpec {
     pub final_logit_softcap: Option<f64>,
 }
 
-impl<B: Backend, L: DecoderLayer<B>> CausalDecoder<B, L> {
+impl<B: LlmBackend, L: DecoderLayer<B>> CausalDecoder<B, L> {
     /// Load `model.embed_tokens`, `model.layers.{i}` (through `layer`), `model.norm`, `lm_head`
     /// (or tie it to the embeddings) and the rotary tables (`rope_freqs.weight` of a GGUF).
     pub fn load(

@@ -2,14 +2,14 @@
 //! router picks `top_k` experts per token from `softmax(gate(x))`, their weights are renormalized
 //! to sum to one, and the token's output is the weighted sum of those experts' MLPs.
 
-use burn_tensor::backend::Backend;
+use crate::backend::LlmBackend;
 use burn_tensor::IndexingUpdateOp;
 use burn_tensor::{Int, Tensor, TensorData};
 
 use crate::linear::Linear;
 use crate::mlp::GatedMlp;
 
-pub struct SparseMoe<B: Backend> {
+pub struct SparseMoe<B: LlmBackend> {
     /// Router: `[num_experts, hidden]`.
     pub gate: Box<dyn Linear<B>>,
     pub experts: Vec<GatedMlp<B>>,
@@ -35,7 +35,7 @@ pub fn route(router_logits: &[f32], num_experts: usize, top_k: usize) -> Vec<Vec
         .collect()
 }
 
-impl<B: Backend> SparseMoe<B> {
+impl<B: LlmBackend> SparseMoe<B> {
     /// `x`: `[tokens, hidden]` -> `[tokens, hidden]`.
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let [tokens, hidden] = x.dims();

@@ -1,18 +1,18 @@
 //! RMSNorm (HF `LlamaRMSNorm`; Gemma's `(1 + w)` variant via `unit_offset`).
 
-use burn_tensor::backend::Backend;
+use crate::backend::LlmBackend;
 use burn_tensor::Tensor;
 
 use crate::error::Result;
 use crate::weights::Weights;
 
-pub struct RmsNorm<B: Backend> {
+pub struct RmsNorm<B: LlmBackend> {
     /// `[hidden]`.
     pub weight: Tensor<B, 1>,
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: LlmBackend> RmsNorm<B> {
     /// Load `<leaf>.weight`. `unit_offset`: the checkpoint stores `w` and the norm scales by
     /// `1 + w` (Gemma); folded in at load so the forward is the same op either way.
     pub fn load(

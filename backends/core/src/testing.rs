@@ -58,7 +58,6 @@ pub fn load_cpu<A: Architecture>(
         device: Default::default(),
         quantization,
         source: source.describe(),
-        host_linear: true,
     };
     let opts = LoadOptions {
         source: path.to_path_buf(),

@@ -4,13 +4,12 @@
 
 use std::fmt::Display;
 
-use burn_tensor::backend::Backend;
+use crate::backend::LlmBackend;
 use burn_tensor::{Tensor, TensorData};
 use llm_formats::TensorStore;
 
 use crate::error::{CoreError, Result};
-use crate::host_linear::HostLinear;
-use crate::linear::{DenseLinear, Linear};
+use crate::linear::Linear;
 use crate::nf4::{Nf4Weight, WeightDtype};
 
 /// How linear weights are held once loaded.
@@ -34,65 +33,37 @@ impl Quantization {
 }
 
 /// Shared settings of one load.
-pub struct LoadCtx<'a, B: Backend> {
+pub struct LoadCtx<'a, B: LlmBackend> {
     pub store: &'a dyn TensorStore,
     pub device: B::Device,
     pub quantization: Quantization,
     /// Names the source in error messages.
     pub source: String,
-    /// Float linears run as host GEMVs ([`HostLinear`]) instead of Burn matmuls: the CPU backend.
-    pub host_linear: bool,
 }
 
-impl<B: Backend> LoadCtx<'_, B> {
+impl<B: LlmBackend> LoadCtx<'_, B> {
     /// A float (never quantized) linear layer from a loaded weight `[out, in]`.
     pub fn dense_from(
         &self,
         weight: Tensor<B, 2>,
         bias: Option<Tensor<B, 1>>,
     ) -> Box<dyn Linear<B>> {
-        if self.host_linear {
-            let [out, inp] = weight.dims();
-            let host = |t: TensorData| t.convert::<f32>().into_vec::<f32>().expect("f32 weights");
-            Box::new(HostLinear::new(
-                host(weight.into_data()),
-                bias.map(|b| host(b.into_data())),
-                out,
-                inp,
-                self.device.clone(),
-            ))
-        } else {
-            Box::new(DenseLinear::new(weight, bias))
-        }
+        B::dense_linear(weight, bias)
     }
 
     /// An NF4 linear layer.
     pub fn nf4(&self, weight: Nf4Weight, bias: Option<Tensor<B, 1>>) -> Box<dyn Linear<B>> {
-        if self.host_linear {
-            let bias = bias.map(|b| {
-                b.into_data()
-                    .convert::<f32>()
-                    .into_vec::<f32>()
-                    .expect("f32 bias")
-            });
-            Box::new(HostLinear::nf4(weight, bias, self.device.clone()))
-        } else {
-            // No device NF4 kernel in this build: hold the dequantized weights (same numbers,
-            // float memory).
-            let (o, i) = (weight.out_features, weight.in_features);
-            let w = Tensor::from_data(TensorData::new(weight.dequantize(), [o, i]), &self.device);
-            Box::new(DenseLinear::new(w, bias))
-        }
+        B::nf4_linear(weight, bias, &self.device)
     }
 }
 
 /// A cursor into the checkpoint at a dotted prefix.
-pub struct Weights<'a, B: Backend> {
+pub struct Weights<'a, B: LlmBackend> {
     ctx: &'a LoadCtx<'a, B>,
     prefix: String,
 }
 
-impl<'a, B: Backend> Weights<'a, B> {
+impl<'a, B: LlmBackend> Weights<'a, B> {
     pub fn new(ctx: &'a LoadCtx<'a, B>) -> Self {
         Weights {
             ctx,

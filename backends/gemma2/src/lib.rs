@@ -3,9 +3,9 @@
 //! GELU-tanh MLP, `query_pre_attn_scalar` attention scale, attention and final logit soft-capping,
 //! sliding-window attention on alternating layers, tied LM head.
 
-use burn_tensor::backend::Backend;
 use burn_tensor::Tensor;
 use llm_core::attention::LayerKv;
+use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
     DecoderLayer, DecoderSpec, ForwardCtx, GatedMlp, Linear, LoadCtx, LoadOptions, Result, RmsNorm,
@@ -70,7 +70,7 @@ fn yes() -> bool {
 }
 
 /// HF `Gemma2DecoderLayer`: norms before and after both attention and MLP.
-pub struct Gemma2DecoderLayer<B: Backend> {
+pub struct Gemma2DecoderLayer<B: LlmBackend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: Attention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
@@ -79,7 +79,7 @@ pub struct Gemma2DecoderLayer<B: Backend> {
     pub post_feedforward_layernorm: RmsNorm<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> for Gemma2DecoderLayer<B> {
+impl<B: LlmBackend> DecoderLayer<B> for Gemma2DecoderLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 2>,
@@ -113,7 +113,7 @@ impl<B: Backend> DecoderLayer<B> for Gemma2DecoderLayer<B> {
 /// HF `Gemma2ForCausalLM`.
 pub type Gemma2ForCausalLM<B> = CausalDecoder<B, Gemma2DecoderLayer<B>>;
 
-pub fn load<B: Backend>(
+pub fn load<B: LlmBackend>(
     config: &serde_json::Value,
     ctx: &LoadCtx<'_, B>,
     opts: &LoadOptions,
@@ -217,8 +217,8 @@ pub struct Gemma2;
 impl Architecture for Gemma2 {
     const NAME: &'static std::ffi::CStr = c"gemma2";
     const MODEL_TYPES: &'static std::ffi::CStr = c"[\"gemma2\"]";
-    type Model<B: Backend> = Gemma2ForCausalLM<B>;
-    fn load<B: Backend>(
+    type Model<B: LlmBackend> = Gemma2ForCausalLM<B>;
+    fn load<B: LlmBackend>(
         config: &serde_json::Value,
         ctx: &LoadCtx<'_, B>,
         opts: &LoadOptions,

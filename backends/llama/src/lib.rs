@@ -3,7 +3,7 @@
 //! Port of HF `transformers/models/llama/modeling_llama.py`. The blocks and the decoder loop come
 //! from `llm-core` (`PreNormLayer` is `LlamaDecoderLayer`); this file is the Config and the wiring.
 
-use burn_tensor::backend::Backend;
+use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
     DecoderSpec, GatedMlp, LoadCtx, LoadOptions, PreNormLayer, Result, RopeFields,
@@ -85,7 +85,7 @@ impl LlamaConfig {
 pub type LlamaForCausalLM<B> = CausalDecoder<B, PreNormLayer<B>>;
 
 /// Build the model from config.json and the weights.
-pub fn load<B: Backend>(
+pub fn load<B: LlmBackend>(
     config: &serde_json::Value,
     ctx: &LoadCtx<'_, B>,
     opts: &LoadOptions,
@@ -156,8 +156,8 @@ pub struct Llama;
 impl Architecture for Llama {
     const NAME: &'static std::ffi::CStr = c"llama";
     const MODEL_TYPES: &'static std::ffi::CStr = c"[\"llama\"]";
-    type Model<B: Backend> = LlamaForCausalLM<B>;
-    fn load<B: Backend>(
+    type Model<B: LlmBackend> = LlamaForCausalLM<B>;
+    fn load<B: LlmBackend>(
         config: &serde_json::Value,
         ctx: &LoadCtx<'_, B>,
         opts: &LoadOptions,

@@ -2,9 +2,9 @@
 //! (GQA, optional sliding window) and a sparse MoE block (`block_sparse_moe`: router `gate`, experts
 //! `experts.E.w1/w2/w3`) with top-k softmax routing renormalized over the chosen experts.
 
-use burn_tensor::backend::Backend;
 use burn_tensor::Tensor;
 use llm_core::attention::LayerKv;
+use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
     DecoderLayer, DecoderSpec, ForwardCtx, GatedMlp, Linear, LoadCtx, LoadOptions, Result, RmsNorm,
@@ -61,14 +61,14 @@ fn default_eps() -> f64 {
 }
 
 /// HF `MixtralDecoderLayer`.
-pub struct MixtralDecoderLayer<B: Backend> {
+pub struct MixtralDecoderLayer<B: LlmBackend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: Attention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
     pub block_sparse_moe: SparseMoe<B>,
 }
 
-impl<B: Backend> DecoderLayer<B> for MixtralDecoderLayer<B> {
+impl<B: LlmBackend> DecoderLayer<B> for MixtralDecoderLayer<B> {
     fn forward(
         &self,
         x: Tensor<B, 2>,
@@ -103,7 +103,7 @@ impl<B: Backend> DecoderLayer<B> for MixtralDecoderLayer<B> {
 /// HF `MixtralForCausalLM`.
 pub type MixtralForCausalLM<B> = CausalDecoder<B, MixtralDecoderLayer<B>>;
 
-pub fn load<B: Backend>(
+pub fn load<B: LlmBackend>(
     config: &serde_json::Value,
     ctx: &LoadCtx<'_, B>,
     opts: &LoadOptions,
@@ -182,8 +182,8 @@ pub struct Mixtral;
 impl Architecture for Mixtral {
     const NAME: &'static std::ffi::CStr = c"mixtral";
     const MODEL_TYPES: &'static std::ffi::CStr = c"[\"mixtral\"]";
-    type Model<B: Backend> = MixtralForCausalLM<B>;
-    fn load<B: Backend>(
+    type Model<B: LlmBackend> = MixtralForCausalLM<B>;
+    fn load<B: LlmBackend>(
         config: &serde_json::Value,
         ctx: &LoadCtx<'_, B>,
         opts: &LoadOptions,

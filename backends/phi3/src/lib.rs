@@ -2,7 +2,7 @@
 //! fused `qkv_proj` and `gate_up_proj`, and sliding-window attention. Long-context rope scalings
 //! (`longrope`/`su`, the 128k variants) are rejected with a clear error rather than run wrong.
 
-use burn_tensor::backend::Backend;
+use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
     DecoderSpec, GatedMlp, LoadCtx, LoadOptions, PreNormLayer, Result, RmsNorm, RopeFields,
@@ -56,7 +56,7 @@ fn one() -> f64 {
 /// HF `Phi3ForCausalLM`.
 pub type Phi3ForCausalLM<B> = CausalDecoder<B, PreNormLayer<B>>;
 
-pub fn load<B: Backend>(
+pub fn load<B: LlmBackend>(
     config: &serde_json::Value,
     ctx: &LoadCtx<'_, B>,
     opts: &LoadOptions,
@@ -123,8 +123,8 @@ pub struct Phi3;
 impl Architecture for Phi3 {
     const NAME: &'static std::ffi::CStr = c"phi3";
     const MODEL_TYPES: &'static std::ffi::CStr = c"[\"phi3\"]";
-    type Model<B: Backend> = Phi3ForCausalLM<B>;
-    fn load<B: Backend>(
+    type Model<B: LlmBackend> = Phi3ForCausalLM<B>;
+    fn load<B: LlmBackend>(
         config: &serde_json::Value,
         ctx: &LoadCtx<'_, B>,
         opts: &LoadOptions,

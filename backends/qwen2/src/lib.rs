@@ -2,7 +2,7 @@
 //! layer with biases on q/k/v (not o), and sliding-window attention on the layers `layer_types`
 //! marks (`use_sliding_window` from `max_window_layers` on).
 
-use burn_tensor::backend::Backend;
+use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
     DecoderSpec, GatedMlp, LoadCtx, LoadOptions, PreNormLayer, Result, RmsNorm, RopeFields,
@@ -108,7 +108,7 @@ impl Qwen2Config {
 /// HF `Qwen2ForCausalLM`.
 pub type Qwen2ForCausalLM<B> = CausalDecoder<B, PreNormLayer<B>>;
 
-pub fn load<B: Backend>(
+pub fn load<B: LlmBackend>(
     config: &serde_json::Value,
     ctx: &LoadCtx<'_, B>,
     opts: &LoadOptions,
@@ -173,8 +173,8 @@ pub struct Qwen2;
 impl Architecture for Qwen2 {
     const NAME: &'static std::ffi::CStr = c"qwen2";
     const MODEL_TYPES: &'static std::ffi::CStr = c"[\"qwen2\"]";
-    type Model<B: Backend> = Qwen2ForCausalLM<B>;
-    fn load<B: Backend>(
+    type Model<B: LlmBackend> = Qwen2ForCausalLM<B>;
+    fn load<B: LlmBackend>(
         config: &serde_json::Value,
         ctx: &LoadCtx<'_, B>,
         opts: &LoadOptions,

@@ -1,0 +1,238 @@
+//! `llm-bench`: checks and measurements that need the GPU. Run by `bench/gpu.sh` on the device
+//! machine; prints one JSON object per figure (collected into docs/benchmarks.jsonl).
+//!
+//! - `kernel`: the NF4 CubeCL GEMV against the CPU reference (the host NF4 path, f32) on random
+//!   inputs of Llama-3.1-8B shapes at batch 1/4/16, outputs poisoned with NaN first; the
+//!   prefill path (dequantize + matmul) at 64 rows; the GEMV's weight-read bandwidth against the
+//!   card's measured copy bandwidth.
+//! - `tiny`: each tiny fixture model on CUDA (bf16) against HF's logits (tests/fixtures/tiny).
+
+use std::time::Instant;
+
+use burn_tensor::{Tensor, TensorData, TensorPrimitive};
+use llm_core::cuda::{CudaBf16, CudaNf4Linear};
+use llm_core::host_linear::HostLinear;
+use llm_core::nf4::{Nf4Weight, WeightDtype};
+use llm_core::testing::{fixtures, rel_l2, to_vec, TinyReference};
+use llm_core::weights::{LoadCtx, Quantization};
+use llm_core::{Architecture, CausalLm, Cpu, KvCache, Linear, LoadOptions};
+use llm_formats::ModelSource;
+
+type Device = <CudaBf16 as burn_tensor::backend::BackendTypes>::Device;
+
+fn emit(metric: &str, model: &str, value: f64, unit: &str, extra: serde_json::Value) {
+    let mut o = serde_json::json!({"metric": metric, "model": model, "value": value, "unit": unit});
+    if let (Some(d), Some(e)) = (o.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            d.insert(k.clone(), v.clone());
+        }
+    }
+    println!("{o}");
+}
+
+/// Deterministic pseudo-normal values (sum of uniforms), scaled.
+fn randn(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            let mut acc = 0.0f32;
+            for _ in 0..4 {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                acc += ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5;
+            }
+            acc * scale
+        })
+        .collect()
+}
+
+fn bf16_round(v: &mut [f32]) {
+    for x in v {
+        *x = half::bf16::from_f32(*x).to_f32();
+    }
+}
+
+fn sync(device: &Device) {
+    use burn_tensor::backend::Backend;
+    CudaBf16::sync(device).expect("sync");
+}
+
+/// Device time per call of `f`, from CubeCL's profiler (CUDA events), over `iters` calls.
+fn device_us(device: &Device, iters: usize, f: impl Fn() + Send + Sync) -> f64 {
+    use burn_cubecl::cubecl::prelude::Runtime;
+    let client = burn_cubecl::cubecl::cuda::CudaRuntime::client(device);
+    f();
+    sync(device);
+    let (_, dur) = client
+        .profile(
+            || {
+                for _ in 0..iters {
+                    f();
+                }
+            },
+            "bench",
+        )
+        .expect("profile");
+    let d = burn_cubecl::cubecl::future::block_on(dur.resolve()).duration();
+    d.as_secs_f64() / iters as f64 * 1e6
+}
+
+/// Wall time per call, back to back (includes host launch overhead).
+fn wall_us(device: &Device, iters: usize, f: impl Fn()) -> f64 {
+    f();
+    sync(device);
+    let t0 = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    sync(device);
+    t0.elapsed().as_secs_f64() / iters as f64 * 1e6
+}
+
+fn kernel(device: &Device) {
+    // Copy bandwidth: y = x * 1 over 1 GiB of bf16 (reads and writes 1 GiB each).
+    let elems = 512 << 20;
+    let x = Tensor::<CudaBf16, 1>::ones([elems], device);
+    let us = device_us(device, 10, || {
+        let _ = x.clone().mul_scalar(1.0);
+    });
+    let copy_gbs = (2.0 * 2.0 * elems as f64) / (us * 1e-6) / 1e9;
+    drop(x);
+    emit(
+        "copy_bandwidth",
+        "-",
+        copy_gbs,
+        "GB/s",
+        serde_json::json!({"timing": "device"}),
+    );
+
+    for (k, n) in [(4096usize, 4096usize), (4096, 14336), (14336, 4096)] {
+        let shape = format!("{n}x{k}");
+        let w = randn(n * k, (n * 31 + k) as u64, 0.04);
+        let q = Nf4Weight::quantize(&w, n, k, true, WeightDtype::BF16);
+        let weight_bytes = (q.packed.len() + 4 * n * k / 64) as f64;
+        let cpu = HostLinear::<Cpu>::nf4(q.clone(), None, Default::default());
+        let gpu = CudaNf4Linear::new(q, None, device);
+        let wd = gpu.dequantize();
+        for b in [1usize, 2, 4, 8, 16, 64] {
+            let mut xs = randn(b * k, (b * 7 + n) as u64, 1.0);
+            bf16_round(&mut xs);
+            let want = to_vec(cpu.forward(Tensor::from_data(
+                TensorData::new(xs.clone(), [b, k]),
+                &Default::default(),
+            )));
+            let xg = Tensor::<CudaBf16, 2>::from_data(TensorData::new(xs, [b, k]), device);
+            let mut paths = vec!["dequant_matmul"];
+            if b <= llm_core::cuda::GEMV_MAX_TOKENS {
+                paths.insert(0, "gemv");
+            }
+            for path in paths {
+                let got = if path == "gemv" {
+                    // Poison the output buffer: a kernel that skips an element shows as NaN.
+                    let out = Tensor::<CudaBf16, 2>::full([b, n], f32::NAN, device)
+                        .into_primitive()
+                        .tensor();
+                    let y = gpu.gemv_into(xg.clone().into_primitive().tensor(), out);
+                    to_vec(Tensor::<CudaBf16, 2>::from_primitive(
+                        TensorPrimitive::Float(y),
+                    ))
+                } else {
+                    to_vec(gpu.forward_dequant(xg.clone()))
+                };
+                let err = rel_l2(&got, &want);
+                let run = || {
+                    let _ = if path == "gemv" {
+                        gpu.forward_gemv(xg.clone())
+                    } else {
+                        gpu.forward_dequant(xg.clone())
+                    };
+                };
+                let dev = device_us(device, 50, run);
+                let wall = wall_us(device, 50, run);
+                emit(
+                    "nf4_linear",
+                    &shape,
+                    dev,
+                    "us",
+                    serde_json::json!({"batch": b, "path": path, "rel_err": err, "pass": err < 1e-2,
+                                       "wall_us": wall, "weight_GBps": weight_bytes / (dev * 1e-6) / 1e9,
+                                       "fraction_of_copy": weight_bytes / (dev * 1e-6) / 1e9 / copy_gbs}),
+                );
+            }
+            // The peer in the same run: Burn's dense bf16 matmul with the [N,K] weight transposed.
+            let dev = device_us(device, 50, || {
+                let _ = xg.clone().matmul(wd.clone().transpose());
+            });
+            emit(
+                "bf16_matmul",
+                &shape,
+                dev,
+                "us",
+                serde_json::json!({"batch": b,
+                 "weight_GBps": (2 * n * k) as f64 / (dev * 1e-6) / 1e9}),
+            );
+        }
+    }
+}
+
+fn tiny_one<A: Architecture>(arch: &str, device: &Device) {
+    let r = TinyReference::open(arch);
+    let input = r.ids("input_ids");
+    for (dir, quant, key) in [
+        ("bf16", Quantization::None, "logits_f32"),
+        ("bf16", Quantization::Nf4, "logits_nf4_f32"),
+        ("nf4", Quantization::Nf4, "logits_nf4_f32"),
+    ] {
+        let path = fixtures().join("tiny").join(arch).join(dir);
+        let source = ModelSource::open(&path).unwrap();
+        let ctx = LoadCtx {
+            store: source.tensors(),
+            device: device.clone(),
+            quantization: quant,
+            source: source.describe(),
+        };
+        let opts = LoadOptions {
+            source: path.clone(),
+            device: "cuda".into(),
+            quantization: quant.name().into(),
+            max_context: 0,
+        };
+        let model = A::load::<CudaBf16>(source.config(), &ctx, &opts).unwrap();
+        let mut cache = KvCache::new(model.num_layers());
+        let logits = to_vec(model.forward(&input, &mut cache, true));
+        let err = rel_l2(&logits, &r.floats(key).1);
+        // Decode with the KV cache too (single-token steps go through the NF4 GEMV).
+        let mut cache = KvCache::new(model.num_layers());
+        let _ = model.forward(&input[..input.len() - 1], &mut cache, false);
+        let last = to_vec(model.forward(&input[input.len() - 1..], &mut cache, false));
+        let vocab = r.floats(key).0[1];
+        let want_last = &r.floats(key).1[(input.len() - 1) * vocab..input.len() * vocab];
+        let err_decode = rel_l2(&last, want_last);
+        emit(
+            "tiny_cuda_rel_err",
+            &format!("tiny-{arch}"),
+            err,
+            "rel_l2",
+            serde_json::json!({"weights": dir, "quantization": quant.name(), "reference": key,
+                               "decode_step_rel_err": err_decode, "pass": err < 5e-2 && err_decode < 5e-2}),
+        );
+    }
+}
+
+fn main() {
+    let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    let device = llm_core::cuda::parse_device("cuda").unwrap();
+    if what == "tiny" || what == "all" {
+        tiny_one::<llama_backend::Llama>("llama", &device);
+        tiny_one::<phi3_backend::Phi3>("phi3", &device);
+        tiny_one::<gemma2_backend::Gemma2>("gemma2", &device);
+        tiny_one::<qwen2_backend::Qwen2>("qwen2", &device);
+        tiny_one::<mixtral_backend::Mixtral>("mixtral", &device);
+    }
+    if what == "kernel" || what == "all" {
+        kernel(&device);
+    }
+}
