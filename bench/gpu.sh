@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # GPU checks and benchmarks, run on the device machine in one call (see docs/benchmarks.md).
-# Expects the binaries built here with `bench/build-gpu.sh` in .gpu/ (carried, not committed).
-#   bench/gpu.sh [tiny|kernel|all]
+# Expects what `bench/build-gpu.sh` builds here: .gpu/bundle.tar.xz (carried, not committed)
+# with llm-bench, llm-server, llm, libllama_backend.so, libqwen2_backend.so.
+#   bench/gpu.sh [tiny|kernel|smoke|all]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/bench-out}"
@@ -11,9 +12,15 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 export CUBECL_DEBUG_LOG=0
 # Keep cubecl's autotune/kernel cache inside the run.
 export HOME="${HOME:-/root}"
+[ -f .gpu/bundle.tar.xz ] && tar -C .gpu -xJf .gpu/bundle.tar.xz
 chmod +x .gpu/* 2>/dev/null
 if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ]; then
-  timeout 900 .gpu/llm-bench "$what" 2>"$OUT/bench.stderr" | tee "$OUT/bench.jsonl"
+  timeout 400 .gpu/llm-bench "$what" 2>"$OUT/bench.stderr" | tee "$OUT/bench.jsonl"
   echo "llm-bench exit: ${PIPESTATUS[0]}"
   tail -20 "$OUT/bench.stderr"
+fi
+if [ "$what" = smoke ] || [ "$what" = all ]; then
+  timeout 150 python3 bench/smoke.py 2>"$OUT/smoke.stderr" | tee "$OUT/smoke.jsonl"
+  echo "smoke exit: ${PIPESTATUS[0]}"
+  tail -20 "$OUT/smoke.stderr"
 fi

@@ -41,8 +41,8 @@ struct Args {
     /// (bnb NF4 stays NF4, GGUF is dequantized); nf4 = always NF4; none = float.
     #[arg(long, default_value = "auto", value_parser = ["auto", "nf4", "none"])]
     quantization: String,
-    /// Device for models loaded at startup (and LoadModel's default).
-    #[arg(long, default_value = "cpu", value_parser = ["cpu"])]
+    /// Device for models loaded at startup (and LoadModel's default): cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: String,
     /// Directory holding the architecture plugins (lib<arch>_backend.so). Default: the
     /// directory of this executable.
@@ -188,4 +188,18 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+}
+
+/// `cpu`, `cuda` or `cuda:N`. Whether the plugin was built with CUDA and the device exists is
+/// the plugin's to say at load.
+fn parse_device(s: &str) -> Result<String, String> {
+    let ok = s == "cpu"
+        || s == "cuda"
+        || s.strip_prefix("cuda:")
+            .is_some_and(|n| n.parse::<u32>().is_ok());
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err(format!("expected cpu, cuda or cuda:N, got {s:?}"))
+    }
 }

@@ -4,8 +4,8 @@
 //! NF4 forward (bnb `matmul_4bit` semantics, f32 accumulation):
 //! - up to [`GEMV_MAX_TOKENS`] token rows (decode): [`nf4_gemv`] dequantizes and multiplies in
 //!   one pass, reading each packed weight byte once: one plane (warp) per output feature, each
-//!   lane walking the row's 32-bit words (8 weights), the NF4 code book in shared memory, the
-//!   per-token partial sums reduced with `plane_sum`.
+//!   lane walking the row in 16-byte vectors (32 weights), the NF4 code book in shared memory,
+//!   the per-token partial sums reduced with `plane_sum`.
 //! - more rows (prefill): [`nf4_dequantize`] to a bf16 `[out, in]` matrix, then Burn's
 //!   (tensor-core) matmul, the way bnb dequantizes then calls `torch.matmul`.
 //!
@@ -53,50 +53,22 @@ mod kernels {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
 
-    /// `acc[t] += sum_{i<8} x[t, kidx + i] * w_i` for the 8 weights of one packed word. Byte b of
-    /// the little-endian word holds weights 2b (high nibble) and 2b+1 (low nibble).
-    #[cube]
-    #[allow(clippy::too_many_arguments)]
-    fn accumulate_word<F: Float>(
-        word: u32,
-        a: f32,
-        lut: &SharedMemory<f32>,
-        x: &Tensor<F>,
-        kidx: usize,
-        k: usize,
-        acc: &mut Array<f32>,
-        #[comptime] tokens: usize,
-    ) {
-        let w0 = lut[((word >> 4) & 0xF) as usize] * a;
-        let w1 = lut[(word & 0xF) as usize] * a;
-        let w2 = lut[((word >> 12) & 0xF) as usize] * a;
-        let w3 = lut[((word >> 8) & 0xF) as usize] * a;
-        let w4 = lut[((word >> 20) & 0xF) as usize] * a;
-        let w5 = lut[((word >> 16) & 0xF) as usize] * a;
-        let w6 = lut[((word >> 28) & 0xF) as usize] * a;
-        let w7 = lut[((word >> 24) & 0xF) as usize] * a;
-        #[unroll]
-        for t in 0..tokens {
-            let b = t * k + kidx;
-            acc[t] += f32::cast_from(x[b]) * w0
-                + f32::cast_from(x[b + 1]) * w1
-                + f32::cast_from(x[b + 2]) * w2
-                + f32::cast_from(x[b + 3]) * w3
-                + f32::cast_from(x[b + 4]) * w4
-                + f32::cast_from(x[b + 5]) * w5
-                + f32::cast_from(x[b + 6]) * w6
-                + f32::cast_from(x[b + 7]) * w7;
-        }
-    }
-
     /// `out[t, row] = sum_k x[t, k] * code[q(row, k)] * absmax[(row * k_dim + k) / 64]`.
-    /// One plane per row; each lane takes 4 consecutive words (32 weights, 16 bytes: one absmax
-    /// block half) per step, so a plane reads 512 contiguous bytes per step with four loads in
-    /// flight per lane.
+    ///
+    /// One plane (warp) per output row. Each lane takes one 16-byte vector of packed codes per
+    /// step (4 words, 32 weights: half an absmax block, so one absmax per step), and the matching
+    /// 8-wide vectors of `x` (16-byte loads, L1-resident: `x` is at most 16 x 28 KiB). A plane
+    /// thus reads 512 contiguous bytes of the weight per step, each byte once. The code book sits
+    /// in shared memory: 16 f32 in 16 distinct banks, so the lookups never conflict. Sums of
+    /// `x * code` are scaled by absmax once per step, then reduced across the plane.
+    ///
+    /// Shapes: `x` `[tokens, k / 8]` of `Vector<F, 8>`, `packed` `[n * k / 32]` of
+    /// `Vector<u32, 4>`, `absmax` `[n * k / 64]`, `out` `[tokens, n]`.
     #[cube(launch)]
-    pub fn nf4_gemv<F: Float>(
-        x: &Tensor<F>,
-        packed: &Tensor<u32>,
+    #[allow(clippy::too_many_arguments)]
+    pub fn nf4_gemv<F: Float, NX: Size, NQ: Size>(
+        x: &Tensor<Vector<F, NX>>,
+        packed: &Tensor<Vector<u32, NQ>>,
         absmax: &Tensor<f32>,
         code: &Tensor<f32>,
         out: &mut Tensor<F>,
@@ -113,36 +85,62 @@ mod kernels {
 
         let row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
         let n_us = n as usize;
-        let k_us = k as usize;
         // A whole plane shares `row`, so the plane_sum below is reached by all its lanes or none.
         if row < n_us {
-            let words = k_us / 8;
+            // 32-weight steps per row, 8-wide x vectors per token row.
+            let steps = k as usize / 32;
+            let xrow = k as usize / 8;
             let mut acc = Array::<f32>::new(tokens);
             #[unroll]
             for t in 0..tokens {
                 acc[t] = f32::new(0.0);
             }
-            let row_base = row * words;
-            let mut w = UNIT_POS_X as usize * 4;
-            let step = CUBE_DIM_X as usize * 4;
-            while w < words {
-                let q0 = packed[row_base + w];
-                let q1 = packed[row_base + w + 1];
-                let q2 = packed[row_base + w + 2];
-                let q3 = packed[row_base + w + 3];
-                let kidx = w * 8;
-                let a = absmax[(row * k_us + kidx) / 64];
-                accumulate_word::<F>(q0, a, &lut, x, kidx, k_us, &mut acc, tokens);
-                accumulate_word::<F>(q1, a, &lut, x, kidx + 8, k_us, &mut acc, tokens);
-                accumulate_word::<F>(q2, a, &lut, x, kidx + 16, k_us, &mut acc, tokens);
-                accumulate_word::<F>(q3, a, &lut, x, kidx + 24, k_us, &mut acc, tokens);
-                w += step;
+            let base = row * steps;
+            let mut s = UNIT_POS_X as usize;
+            while s < steps {
+                let q = packed[base + s];
+                let a = absmax[(base + s) / 2];
+                let mut part = Array::<f32>::new(tokens);
+                #[unroll]
+                for t in 0..tokens {
+                    part[t] = f32::new(0.0);
+                }
+                #[unroll]
+                for j in 0..4usize {
+                    // Byte b of the little-endian word holds weights 2b (high nibble), 2b+1.
+                    let word = q[j];
+                    let c0 = lut[((word >> 4) & 0xF) as usize];
+                    let c1 = lut[(word & 0xF) as usize];
+                    let c2 = lut[((word >> 12) & 0xF) as usize];
+                    let c3 = lut[((word >> 8) & 0xF) as usize];
+                    let c4 = lut[((word >> 20) & 0xF) as usize];
+                    let c5 = lut[((word >> 16) & 0xF) as usize];
+                    let c6 = lut[((word >> 28) & 0xF) as usize];
+                    let c7 = lut[((word >> 24) & 0xF) as usize];
+                    #[unroll]
+                    for t in 0..tokens {
+                        let xv = x[t * xrow + s * 4 + j];
+                        part[t] += f32::cast_from(xv[0]) * c0
+                            + f32::cast_from(xv[1]) * c1
+                            + f32::cast_from(xv[2]) * c2
+                            + f32::cast_from(xv[3]) * c3
+                            + f32::cast_from(xv[4]) * c4
+                            + f32::cast_from(xv[5]) * c5
+                            + f32::cast_from(xv[6]) * c6
+                            + f32::cast_from(xv[7]) * c7;
+                    }
+                }
+                #[unroll]
+                for t in 0..tokens {
+                    acc[t] += part[t] * a;
+                }
+                s += CUBE_DIM_X as usize;
             }
             #[unroll]
             for t in 0..tokens {
-                let s = plane_sum(acc[t]);
+                let total = plane_sum(acc[t]);
                 if UNIT_POS_X == 0 {
-                    out[t * n_us + row] = F::cast_from(s);
+                    out[t * n_us + row] = F::cast_from(total);
                 }
             }
         }
@@ -245,6 +243,8 @@ impl CudaNf4Linear {
             &client,
             CubeCount::Static(cubes, 1, 1),
             CubeDim::new_2d(32, ROWS_PER_CUBE),
+            8,
+            4,
             x.into_tensor_arg(),
             self.packed.clone().into_tensor_arg(),
             self.absmax.clone().into_tensor_arg(),
