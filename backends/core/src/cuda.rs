@@ -3,9 +3,9 @@
 //!
 //! NF4 forward (bnb `matmul_4bit` semantics, f32 accumulation):
 //! - up to [`GEMV_MAX_TOKENS`] token rows (decode): [`nf4_gemv`] dequantizes and multiplies in
-//!   one pass, reading each packed weight byte once: one plane (warp) per output feature, each
-//!   lane walking the row in 16-byte vectors (32 weights), the NF4 code book in shared memory,
-//!   the per-token partial sums reduced with `plane_sum`.
+//!   one pass, reading each packed weight byte once: a cube per few output rows, their `k`
+//!   range split over its units in 16-byte vectors (32 weights), the NF4 code book in shared
+//!   memory, partial sums reduced over planes and then the cube.
 //! - more rows (prefill): [`nf4_dequantize`] to a bf16 `[out, in]` matrix, then Burn's
 //!   (tensor-core) matmul, the way bnb dequantizes then calls `torch.matmul`.
 //!
@@ -43,38 +43,173 @@ pub fn parse_device(spec: &str) -> Option<CudaDevice> {
 pub const GEMV_MAX_TOKENS: usize = 16;
 /// Token rows up to which [`CudaNf4Linear::forward`] uses the fused GEMV (measured crossover).
 pub static GEMV_TOKENS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4);
-/// Output features (planes) per cube in the GEMV.
-const ROWS_PER_CUBE: u32 = 8;
+/// Most planes (warps) per GEMV cube.
+const MAX_PLANES: usize = 8;
 
 pub use kernels::{nf4_dequantize, nf4_gemv};
 
 /// The CubeCL kernels (their `Tensor` is CubeCL's, not Burn's).
 mod kernels {
+    use super::MAX_PLANES;
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
 
+    /// Weights 8j..8j+8 of a 16-byte vector of codes `q`, looked up in the code book. Byte b of
+    /// each little-endian word holds weights 2b (high nibble) and 2b+1 (low nibble).
+    #[cube]
+    fn code_at<NQ4: Size>(
+        q: Vector<u32, NQ4>,
+        lut: &SharedMemory<f32>,
+        #[comptime] i: usize,
+    ) -> f32 {
+        let word = q[comptime!(i / 8)];
+        let shift = comptime!(nibble_shift(i));
+        lut[((word >> shift) & 0xF) as usize]
+    }
+
+    /// Bit offset of weight `i % 8` in its little-endian word: weight 2b sits in the high
+    /// nibble of byte b, weight 2b+1 in the low one.
+    const fn nibble_shift(i: usize) -> u32 {
+        let byte = (i % 8 / 2) as u32;
+        if i % 2 == 0 {
+            byte * 8 + 4
+        } else {
+            byte * 8
+        }
+    }
+
     /// `out[t, row] = sum_k x[t, k] * code[q(row, k)] * absmax[(row * k_dim + k) / 64]`.
     ///
-    /// One plane (warp) per output row. Each lane takes one 16-byte vector of packed codes per
-    /// step (4 words, 32 weights: half an absmax block, so one absmax per step), and the matching
-    /// 8-wide vectors of `x` (16-byte loads, L1-resident: `x` is at most 16 x 28 KiB). A plane
-    /// thus reads 512 contiguous bytes of the weight per step, each byte once. The code book sits
-    /// in shared memory: 16 f32 in 16 distinct banks, so the lookups never conflict. Sums of
-    /// `x * code` are scaled by absmax once per step, then reduced across the plane.
+    /// A cube owns `rows` output rows and splits their `k` range over all its units (split-K):
+    /// a unit takes one 16-byte vector of packed codes per row per step (32 weights, half an
+    /// absmax block, so one absmax per step), and the matching `x` as 16-byte vectors of 8
+    /// (L1-resident: `x` is at most 16 x 28 KiB). Consecutive units read consecutive vectors, so
+    /// a plane reads 512 contiguous bytes of a row per step and each weight byte is read once.
+    /// The code book sits in shared memory, 16 f32 in 16 distinct banks: lookups never conflict.
+    ///
+    /// Two loop orders, by instruction count per weight and token: with one token, `x` is
+    /// converted once and reused over `rows` rows (lookup + FMA per weight); with more tokens,
+    /// each row's codes are looked up once and reused over the tokens (FMA + convert per token).
+    /// Partial sums are reduced over each plane, then over the cube's planes in shared memory.
     ///
     /// Shapes: `x` `[tokens, k / 8]` of `Vector<F, 8>`, `packed` `[n * k / 32]` of
-    /// `Vector<u32, 4>`, `absmax` `[n * k / 64]`, `out` `[tokens, n]`.
-    #[cube(launch)]
+    /// `Vector<u32, 4>`, `absmax` `[n * k / 64]`, `out` `[tokens, n]`. Cube dim `(32, planes)`,
+    /// `planes <= MAX_PLANES`; cube count `ceil(n / rows)`.
+    #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
-    pub fn nf4_gemv<F: Float, NX: Size, NQ: Size>(
+    pub fn nf4_gemv<F: Float, NX: Size, NQ4: Size>(
         x: &Tensor<Vector<F, NX>>,
-        packed: &Tensor<Vector<u32, NQ>>,
+        packed: &Tensor<Vector<u32, NQ4>>,
         absmax: &Tensor<f32>,
         code: &Tensor<f32>,
         out: &mut Tensor<F>,
         n: u32,
         k: u32,
         #[comptime] tokens: usize,
+        #[comptime] rows: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let mut lut = SharedMemory::<f32>::new(16usize);
+        let mut partial = SharedMemory::<f32>::new(MAX_PLANES * rows * tokens);
+        if UNIT_POS < 16 {
+            lut[UNIT_POS as usize] = code[UNIT_POS as usize];
+        }
+        sync_cube();
+
+        let n_us = n as usize;
+        let row0 = CUBE_POS_X as usize * rows;
+        let steps = k as usize / 32;
+        let xrow = k as usize / 8;
+        let mut acc = Array::<f32>::new(rows * tokens);
+        #[unroll]
+        for i in 0..rows * tokens {
+            acc[i] = f32::new(0.0);
+        }
+        let mut s = UNIT_POS as usize;
+        while s < steps {
+            let mut q = Array::<Vector<u32, NQ4>>::new(rows);
+            let mut a = Array::<f32>::new(rows);
+            #[unroll]
+            for r in 0..rows {
+                // Rows past `n` (last cube) read the last row; their sums are not written.
+                let row = select(row0 + r < n_us, row0 + r, n_us - 1);
+                q[r] = packed[row * steps + s];
+                a[r] = absmax[(row * steps + s) / 2];
+            }
+            if tokens == 1 {
+                let mut xf = Array::<f32>::new(32usize);
+                #[unroll]
+                for j in 0..4usize {
+                    let xv = x[s * 4 + j];
+                    #[unroll]
+                    for i in 0..8usize {
+                        xf[j * 8 + i] = f32::cast_from(xv[i]);
+                    }
+                }
+                #[unroll]
+                for r in 0..rows {
+                    let mut part = f32::new(0.0);
+                    #[unroll]
+                    for i in 0..32usize {
+                        part += code_at(q[r], &lut, i) * xf[i];
+                    }
+                    acc[r] += part * a[r];
+                }
+            } else {
+                #[unroll]
+                for r in 0..rows {
+                    let mut c = Array::<f32>::new(32usize);
+                    #[unroll]
+                    for i in 0..32usize {
+                        c[i] = code_at(q[r], &lut, i);
+                    }
+                    #[unroll]
+                    for t in 0..tokens {
+                        let mut part = f32::new(0.0);
+                        #[unroll]
+                        for j in 0..4usize {
+                            let xv = x[t * xrow + s * 4 + j];
+                            #[unroll]
+                            for i in 0..8usize {
+                                part += c[j * 8 + i] * f32::cast_from(xv[i]);
+                            }
+                        }
+                        acc[r * tokens + t] += part * a[r];
+                    }
+                }
+            }
+            s += CUBE_DIM as usize;
+        }
+        #[unroll]
+        for i in 0..rows * tokens {
+            let v = plane_sum(acc[i]);
+            if UNIT_POS_X == 0 {
+                partial[UNIT_POS_Y as usize * rows * tokens + i] = v;
+            }
+        }
+        sync_cube();
+        let i = UNIT_POS as usize;
+        if i < rows * tokens {
+            let mut total = f32::new(0.0);
+            for p in 0..CUBE_DIM_Y as usize {
+                total += partial[p * rows * tokens + i];
+            }
+            let row = row0 + i / tokens;
+            if row < n_us {
+                out[(i % tokens) * n_us + row] = F::cast_from(total);
+            }
+        }
+    }
+
+    /// Dequantize to `out` (`[n, k]`, row-major): one packed word (8 weights) per unit, written
+    /// as one 16-byte vector.
+    #[cube(launch_unchecked)]
+    pub fn nf4_dequantize<F: Float, NO: Size>(
+        packed: &Tensor<u32>,
+        absmax: &Tensor<f32>,
+        code: &Tensor<f32>,
+        out: &mut Tensor<Vector<F, NO>>,
+        words: u32,
         #[define(F)] _dtype: StorageType,
     ) {
         let mut lut = SharedMemory::<f32>::new(16usize);
@@ -82,93 +217,17 @@ mod kernels {
             lut[UNIT_POS as usize] = code[UNIT_POS as usize];
         }
         sync_cube();
-
-        let row = (CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y) as usize;
-        let n_us = n as usize;
-        // A whole plane shares `row`, so the plane_sum below is reached by all its lanes or none.
-        if row < n_us {
-            // 32-weight steps per row, 8-wide x vectors per token row.
-            let steps = k as usize / 32;
-            let xrow = k as usize / 8;
-            let mut acc = Array::<f32>::new(tokens);
-            #[unroll]
-            for t in 0..tokens {
-                acc[t] = f32::new(0.0);
-            }
-            let base = row * steps;
-            let mut s = UNIT_POS_X as usize;
-            while s < steps {
-                let q = packed[base + s];
-                let a = absmax[(base + s) / 2];
-                let mut part = Array::<f32>::new(tokens);
-                #[unroll]
-                for t in 0..tokens {
-                    part[t] = f32::new(0.0);
-                }
-                #[unroll]
-                for j in 0..4usize {
-                    // Byte b of the little-endian word holds weights 2b (high nibble), 2b+1.
-                    let word = q[j];
-                    let c0 = lut[((word >> 4) & 0xF) as usize];
-                    let c1 = lut[(word & 0xF) as usize];
-                    let c2 = lut[((word >> 12) & 0xF) as usize];
-                    let c3 = lut[((word >> 8) & 0xF) as usize];
-                    let c4 = lut[((word >> 20) & 0xF) as usize];
-                    let c5 = lut[((word >> 16) & 0xF) as usize];
-                    let c6 = lut[((word >> 28) & 0xF) as usize];
-                    let c7 = lut[((word >> 24) & 0xF) as usize];
-                    #[unroll]
-                    for t in 0..tokens {
-                        let xv = x[t * xrow + s * 4 + j];
-                        part[t] += f32::cast_from(xv[0]) * c0
-                            + f32::cast_from(xv[1]) * c1
-                            + f32::cast_from(xv[2]) * c2
-                            + f32::cast_from(xv[3]) * c3
-                            + f32::cast_from(xv[4]) * c4
-                            + f32::cast_from(xv[5]) * c5
-                            + f32::cast_from(xv[6]) * c6
-                            + f32::cast_from(xv[7]) * c7;
-                    }
-                }
-                #[unroll]
-                for t in 0..tokens {
-                    acc[t] += part[t] * a;
-                }
-                s += CUBE_DIM_X as usize;
-            }
-            #[unroll]
-            for t in 0..tokens {
-                let total = plane_sum(acc[t]);
-                if UNIT_POS_X == 0 {
-                    out[t * n_us + row] = F::cast_from(total);
-                }
-            }
-        }
-    }
-
-    /// Dequantize to `out` (`[n, k]`, row-major), 8 weights (one word) per unit.
-    #[cube(launch)]
-    pub fn nf4_dequantize<F: Float>(
-        packed: &Tensor<u32>,
-        absmax: &Tensor<f32>,
-        code: &Tensor<f32>,
-        out: &mut Tensor<F>,
-        words: u32,
-        #[define(F)] _dtype: StorageType,
-    ) {
         let w = ABSOLUTE_POS;
         if w < words as usize {
             let word = packed[w];
             let a = absmax[w / 8];
-            let b = w * 8;
-            out[b] = F::cast_from(code[((word >> 4) & 0xF) as usize] * a);
-            out[b + 1] = F::cast_from(code[(word & 0xF) as usize] * a);
-            out[b + 2] = F::cast_from(code[((word >> 12) & 0xF) as usize] * a);
-            out[b + 3] = F::cast_from(code[((word >> 8) & 0xF) as usize] * a);
-            out[b + 4] = F::cast_from(code[((word >> 20) & 0xF) as usize] * a);
-            out[b + 5] = F::cast_from(code[((word >> 16) & 0xF) as usize] * a);
-            out[b + 6] = F::cast_from(code[((word >> 28) & 0xF) as usize] * a);
-            out[b + 7] = F::cast_from(code[((word >> 24) & 0xF) as usize] * a);
+            let mut v = Vector::<F, NO>::empty();
+            #[unroll]
+            for i in 0..8usize {
+                let shift = comptime!(nibble_shift(i));
+                v[i] = F::cast_from(lut[((word >> shift) & 0xF) as usize] * a);
+            }
+            out[w] = v;
         }
     }
 }
@@ -237,24 +296,36 @@ impl CudaNf4Linear {
         let x = into_contiguous(x);
         let client = x.client.clone();
         let n = self.out_features as u32;
-        let cubes = n.div_ceil(ROWS_PER_CUBE);
+        let k = self.in_features;
+        // One token: 4 rows per cube share each converted `x`; more tokens: 1 row per cube, the
+        // looked-up codes shared over the tokens (see the kernel's doc).
+        let rows = if tokens == 1 { 4 } else { 1 };
+        // Enough planes that each unit has at least one 32-weight step of every row.
+        let planes = (k / 32 / 32).clamp(1, MAX_PLANES) as u32;
         let dtype = x.dtype;
-        nf4_gemv::launch::<CudaRuntime>(
-            &client,
-            CubeCount::Static(cubes, 1, 1),
-            CubeDim::new_2d(32, ROWS_PER_CUBE),
-            8,
-            4,
-            x.into_tensor_arg(),
-            self.packed.clone().into_tensor_arg(),
-            self.absmax.clone().into_tensor_arg(),
-            self.code.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            n,
-            self.in_features as u32,
-            tokens,
-            dtype.into(),
-        );
+        // SAFETY: every index the kernel forms is in bounds for these shapes: `x` is
+        // `[tokens, k]` contiguous, `packed`/`absmax` hold `n * k` weights (k a multiple of 64,
+        // checked at construction), rows past `n` are clamped on read and skipped on write, and
+        // `out` is `[tokens, n]` contiguous.
+        unsafe {
+            nf4_gemv::launch_unchecked::<CudaRuntime>(
+                &client,
+                CubeCount::Static(n.div_ceil(rows as u32), 1, 1),
+                CubeDim::new_2d(32, planes),
+                8,
+                4,
+                x.into_tensor_arg(),
+                self.packed.clone().into_tensor_arg(),
+                self.absmax.clone().into_tensor_arg(),
+                self.code.clone().into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                n,
+                k as u32,
+                tokens,
+                rows,
+                dtype.into(),
+            );
+        }
         out
     }
 
@@ -269,18 +340,22 @@ impl CudaNf4Linear {
             DType::BF16,
         );
         let words = (self.out_features * self.in_features / 8) as u32;
-        let cube_dim = CubeDim::new_1d(256);
-        nf4_dequantize::launch::<CudaRuntime>(
-            &client,
-            CubeCount::Static(words.div_ceil(256), 1, 1),
-            cube_dim,
-            self.packed.clone().into_tensor_arg(),
-            self.absmax.clone().into_tensor_arg(),
-            self.code.clone().into_tensor_arg(),
-            out.clone().into_tensor_arg(),
-            words,
-            DType::BF16.into(),
-        );
+        // SAFETY: unit `w < words` reads word `w`, absmax `w / 8` and writes the `w`-th 8-vector
+        // of the `[out, in]` output, all in bounds.
+        unsafe {
+            nf4_dequantize::launch_unchecked::<CudaRuntime>(
+                &client,
+                CubeCount::Static(words.div_ceil(256), 1, 1),
+                CubeDim::new_1d(256),
+                8,
+                self.packed.clone().into_tensor_arg(),
+                self.absmax.clone().into_tensor_arg(),
+                self.code.clone().into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                words,
+                DType::BF16.into(),
+            );
+        }
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
