@@ -1,4 +1,7 @@
-//! `llm`: the command-line client. Streams generations to the terminal and manages models.
+//! `llm`: the command-line client. Streams generations to the terminal, manages models and
+//! generates load (`llm bench`).
+
+mod bench;
 
 use std::io::Write;
 use std::time::Duration;
@@ -24,6 +27,9 @@ struct Cli {
         default_value = "http://127.0.0.1:50051"
     )]
     server: String,
+    /// Bearer token for LoadModel/UnloadModel, when the server requires one.
+    #[arg(long, global = true, env = "LLM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -49,6 +55,10 @@ enum Command {
     },
     /// Unload a model and free its memory.
     Unload { name: String },
+    /// Load test: concurrent Generate streams; reports latency, status codes, TTFT,
+    /// inter-token latency and tokens/s. Exits non-zero when a request ends with an
+    /// unexpected status.
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -100,6 +110,10 @@ struct GenerateArgs {
     /// Print timing and token counts to stderr at the end.
     #[arg(long)]
     stats: bool,
+    /// Deadline in seconds (sent as grpc-timeout); the server ends the stream with
+    /// DEADLINE_EXCEEDED when it passes.
+    #[arg(long)]
+    timeout: Option<f64>,
 }
 
 async fn connect(url: &str) -> Result<LlmServiceClient<Channel>> {
@@ -160,8 +174,12 @@ async fn generate(url: &str, a: GenerateArgs) -> Result<()> {
         }),
     };
     let mut client = connect(url).await?;
+    let mut request = tonic::Request::new(req);
+    if let Some(t) = a.timeout {
+        request.set_timeout(Duration::from_secs_f64(t));
+    }
     let mut stream = client
-        .generate(req)
+        .generate(request)
         .await
         .map_err(status_error)?
         .into_inner();
@@ -210,6 +228,7 @@ async fn generate(url: &str, a: GenerateArgs) -> Result<()> {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    let token = cli.admin_token.as_deref();
     let result = match cli.command {
         Command::Generate(a) => generate(&cli.server, a).await,
         Command::Models => models(&cli.server).await,
@@ -219,8 +238,31 @@ async fn main() {
             device,
             quantization,
             max_context,
-        } => load(&cli.server, name, source, device, quantization, max_context).await,
-        Command::Unload { name } => unload(&cli.server, name).await,
+        } => {
+            let req = LoadModelRequest {
+                name,
+                source,
+                device,
+                quantization,
+                max_context,
+            };
+            match admin(req, token) {
+                Ok(req) => load(&cli.server, req).await,
+                Err(e) => Err(e),
+            }
+        }
+        Command::Unload { name } => match admin(name, token) {
+            Ok(req) => unload(&cli.server, req).await,
+            Err(e) => Err(e),
+        },
+        Command::Bench(a) => match bench::run(&cli.server, a).await {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                eprintln!("error: some requests ended with an unexpected status");
+                std::process::exit(2);
+            }
+            Err(e) => Err(e),
+        },
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");
@@ -255,23 +297,22 @@ async fn models(url: &str) -> Result<()> {
     Ok(())
 }
 
-async fn load(
-    url: &str,
-    name: String,
-    source: String,
-    device: String,
-    quantization: String,
-    max_context: u32,
-) -> Result<()> {
+/// An admin request, with the bearer token when one is given.
+fn admin<T>(msg: T, token: Option<&str>) -> Result<tonic::Request<T>> {
+    let mut req = tonic::Request::new(msg);
+    if let Some(t) = token.filter(|t| !t.is_empty()) {
+        let v = format!("Bearer {t}")
+            .parse()
+            .context("--admin-token: not a valid header value")?;
+        req.metadata_mut().insert("authorization", v);
+    }
+    Ok(req)
+}
+
+async fn load(url: &str, req: tonic::Request<LoadModelRequest>) -> Result<()> {
     let mut client = connect(url).await?;
     let r = client
-        .load_model(LoadModelRequest {
-            name,
-            source,
-            device,
-            quantization,
-            max_context,
-        })
+        .load_model(req)
         .await
         .map_err(status_error)?
         .into_inner();
@@ -283,10 +324,15 @@ async fn load(
     Ok(())
 }
 
-async fn unload(url: &str, name: String) -> Result<()> {
+async fn unload(url: &str, req: tonic::Request<String>) -> Result<()> {
     let mut client = connect(url).await?;
+    let (meta, ext, name) = req.into_parts();
     client
-        .unload_model(UnloadModelRequest { name: name.clone() })
+        .unload_model(tonic::Request::from_parts(
+            meta,
+            ext,
+            UnloadModelRequest { name: name.clone() },
+        ))
         .await
         .map_err(status_error)?;
     println!("unloaded {name}");

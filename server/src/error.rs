@@ -23,6 +23,12 @@ pub enum ServerError {
     Plugin { code: ErrorCode, message: String },
     #[error("{0}")]
     ResourceExhausted(String),
+    /// An admin RPC without the right bearer token.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// A LoadModel source outside the model roots.
+    #[error("{0}")]
+    PermissionDenied(String),
     #[error("{0}")]
     Unavailable(String),
     #[error("{0}")]
@@ -75,6 +81,8 @@ impl From<ServerError> for Status {
                 abi_code(*code)
             }
             ServerError::ResourceExhausted(_) => Code::ResourceExhausted,
+            ServerError::Unauthenticated(_) => Code::Unauthenticated,
+            ServerError::PermissionDenied(_) => Code::PermissionDenied,
             ServerError::Unavailable(_) => Code::Unavailable,
             ServerError::Internal(_) => Code::Internal,
         };

@@ -2,6 +2,7 @@
 
 mod detok;
 mod error;
+mod metrics;
 mod plugin;
 mod registry;
 mod request;
@@ -17,9 +18,11 @@ use std::sync::Arc;
 use clap::Parser;
 use llm_proto::v1::llm_service_server::LlmServiceServer;
 
+use crate::metrics::Metrics;
 use crate::plugin::Plugins;
 use crate::registry::{LoadSpec, Registry};
 use crate::request::Limits;
+use crate::scheduler::SchedulerConfig;
 use crate::service::Service;
 
 #[derive(Debug, Parser)]
@@ -54,9 +57,31 @@ struct Args {
     /// Cap on positions per sequence (prompt + generated); 0 = each model's own context length.
     #[arg(long, default_value_t = 0)]
     max_context: u32,
-    /// Sequences a model decodes together at most.
+    /// Sequences a model decodes together at most (the running batch).
     #[arg(long, default_value_t = 8)]
     max_batch: usize,
+    /// Requests per model that may wait for a slot in the running batch; more get
+    /// RESOURCE_EXHAUSTED at once.
+    #[arg(long, default_value_t = 64)]
+    max_queue: usize,
+    /// Prompt tokens a sequence feeds per step: longer prompts are prefilled in chunks, so a
+    /// newcomer never stalls the running streams for more than one chunk.
+    #[arg(long, default_value_t = 512)]
+    prefill_chunk: usize,
+    /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9090.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// Require `authorization: Bearer TOKEN` on LoadModel and UnloadModel.
+    #[arg(long, env = "LLM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// LoadModel may only read sources under these directories (repeatable). Without any, any
+    /// path the server can read is allowed.
+    #[arg(long = "model-root", value_name = "DIR")]
+    model_roots: Vec<PathBuf>,
+    /// On SIGTERM/Ctrl-C: stop accepting, let running streams finish for this many seconds,
+    /// then end the rest with UNAVAILABLE.
+    #[arg(long, default_value_t = 10.0)]
+    shutdown_grace: f64,
 }
 
 fn parse_load(s: &str) -> Result<(String, PathBuf), String> {
@@ -100,11 +125,20 @@ async fn run(args: Args) -> Result<(), String> {
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    let sched = SchedulerConfig {
+        max_batch: args.max_batch.max(1),
+        max_context: 0,
+        max_queue: args.max_queue,
+        prefill_chunk: args.prefill_chunk.max(1),
+    };
+    let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(Registry::new(
         plugins,
         health_reporter,
-        args.max_batch.max(1),
-    ));
+        sched,
+        metrics.clone(),
+        &args.model_roots,
+    )?);
     registry.init_health().await;
 
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -125,7 +159,17 @@ async fn run(args: Args) -> Result<(), String> {
         },
         default_device: args.device.clone(),
         default_quantization: args.quantization.clone(),
+        admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
     };
+    if let Some(addr) = args.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        println!("llm-server metrics on http://{local}/metrics");
+        let (m, r) = (metrics.clone(), registry.clone());
+        tokio::spawn(metrics::serve(listener, move || m.render(&r.gauges())));
+    }
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -157,17 +201,37 @@ async fn run(args: Args) -> Result<(), String> {
     }
     drop(fail_tx);
 
+    // Graceful shutdown: on the signal, health turns NOT_SERVING and the server stops
+    // accepting; running streams get `--shutdown-grace` seconds, then the models are unloaded,
+    // which ends what still runs with UNAVAILABLE.
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    {
+        let registry = registry.clone();
+        let grace = std::time::Duration::from_secs_f64(args.shutdown_grace.max(0.0));
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            registry.set_not_serving().await;
+            let _ = stop_tx.send(true);
+            tokio::time::sleep(grace).await;
+            tracing::info!("grace period over; ending the remaining streams");
+            registry.unload_all().await;
+        });
+    }
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(LlmServiceServer::new(service))
-        .serve_with_incoming_shutdown(incoming, shutdown_signal());
-    tokio::select! {
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop_rx.wait_for(|stop| *stop).await;
+        });
+    let r = tokio::select! {
         r = server => r.map_err(|e| e.to_string()),
         Some(msg) = fail_rx.recv() => Err(msg),
-    }
+    };
+    registry.unload_all().await;
+    r
 }
 
 async fn shutdown_signal() {

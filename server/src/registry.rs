@@ -12,6 +12,7 @@ use serde_json::json;
 use tonic_health::server::HealthReporter;
 
 use crate::error::{Result, ServerError};
+use crate::metrics::{Metrics, ModelGauges};
 use crate::plugin::Plugins;
 use crate::scheduler::{Scheduler, SchedulerConfig};
 use crate::tokenizer::TextModel;
@@ -42,7 +43,11 @@ pub struct Registry {
     plugins: Plugins,
     models: RwLock<BTreeMap<String, Arc<LoadedModel>>>,
     health: HealthReporter,
-    pub max_batch: usize,
+    /// Batch, queue and chunk settings every model's scheduler gets (max_context per model).
+    pub sched: SchedulerConfig,
+    pub metrics: Arc<Metrics>,
+    /// Directories LoadModel may read from (canonical); empty = anywhere.
+    model_roots: Vec<PathBuf>,
 }
 
 /// Model names: what can safely appear in URLs, metrics labels and health service names.
@@ -68,13 +73,114 @@ pub fn health_name(model: &str) -> String {
 }
 
 impl Registry {
-    pub fn new(plugins: Plugins, health: HealthReporter, max_batch: usize) -> Registry {
-        Registry {
+    pub fn new(
+        plugins: Plugins,
+        health: HealthReporter,
+        sched: SchedulerConfig,
+        metrics: Arc<Metrics>,
+        model_roots: &[PathBuf],
+    ) -> std::result::Result<Registry, String> {
+        let model_roots = model_roots
+            .iter()
+            .map(|r| {
+                r.canonicalize()
+                    .map_err(|e| format!("--model-root {}: {e}", r.display()))
+            })
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Registry {
             plugins,
             models: RwLock::new(BTreeMap::new()),
             health,
-            max_batch,
+            sched,
+            metrics,
+            model_roots,
+        })
+    }
+
+    /// A LoadModel source must resolve (symlinks and `..` included) under a model root.
+    pub fn check_source(&self, source: &std::path::Path) -> Result<()> {
+        if self.model_roots.is_empty() {
+            return Ok(());
         }
+        let real = source.canonicalize().map_err(|e| ServerError::ModelFiles {
+            code: llm_abi::ErrorCode::NotFound,
+            message: format!("source {}: {e}", source.display()),
+        })?;
+        if self.model_roots.iter().any(|r| real.starts_with(r)) {
+            Ok(())
+        } else {
+            Err(ServerError::PermissionDenied(format!(
+                "source {} is outside the server's model roots ({})",
+                source.display(),
+                self.model_roots
+                    .iter()
+                    .map(|r| r.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+    }
+
+    /// Gauges of every loaded model, for /metrics.
+    pub fn gauges(&self) -> Vec<ModelGauges> {
+        self.models
+            .read()
+            .expect("registry lock")
+            .values()
+            .map(|m| ModelGauges {
+                name: m.info.name.clone(),
+                queued: m
+                    .scheduler
+                    .stats
+                    .queued
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                running: m
+                    .scheduler
+                    .stats
+                    .running
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                max_batch: self.sched.max_batch,
+                weight_bytes: m.info.weight_bytes,
+                device: m.info.device.clone(),
+            })
+            .collect()
+    }
+
+    /// Shutdown: every model NOT_SERVING, then unloaded (streams still running end with
+    /// UNAVAILABLE).
+    pub async fn unload_all(&self) {
+        let names: Vec<String> = self
+            .models
+            .read()
+            .expect("registry lock")
+            .keys()
+            .cloned()
+            .collect();
+        for name in names {
+            let _ = self.unload(&name).await;
+        }
+    }
+
+    /// Health NOT_SERVING overall and per model (graceful shutdown begins).
+    pub async fn set_not_serving(&self) {
+        let names: Vec<String> = self
+            .models
+            .read()
+            .expect("registry lock")
+            .keys()
+            .cloned()
+            .collect();
+        for name in names {
+            self.health
+                .set_service_status(health_name(&name), tonic_health::ServingStatus::NotServing)
+                .await;
+        }
+        self.health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
+        self.health
+            .set_service_status("llm.v1.LlmService", tonic_health::ServingStatus::NotServing)
+            .await;
     }
 
     pub fn get(&self, name: &str) -> Result<Arc<LoadedModel>> {
@@ -185,15 +291,17 @@ impl Registry {
             num_parameters: get_u64("num_params"),
             eos_token_ids: text.eos_ids.clone(),
             has_chat_template: text.chat_template.is_some(),
+            weight_bytes: get_u64("weight_bytes"),
         };
         let scheduler = Scheduler::start(
             &spec.name,
             model,
             text.clone(),
             SchedulerConfig {
-                max_batch: self.max_batch,
                 max_context: info.max_context as usize,
+                ..self.sched
             },
+            self.metrics.clone(),
         );
         Ok(LoadedModel {
             info,

@@ -1,14 +1,17 @@
 //! One scheduler thread per loaded model: it owns the plugin model (the only thread that touches
 //! it), admits requests from a channel, runs one plugin step per iteration over every running
-//! sequence (prefill for newcomers, one decode token for the others), detokenizes and streams the
-//! results. Sequences join and leave between steps; a sequence whose client went away is released
-//! before the next step.
+//! sequence (a prompt chunk for newcomers, one decode token for the others), detokenizes and
+//! streams the results. This is continuous batching: sequences join and leave between steps.
+//! Long prompts are fed `prefill_chunk` tokens per step so a newcomer's prefill never stalls the
+//! running streams for more than one chunk. A sequence whose client went away, or whose
+//! deadline passed, is released before the next step. The wait queue is bounded: past
+//! `max_queue`, `submit` fails at once with RESOURCE_EXHAUSTED.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llm_abi::{SeqInput, SeqOutput};
 use llm_proto::v1::{Completion, FinishReason, GenerateResponse, TokenLogprobs, TopLogprob};
@@ -17,6 +20,7 @@ use tonic::Status;
 
 use crate::detok::StreamDecoder;
 use crate::error::ServerError;
+use crate::metrics::{Metrics, ModelStats};
 use crate::plugin::PluginModel;
 use crate::request::ValidParams;
 use crate::tokenizer::TextModel;
@@ -30,6 +34,8 @@ pub struct Job {
     pub tx: ResponseTx,
     /// When the server received the request (TTFT and queue time count from here).
     pub received: Instant,
+    /// The client's deadline (grpc-timeout), if it set one.
+    pub deadline: Option<Instant>,
 }
 
 enum Command {
@@ -44,12 +50,19 @@ pub struct SchedulerConfig {
     pub max_batch: usize,
     /// Positions per sequence (prompt + generated).
     pub max_context: usize,
+    /// Requests waiting for a slot, at most; more are refused with RESOURCE_EXHAUSTED.
+    pub max_queue: usize,
+    /// Prompt tokens fed per step per sequence.
+    pub prefill_chunk: usize,
 }
 
 /// Handle to a model's scheduler thread.
 pub struct Scheduler {
     tx: mpsc::Sender<Command>,
     thread: std::sync::Mutex<Option<JoinHandle<()>>>,
+    pub stats: Arc<ModelStats>,
+    max_queue: usize,
+    name: String,
 }
 
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
@@ -60,22 +73,48 @@ impl Scheduler {
         model: PluginModel,
         text: Arc<TextModel>,
         cfg: SchedulerConfig,
+        metrics: Arc<Metrics>,
     ) -> Scheduler {
         let (tx, rx) = mpsc::channel();
+        let stats = Arc::new(ModelStats::default());
+        let lp = Loop {
+            name: name.to_string(),
+            model,
+            text,
+            cfg,
+            metrics,
+            stats: stats.clone(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("sched-{name}"))
-            .spawn(move || Loop::new(model, text, cfg).run(rx))
+            .spawn(move || lp.run(rx))
             .expect("spawn scheduler thread");
         Scheduler {
             tx,
             thread: std::sync::Mutex::new(Some(thread)),
+            stats,
+            max_queue: cfg.max_queue,
+            name: name.to_string(),
         }
     }
 
+    /// Queue a job, or refuse it at once when the wait queue is full.
     pub fn submit(&self, job: Job) -> Result<(), ServerError> {
-        self.tx
-            .send(Command::Generate(job))
-            .map_err(|_| ServerError::Unavailable("the model is being unloaded".into()))
+        // Reserve a queue place first, so concurrent submits never overshoot the bound.
+        let queued = self.stats.queued.fetch_add(1, Ordering::SeqCst);
+        if queued >= self.max_queue {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            return Err(ServerError::ResourceExhausted(format!(
+                "model `{}`: the wait queue is full ({} requests waiting, --max-queue {}); retry later",
+                self.name, queued, self.max_queue
+            )));
+        }
+        self.tx.send(Command::Generate(job)).map_err(|_| {
+            self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+            ServerError::Unavailable("the model is being unloaded".into())
+        })
     }
 
     /// Stop the thread and wait until the model is destroyed. Requests submitted afterwards get
@@ -96,31 +135,48 @@ struct Seq {
     id: u64,
     job: Job,
     decoder: StreamDecoder,
-    /// Prompt tokens not yet fed.
-    prefilled: bool,
+    /// Prompt tokens fed so far; the prompt is done when this reaches its length.
+    fed: usize,
     last_token: u32,
     generated: u32,
     started: Option<Instant>,
     first_token: Option<Instant>,
+    last_sent: Option<Instant>,
+}
+
+impl Seq {
+    fn prefilled(&self) -> bool {
+        self.fed >= self.job.prompt.len()
+    }
 }
 
 struct Loop {
+    name: String,
     model: PluginModel,
     text: Arc<TextModel>,
     cfg: SchedulerConfig,
+    metrics: Arc<Metrics>,
+    stats: Arc<ModelStats>,
     waiting: VecDeque<Job>,
     running: Vec<Seq>,
 }
 
 impl Loop {
-    fn new(model: PluginModel, text: Arc<TextModel>, cfg: SchedulerConfig) -> Loop {
-        Loop {
-            model,
-            text,
-            cfg,
-            waiting: VecDeque::new(),
-            running: Vec::new(),
-        }
+    /// A job left the wait queue (admitted, dropped or failed).
+    fn dequeued(&self) {
+        self.stats.queued.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    fn set_running(&self) {
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::SeqCst);
+    }
+
+    /// End a request with an error status (and count it).
+    fn fail(&self, tx: &ResponseTx, status: Status) {
+        self.metrics.request_done(&self.name, status.code());
+        let _ = tx.send(Err(status));
     }
 
     fn run(mut self, rx: mpsc::Receiver<Command>) {
@@ -140,6 +196,7 @@ impl Loop {
                     Command::Shutdown(ack) => {
                         const WHY: &str = "the model was unloaded";
                         self.fail_all(WHY);
+                        let stats = self.stats.clone();
                         // Destroy the model (weights, caches) before acknowledging.
                         drop(self);
                         // Anything that raced in after the shutdown command is answered too;
@@ -148,6 +205,7 @@ impl Loop {
                             match cmd {
                                 Command::Generate(job) => {
                                     let _ = job.tx.send(Err(Status::unavailable(WHY)));
+                                    stats.queued.fetch_sub(1, Ordering::SeqCst);
                                 }
                                 Command::Shutdown(a) => {
                                     let _ = a.send(());
@@ -163,90 +221,139 @@ impl Loop {
             }
             self.admit();
             self.drop_cancelled();
+            self.set_running();
             if !self.running.is_empty() {
                 self.step();
+                self.set_running();
+            } else if !self.waiting.is_empty() {
+                // Only expired or cancelled jobs wait (admit took the rest): look again soon.
+                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }
 
     fn admit(&mut self) {
+        let now = Instant::now();
+        // Waiting jobs whose client left or whose deadline passed never start.
+        let mut keep = VecDeque::with_capacity(self.waiting.len());
+        for job in std::mem::take(&mut self.waiting) {
+            if job.tx.is_closed() {
+                self.metrics
+                    .request_done(&self.name, tonic::Code::Cancelled);
+                self.dequeued();
+            } else if job.deadline.is_some_and(|d| now >= d) {
+                self.fail(&job.tx, deadline_status(0));
+                self.dequeued();
+            } else {
+                keep.push_back(job);
+            }
+        }
+        self.waiting = keep;
         while self.running.len() < self.cfg.max_batch {
             let Some(job) = self.waiting.pop_front() else {
                 break;
             };
-            if job.tx.is_closed() {
-                continue;
-            }
+            self.dequeued();
             self.running.push(Seq {
                 id: NEXT_SEQ.fetch_add(1, Ordering::Relaxed),
                 decoder: StreamDecoder::new(job.params.stop.clone()),
                 job,
-                prefilled: false,
+                fed: 0,
                 last_token: 0,
                 generated: 0,
                 started: None,
                 first_token: None,
+                last_sent: None,
             });
         }
     }
 
-    /// Release sequences whose client disconnected or cancelled: nothing generates for nobody.
+    /// Release sequences whose client disconnected or cancelled (nothing generates for nobody)
+    /// and those past their deadline (DEADLINE_EXCEEDED).
     fn drop_cancelled(&mut self) {
-        let model = &mut self.model;
-        self.running.retain(|s| {
-            let gone = s.job.tx.is_closed();
-            if gone {
+        let now = Instant::now();
+        let mut i = 0;
+        while i < self.running.len() {
+            let s = &self.running[i];
+            if s.job.tx.is_closed() {
                 tracing::debug!(seq = s.id, "client gone; sequence released");
-                model.release(s.id);
+                self.metrics
+                    .request_done(&self.name, tonic::Code::Cancelled);
+            } else if s.job.deadline.is_some_and(|d| now >= d) {
+                self.fail(&s.job.tx, deadline_status(s.generated));
+            } else {
+                i += 1;
+                continue;
             }
-            !gone
-        });
+            let s = self.running.remove(i);
+            self.model.release(s.id);
+        }
     }
 
     fn fail_all(&mut self, why: &str) {
-        for s in self.running.drain(..) {
-            let _ = s.job.tx.send(Err(Status::unavailable(why)));
+        for s in std::mem::take(&mut self.running) {
+            self.fail(&s.job.tx, Status::unavailable(why));
             self.model.release(s.id);
         }
-        for j in self.waiting.drain(..) {
-            let _ = j.tx.send(Err(Status::unavailable(why)));
+        for j in std::mem::take(&mut self.waiting) {
+            self.fail(&j.tx, Status::unavailable(why));
+            self.dequeued();
         }
+        self.set_running();
     }
 
     fn step(&mut self) {
         let now = Instant::now();
+        let chunk = self.cfg.prefill_chunk.max(1);
         let inputs: Vec<SeqInput> = self
             .running
             .iter_mut()
             .map(|s| {
-                let tokens: &[u32] = if s.prefilled {
-                    std::slice::from_ref(&s.last_token)
+                let (tokens, sample): (&[u32], bool) = if s.prefilled() {
+                    (std::slice::from_ref(&s.last_token), true)
                 } else {
-                    s.started = Some(now);
-                    &s.job.prompt
+                    s.started.get_or_insert(now);
+                    let end = (s.fed + chunk).min(s.job.prompt.len());
+                    // Sample only with the prompt's last chunk.
+                    (&s.job.prompt[s.fed..end], end == s.job.prompt.len())
                 };
                 SeqInput {
                     seq_id: s.id,
                     tokens: tokens.as_ptr(),
                     n_tokens: tokens.len(),
-                    sample: 1,
+                    sample: sample as u8,
                     params: s.job.params.sampling,
                 }
             })
             .collect();
+        let fed: Vec<(usize, bool)> = inputs.iter().map(|i| (i.n_tokens, i.sample != 0)).collect();
         let mut outputs = vec![SeqOutput::default(); inputs.len()];
         if let Err(e) = self.model.step(&inputs, &mut outputs) {
             tracing::error!(error = %e, "step failed");
             let status: Status = e.into();
-            for s in self.running.drain(..) {
-                let _ = s.job.tx.send(Err(status.clone()));
+            for s in std::mem::take(&mut self.running) {
+                self.fail(&s.job.tx, status.clone());
                 self.model.release(s.id);
             }
             return;
         }
         drop(inputs);
         let mut finished = Vec::new();
-        for (i, (s, out)) in self.running.iter_mut().zip(&outputs).enumerate() {
+        for (i, ((s, out), &(n, sampled))) in
+            self.running.iter_mut().zip(&outputs).zip(&fed).enumerate()
+        {
+            if !s.prefilled() {
+                s.fed += n;
+                if !sampled {
+                    continue;
+                }
+            }
+            let now = Instant::now();
+            match s.last_sent {
+                None => self.metrics.ttft(&self.name, now - s.job.received),
+                Some(prev) => self.metrics.inter_token(&self.name, now - prev),
+            }
+            s.last_sent = Some(now);
             if let Some(reason) = advance(s, out, &self.text, self.cfg.max_context) {
                 finished.push((i, reason));
             }
@@ -254,10 +361,17 @@ impl Loop {
         for (i, reason) in finished.into_iter().rev() {
             let mut s = self.running.remove(i);
             self.model.release(s.id);
-            if let Some(reason) = reason {
-                let done = completion(&mut s, reason, &self.text);
-                let _ = s.job.tx.send(Ok(done));
-            }
+            let code = match reason {
+                Some(reason) => {
+                    let done = completion(&mut s, reason, &self.text);
+                    let _ = s.job.tx.send(Ok(done));
+                    tonic::Code::Ok
+                }
+                None => tonic::Code::Cancelled,
+            };
+            self.metrics.request_done(&self.name, code);
+            self.metrics
+                .tokens(&self.name, s.job.prompt.len() as u64, s.generated as u64);
         }
     }
 }
@@ -271,7 +385,6 @@ fn advance(
     max_context: usize,
 ) -> Option<Option<FinishReason>> {
     let now = Instant::now();
-    s.prefilled = true;
     s.generated += 1;
     s.last_token = out.token;
     s.first_token.get_or_insert(now);
@@ -338,4 +451,10 @@ fn completion(s: &mut Seq, reason: FinishReason, text: &TextModel) -> GenerateRe
             seed: s.job.params.sampling.seed,
         }),
     }
+}
+
+fn deadline_status(generated: u32) -> Status {
+    Status::deadline_exceeded(format!(
+        "the request's deadline (grpc-timeout) passed after {generated} generated tokens; the sequence was released"
+    ))
 }

@@ -3,7 +3,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use llm_proto::v1::llm_service_server::LlmService;
 use llm_proto::v1::{
@@ -25,6 +25,49 @@ pub struct Service {
     /// Defaults for LoadModel fields left empty.
     pub default_device: String,
     pub default_quantization: String,
+    /// LoadModel and UnloadModel require `authorization: Bearer <token>` when set.
+    pub admin_token: Option<String>,
+}
+
+/// The `grpc-timeout` header: an integer of at most 8 digits and a unit (H, M, S, m, u, n).
+pub fn grpc_timeout(meta: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let v = meta.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// Admin RPCs: the bearer token must match (compared in constant time).
+fn check_admin(token: &Option<String>, meta: &tonic::metadata::MetadataMap) -> Result<()> {
+    let Some(want) = token else {
+        return Ok(());
+    };
+    let got = meta
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let same = got.len() == want.len()
+        && got
+            .bytes()
+            .zip(want.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if same {
+        Ok(())
+    } else {
+        Err(ServerError::Unauthenticated(
+            "this server requires an admin token for LoadModel/UnloadModel: send metadata `authorization: Bearer <token>` (llm --admin-token or LLM_ADMIN_TOKEN)".into(),
+        ))
+    }
 }
 
 /// Turn the request's input into prompt token ids (template + tokenizer), on a blocking thread.
@@ -95,7 +138,11 @@ type GenerateStream =
     Pin<Box<dyn Stream<Item = std::result::Result<GenerateResponse, Status>> + Send>>;
 
 impl Service {
-    async fn generate_inner(&self, req: GenerateRequest) -> Result<GenerateStream> {
+    async fn generate_inner(
+        &self,
+        req: GenerateRequest,
+        deadline: Option<Instant>,
+    ) -> Result<GenerateStream> {
         let received = Instant::now();
         let valid: ValidRequest = request::parse(req, self.limits, rand_seed)?;
         let model = self.registry.get(&valid.model)?;
@@ -110,6 +157,7 @@ impl Service {
             params: valid.params,
             tx,
             received,
+            deadline,
         })?;
         Ok(Box::pin(UnboundedReceiverStream::new(rx)))
     }
@@ -136,7 +184,23 @@ impl LlmService for Service {
         &self,
         req: Request<GenerateRequest>,
     ) -> std::result::Result<Response<Self::GenerateStream>, Status> {
-        Ok(Response::new(self.generate_inner(req.into_inner()).await?))
+        let deadline = grpc_timeout(req.metadata()).map(|d| Instant::now() + d);
+        let req = req.into_inner();
+        let model = req.model.clone();
+        match self.generate_inner(req, deadline).await {
+            Ok(stream) => Ok(Response::new(stream)),
+            Err(e) => {
+                let status: Status = e.into();
+                // Label by model only for loaded ones: clients choose the names.
+                let label = if self.registry.get(&model).is_ok() {
+                    model.as_str()
+                } else {
+                    "-"
+                };
+                self.registry.metrics.request_done(label, status.code());
+                Err(status)
+            }
+        }
     }
 
     async fn list_models(
@@ -152,10 +216,13 @@ impl LlmService for Service {
         &self,
         req: Request<LoadModelRequest>,
     ) -> std::result::Result<Response<LoadModelResponse>, Status> {
+        check_admin(&self.admin_token, req.metadata())?;
         let r = req.into_inner();
         if r.source.is_empty() {
             return Err(ServerError::invalid("source", "is required").into());
         }
+        self.registry
+            .check_source(std::path::Path::new(&r.source))?;
         let or = |v: String, d: &str| if v.is_empty() { d.to_string() } else { v };
         let spec = LoadSpec {
             name: r.name,
@@ -175,7 +242,44 @@ impl LlmService for Service {
         &self,
         req: Request<UnloadModelRequest>,
     ) -> std::result::Result<Response<UnloadModelResponse>, Status> {
+        check_admin(&self.admin_token, req.metadata())?;
         self.registry.unload(&req.into_inner().name).await?;
         Ok(Response::new(UnloadModelResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::metadata::MetadataMap;
+
+    #[test]
+    fn grpc_timeout_units() {
+        let mut m = MetadataMap::new();
+        for (v, d) in [
+            ("200m", Duration::from_millis(200)),
+            ("3S", Duration::from_secs(3)),
+            ("2M", Duration::from_secs(120)),
+            ("1H", Duration::from_secs(3600)),
+            ("500u", Duration::from_micros(500)),
+            ("7n", Duration::from_nanos(7)),
+        ] {
+            m.insert("grpc-timeout", v.parse().unwrap());
+            assert_eq!(grpc_timeout(&m), Some(d), "{v}");
+        }
+        m.insert("grpc-timeout", "12x".parse().unwrap());
+        assert_eq!(grpc_timeout(&m), None);
+    }
+
+    #[test]
+    fn admin_token_is_checked() {
+        let token = Some("s3cret".to_string());
+        let mut m = MetadataMap::new();
+        assert!(check_admin(&token, &m).is_err());
+        m.insert("authorization", "Bearer wrong!".parse().unwrap());
+        assert!(check_admin(&token, &m).is_err());
+        m.insert("authorization", "Bearer s3cret".parse().unwrap());
+        assert!(check_admin(&token, &m).is_ok());
+        assert!(check_admin(&None, &MetadataMap::new()).is_ok());
     }
 }

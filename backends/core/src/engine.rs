@@ -125,6 +125,7 @@ impl<B: LlmBackend, M: CausalLm<B>> DynEngine for Engine<B, M> {
             "max_context": self.model.max_context(),
             "num_layers": self.model.num_layers(),
             "num_params": self.model.num_params(),
+            "weight_bytes": weight_bytes::<B, M>(&self.model),
             "active_sequences": self.seqs.len(),
         });
         if let (Some(dst), Some(src)) = (v.as_object_mut(), self.info.as_object()) {
@@ -134,4 +135,20 @@ impl<B: LlmBackend, M: CausalLm<B>> DynEngine for Engine<B, M> {
         }
         v
     }
+}
+
+/// Bytes of weights held: each linear's stored bytes (NF4 codes + absmax, or its floats), the
+/// other parameters (embeddings, norms, biases outside linears) in the compute dtype.
+pub fn weight_bytes<B: LlmBackend, M: CausalLm<B>>(model: &M) -> u64 {
+    let elem = match B::DTYPE {
+        "f32" => 4,
+        _ => 2,
+    };
+    let linears = model.linears();
+    let linear_params: usize = linears.iter().map(|(_, l)| l.num_params()).sum();
+    let linear_bytes: usize = linears
+        .iter()
+        .map(|(_, l)| l.nf4_bytes().unwrap_or(l.num_params() * elem))
+        .sum();
+    (linear_bytes + (model.num_params() - linear_params) * elem) as u64
 }
