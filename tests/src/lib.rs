@@ -71,6 +71,8 @@ pub fn python_env() -> PathBuf {
 pub struct Server {
     child: Child,
     pub addr: String,
+    /// The metrics address (`--metrics-listen`), when enabled.
+    pub metrics_addr: Option<String>,
     log: PathBuf,
 }
 
@@ -96,10 +98,17 @@ impl Server {
             .spawn()
             .expect("spawn llm-server");
         let stdout = child.stdout.take().expect("stdout");
+        let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read server stdout");
+        let mut metrics_addr = None;
+        loop {
+            line.clear();
+            reader.read_line(&mut line).expect("read server stdout");
+            match line.trim().strip_prefix("llm-server metrics on http://") {
+                Some(m) => metrics_addr = Some(m.trim_end_matches("/metrics").to_string()),
+                None => break,
+            }
+        }
         let addr = line
             .trim()
             .strip_prefix("llm-server listening on ")
@@ -110,7 +119,60 @@ impl Server {
                 )
             })
             .to_string();
-        Server { child, addr, log }
+        Server {
+            child,
+            addr,
+            metrics_addr,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Send a signal (`TERM`, `INT`) to the server process.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait for the process to exit; its exit status, or None after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let t0 = Instant::now();
+        while t0.elapsed() < timeout {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    /// GET /metrics (Prometheus text).
+    pub fn metrics(&self) -> String {
+        use std::io::{Read, Write};
+        let addr = self.metrics_addr.as_ref().expect("--metrics-listen");
+        let mut conn = std::net::TcpStream::connect(addr).expect("connect metrics");
+        write!(conn, "GET /metrics HTTP/1.1\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        conn.read_to_string(&mut resp).expect("read metrics");
+        assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+        resp.split_once("\r\n\r\n").expect("body").1.to_string()
+    }
+
+    /// One sample's value from /metrics, e.g. `llm_running_batch_size{model="m",device="cpu"}`
+    /// (0 when absent).
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 
     pub fn url(&self) -> String {
