@@ -76,6 +76,9 @@ struct Inner {
     itl: BTreeMap<String, Histogram>,
 }
 
+/// A gauge family: name, help, and how to read it from a model's [`ModelGauges`].
+type Gauge = (&'static str, &'static str, fn(&ModelGauges) -> String);
+
 /// A model's gauges at scrape time.
 pub struct ModelGauges {
     pub name: String,
@@ -209,7 +212,7 @@ impl Metrics {
             h.render(&mut out, &n, model);
         }
         drop(m);
-        let gauges: [(&str, &str, fn(&ModelGauges) -> String); 4] = [
+        let gauges: [Gauge; 4] = [
             (
                 "llm_queue_depth",
                 "Requests waiting for a slot in the running batch.",

@@ -71,7 +71,7 @@ mod kernels {
     /// nibble of byte b, weight 2b+1 in the low one.
     const fn nibble_shift(i: usize) -> u32 {
         let byte = (i % 8 / 2) as u32;
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             byte * 8 + 4
         } else {
             byte * 8
