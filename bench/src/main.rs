@@ -13,10 +13,9 @@ use burn_tensor::{Tensor, TensorData, TensorPrimitive};
 use llm_core::cuda::{CudaBf16, CudaNf4Linear};
 use llm_core::host_linear::HostLinear;
 use llm_core::nf4::{Nf4Weight, WeightDtype};
-use llm_core::testing::{fixtures, rel_l2, to_vec, TinyReference};
-use llm_core::weights::{LoadCtx, Quantization};
-use llm_core::{Architecture, CausalLm, Cpu, KvCache, Linear, LoadOptions};
-use llm_formats::ModelSource;
+use llm_core::testing::{fixtures, load_on, rel_l2, to_vec, TinyReference};
+use llm_core::weights::Quantization;
+use llm_core::{Architecture, CausalLm, Cpu, KvCache, Linear};
 
 type Device = <CudaBf16 as burn_tensor::backend::BackendTypes>::Device;
 
@@ -187,20 +186,7 @@ fn tiny_one<A: Architecture>(arch: &str, device: &Device) {
         ("nf4", Quantization::Nf4, "logits_nf4_f32"),
     ] {
         let path = fixtures().join("tiny").join(arch).join(dir);
-        let source = ModelSource::open(&path).unwrap();
-        let ctx = LoadCtx {
-            store: source.tensors(),
-            device: device.clone(),
-            quantization: quant,
-            source: source.describe(),
-        };
-        let opts = LoadOptions {
-            source: path.clone(),
-            device: "cuda".into(),
-            quantization: quant.name().into(),
-            max_context: 0,
-        };
-        let model = A::load::<CudaBf16>(source.config(), &ctx, &opts).unwrap();
+        let model = load_on::<A, CudaBf16>(&path, device.clone(), "cuda", quant);
         let mut cache = KvCache::new(model.num_layers());
         let logits = to_vec(model.forward(&input, &mut cache, true));
         let err = rel_l2(&logits, &r.floats(key).1);

@@ -162,54 +162,51 @@ impl Metrics {
     pub fn render(&self, models: &[ModelGauges]) -> String {
         let mut out = String::new();
         let m = self.inner.lock().expect("metrics lock");
-        fn family(out: &mut String, name: &str, kind: &str, help: &str) -> String {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            name.to_string()
-        }
-        let n = family(
+        header(
             &mut out,
             "llm_requests_total",
             "counter",
             "Generate requests finished, by model and gRPC status code.",
         );
         for ((model, code), v) in &m.requests {
-            let _ = writeln!(out, "{n}{{model=\"{model}\",code=\"{code}\"}} {v}");
+            let _ = writeln!(
+                out,
+                "llm_requests_total{{model=\"{model}\",code=\"{code}\"}} {v}"
+            );
         }
-        let n = family(
-            &mut out,
-            "llm_prompt_tokens_total",
-            "counter",
-            "Prompt tokens of finished requests.",
-        );
-        for (model, v) in &m.prompt_tokens {
-            let _ = writeln!(out, "{n}{{model=\"{model}\"}} {v}");
+        for (name, help, per_model) in [
+            (
+                "llm_prompt_tokens_total",
+                "Prompt tokens of finished requests.",
+                &m.prompt_tokens,
+            ),
+            (
+                "llm_completion_tokens_total",
+                "Tokens generated, streamed to clients.",
+                &m.completion_tokens,
+            ),
+        ] {
+            header(&mut out, name, "counter", help);
+            for (model, v) in per_model {
+                let _ = writeln!(out, "{name}{{model=\"{model}\"}} {v}");
+            }
         }
-        let n = family(
-            &mut out,
-            "llm_completion_tokens_total",
-            "counter",
-            "Tokens generated, streamed to clients.",
-        );
-        for (model, v) in &m.completion_tokens {
-            let _ = writeln!(out, "{n}{{model=\"{model}\"}} {v}");
-        }
-        let n = family(
-            &mut out,
-            "llm_time_to_first_token_seconds",
-            "histogram",
-            "From request received to first token sent.",
-        );
-        for (model, h) in &m.ttft {
-            h.render(&mut out, &n, model);
-        }
-        let n = family(
-            &mut out,
-            "llm_inter_token_latency_seconds",
-            "histogram",
-            "Time between consecutive tokens of a stream.",
-        );
-        for (model, h) in &m.itl {
-            h.render(&mut out, &n, model);
+        for (name, help, per_model) in [
+            (
+                "llm_time_to_first_token_seconds",
+                "From request received to first token sent.",
+                &m.ttft,
+            ),
+            (
+                "llm_inter_token_latency_seconds",
+                "Time between consecutive tokens of a stream.",
+                &m.itl,
+            ),
+        ] {
+            header(&mut out, name, "histogram", help);
+            for (model, h) in per_model {
+                h.render(&mut out, name, model);
+            }
         }
         drop(m);
         let gauges: [Gauge; 4] = [
@@ -235,7 +232,7 @@ impl Metrics {
             ),
         ];
         for (name, help, value) in gauges {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+            header(&mut out, name, "gauge", help);
             for g in models {
                 let _ = writeln!(
                     out,
@@ -248,6 +245,11 @@ impl Metrics {
         }
         out
     }
+}
+
+/// The `# HELP` / `# TYPE` lines of a metric family.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }
 
 /// Serve GET /metrics on `listener` (HTTP/1.1, one response per connection).

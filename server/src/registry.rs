@@ -146,31 +146,26 @@ impl Registry {
             .collect()
     }
 
-    /// Shutdown: every model NOT_SERVING, then unloaded (streams still running end with
-    /// UNAVAILABLE).
-    pub async fn unload_all(&self) {
-        let names: Vec<String> = self
-            .models
+    fn names(&self) -> Vec<String> {
+        self.models
             .read()
             .expect("registry lock")
             .keys()
             .cloned()
-            .collect();
-        for name in names {
+            .collect()
+    }
+
+    /// Shutdown: every model NOT_SERVING, then unloaded (streams still running end with
+    /// UNAVAILABLE).
+    pub async fn unload_all(&self) {
+        for name in self.names() {
             let _ = self.unload(&name).await;
         }
     }
 
     /// Health NOT_SERVING overall and per model (graceful shutdown begins).
     pub async fn set_not_serving(&self) {
-        let names: Vec<String> = self
-            .models
-            .read()
-            .expect("registry lock")
-            .keys()
-            .cloned()
-            .collect();
-        for name in names {
+        for name in self.names() {
             self.health
                 .set_service_status(health_name(&name), tonic_health::ServingStatus::NotServing)
                 .await;

@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use llm_abi::{SeqInput, SeqOutput};
 use llm_proto::v1::{Completion, FinishReason, GenerateResponse, TokenLogprobs, TopLogprob};
@@ -225,9 +225,6 @@ impl Loop {
             if !self.running.is_empty() {
                 self.step();
                 self.set_running();
-            } else if !self.waiting.is_empty() {
-                // Only expired or cancelled jobs wait (admit took the rest): look again soon.
-                std::thread::sleep(Duration::from_millis(1));
             }
         }
     }

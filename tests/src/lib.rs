@@ -283,16 +283,22 @@ pub fn tiny_with_tokenizer(arch: &str, family: &str) -> PathBuf {
         dir.join("tokenizer_config.json"),
     )
     .unwrap();
-    let out = Command::new("python3")
-        .args(["-c", "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))"])
-        .arg(tok.join("tokenizer.json.xz"))
-        .arg(dir.join("tokenizer.json"))
-        .output()
-        .unwrap();
+    assert_ok(
+        &Command::new("python3")
+            .args(["-c", "import lzma,shutil,sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))"])
+            .arg(tok.join("tokenizer.json.xz"))
+            .arg(dir.join("tokenizer.json"))
+            .output()
+            .unwrap(),
+    );
+    dir
+}
+
+/// Panic with the process's stderr unless it exited successfully.
+pub fn assert_ok(out: &Output) {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    dir
 }

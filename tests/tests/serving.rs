@@ -64,6 +64,17 @@ fn smol_server(extra: &[&str]) -> Server {
     Server::start(&args)
 }
 
+/// Run tests/python/stream_tools.py (a grpcio client) and parse the JSON it prints.
+fn stream_tools(args: &[&str]) -> serde_json::Value {
+    let out = Command::new(python_env().join("bin/python"))
+        .arg(repo_root().join("tests/python/stream_tools.py"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert_ok(&out);
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 async fn wait_until(what: &str, server: &Server, cond: impl Fn(&Server) -> bool) {
     let t0 = Instant::now();
     while !cond(server) {
@@ -259,17 +270,7 @@ async fn cancel_and_deadline_free_the_slot_and_spare_other_streams() {
     .await;
 
     // The Python client cancels after 5 tokens.
-    let out = Command::new(python_env().join("bin/python"))
-        .arg(repo_root().join("tests/python/stream_tools.py"))
-        .args(["cancel", &server.addr, "smol", "5"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = stream_tools(&["cancel", &server.addr, "smol", "5"]);
     assert_eq!(r["tokens"], 5, "{r}");
     assert_eq!(r["code"], "CANCELLED", "{r}");
     wait_until("the Python client's slot to be freed", &server, |s| {
@@ -324,17 +325,7 @@ async fn malformed_and_oversized_messages_get_clear_errors() {
     let load = format!("tiny={}", tiny.display());
     let server = Server::start(&["--load", &load]);
     server.wait_models(&["tiny"], Duration::from_secs(60)).await;
-    let out = Command::new(python_env().join("bin/python"))
-        .arg(repo_root().join("tests/python/stream_tools.py"))
-        .args(["raw", &server.addr])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let r = stream_tools(&["raw", &server.addr]);
     assert_eq!(r["malformed"]["code"], "INTERNAL", "{r}");
     assert!(
         r["malformed"]["details"]
@@ -390,24 +381,16 @@ async fn admin_rpcs_need_the_token_and_stay_inside_the_model_roots() {
             "{err}"
         );
     }
-    let out = server.llm(&["--admin-token", "s3cret", "load", "t", inside]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&server.llm(&["--admin-token", "s3cret", "load", "t", inside]));
     // Unload needs the token too (the environment variable works like the flag).
     let out = server.llm(&["unload", "t"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("Unauthenticated"));
-    let out = Command::new(bin("llm"))
-        .env("LLM_ADMIN_TOKEN", "s3cret")
-        .args(["--server", &server.url(), "unload", "t"])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    assert_ok(
+        &Command::new(bin("llm"))
+            .env("LLM_ADMIN_TOKEN", "s3cret")
+            .args(["--server", &server.url(), "unload", "t"])
+            .output()
+            .unwrap(),
     );
     // Generate needs no token.
     let out = server.llm(&["models"]);

@@ -41,6 +41,7 @@ pub fn default_model() -> PathBuf {
     PathBuf::from(String::from_utf8(out.stdout).expect("utf-8 path").trim())
 }
 
+use crate::backend::LlmBackend;
 use crate::engine::CausalLm;
 use crate::export::{Architecture, Cpu, LoadOptions};
 use crate::weights::{LoadCtx, Quantization};
@@ -52,21 +53,30 @@ pub fn load_cpu<A: Architecture>(
     path: &std::path::Path,
     quantization: Quantization,
 ) -> A::Model<Cpu> {
+    load_on::<A, Cpu>(path, Default::default(), "cpu", quantization)
+}
+
+/// Load `A` from `path` on backend `B`'s `device` (`device_name` as LoadModel spells it).
+pub fn load_on<A: Architecture, B: LlmBackend>(
+    path: &std::path::Path,
+    device: B::Device,
+    device_name: &str,
+    quantization: Quantization,
+) -> A::Model<B> {
     let source = ModelSource::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let ctx = LoadCtx {
         store: source.tensors(),
-        device: Default::default(),
+        device,
         quantization,
         source: source.describe(),
     };
     let opts = LoadOptions {
         source: path.to_path_buf(),
-        device: "cpu".into(),
+        device: device_name.into(),
         quantization: quantization.name().into(),
         max_context: 0,
     };
-    A::load::<Cpu>(source.config(), &ctx, &opts)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    A::load::<B>(source.config(), &ctx, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// `tests/fixtures/tiny/<arch>/reference.safetensors`.
