@@ -34,6 +34,13 @@ pub trait Architecture: 'static {
         weights: &LoadCtx<'_, B>,
         opts: &LoadOptions,
     ) -> Result<Self::Model<B>>;
+    /// The HF module tree, parameter count and footprint, from config.json alone (no weights).
+    /// `what` names the config in errors.
+    fn describe(
+        config: &serde_json::Value,
+        d: &crate::describe::Describer,
+        what: &str,
+    ) -> Result<crate::describe::Description>;
 }
 
 /// The `load` request (see `llm_abi::load_request`).

@@ -10,6 +10,9 @@ use crate::error::Result;
 use crate::linear::Linear;
 use crate::weights::Weights;
 
+/// The checkpoint names of most gated MLPs (HF `LlamaMLP`).
+pub const GATE_UP_DOWN: [&str; 3] = ["gate_proj", "up_proj", "down_proj"];
+
 pub enum GateUp<B: LlmBackend> {
     Separate {
         gate_proj: Box<dyn Linear<B>>,

@@ -165,3 +165,39 @@ pub fn kv_decode_error<M: CausalLm<Cpu>>(model: &M, r: &TinyReference) -> f64 {
     }
     worst
 }
+
+/// `A::describe` of `config_dir/config.json` prints exactly `tests/fixtures/describe/<fixture>.{nf4,bf16}.txt`
+/// (transformers 4.48.3 `print(model)`) and counts the footprints of `footprints.json`.
+pub fn assert_describe<A: Architecture>(config_dir: &std::path::Path, fixture: &str) {
+    use crate::describe::{footprint_text, Describer};
+    let read =
+        |p: PathBuf| std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+    let config: serde_json::Value =
+        serde_json::from_str(&read(config_dir.join("config.json"))).expect("config.json");
+    let footprints: serde_json::Value =
+        serde_json::from_str(&read(fixtures().join("describe/footprints.json"))).unwrap();
+    let want = &footprints[fixture];
+    for (quantized, suffix) in [(true, "nf4"), (false, "bf16")] {
+        let d = A::describe(&config, &Describer { quantized }, fixture)
+            .unwrap_or_else(|e| panic!("{fixture}: {e}"));
+        let text = read(fixtures().join(format!("describe/{fixture}.{suffix}.txt")));
+        assert_eq!(
+            d.tree.render(),
+            text.trim_end(),
+            "{fixture} {suffix}: print(model) differs"
+        );
+        let bytes = d.tree.footprint(2);
+        assert_eq!(
+            Some(bytes),
+            want[format!("{suffix}_footprint_bytes")].as_u64(),
+            "{fixture} {suffix}: footprint"
+        );
+        if quantized {
+            assert_eq!(
+                Some(footprint_text(bytes).as_str()),
+                want["nf4_footprint_MB_text"].as_str(),
+                "{fixture}: footprint text"
+            );
+        }
+    }
+}

@@ -8,8 +8,8 @@ use llm_core::attention::LayerKv;
 use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
-    DecoderLayer, DecoderSpec, ForwardCtx, GatedMlp, Linear, LoadCtx, LoadOptions, Result, RmsNorm,
-    RopeFields,
+    DecoderLayer, DecoderSpec, Describer, Description, ForwardCtx, GatedMlp, Linear, LoadCtx,
+    LoadOptions, Module, Result, RmsNorm, RopeFields, GATE_UP_DOWN,
 };
 use serde::Deserialize;
 
@@ -113,12 +113,16 @@ impl<B: LlmBackend> DecoderLayer<B> for Gemma2DecoderLayer<B> {
 /// HF `Gemma2ForCausalLM`.
 pub type Gemma2ForCausalLM<B> = CausalDecoder<B, Gemma2DecoderLayer<B>>;
 
-pub fn load<B: LlmBackend>(
-    config: &serde_json::Value,
-    ctx: &LoadCtx<'_, B>,
-    opts: &LoadOptions,
-) -> Result<Gemma2ForCausalLM<B>> {
-    let what = &ctx.source;
+/// The derived shapes `load` and `describe` share. `attn` is a full-attention layer's;
+/// `sliding` marks the sliding-window layers.
+struct Plan {
+    c: Gemma2Config,
+    spec: DecoderSpec,
+    attn: AttentionConfig,
+    sliding: Vec<bool>,
+}
+
+fn plan(config: &serde_json::Value, what: &str) -> Result<Plan> {
     let c: Gemma2Config = parse_config(config, what)?;
     if c.hidden_act.is_some_and(|a| a != c.hidden_activation) {
         return Err(CoreError::invalid(format!(
@@ -163,29 +167,52 @@ pub fn load<B: LlmBackend>(
         rope_parameters: c.rope_parameters.clone(),
     }
     .resolve(10_000.0, what)?;
-    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     let spec = DecoderSpec {
         vocab_size: c.vocab_size,
-        hidden_size: h,
+        hidden_size: c.hidden_size,
         num_hidden_layers: c.num_hidden_layers,
-        rms_norm_eps: eps,
+        rms_norm_eps: c.rms_norm_eps,
         norm_unit_offset: true,
         tie_word_embeddings: c.tie_word_embeddings,
         max_position_embeddings: c.max_position_embeddings,
         rope,
         head_dim: c.head_dim,
         // HF: hidden_states * torch.tensor(hidden_size**0.5, dtype=hidden_states.dtype).
-        embed_scale: Some((h as f64).sqrt() as f32),
+        embed_scale: Some((c.hidden_size as f64).sqrt() as f32),
         final_logit_softcap: c.final_logit_softcapping,
     };
+    let attn = AttentionConfig {
+        num_heads: c.num_attention_heads,
+        num_kv_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        scale: c.query_pre_attn_scalar.powf(-0.5),
+        softcap: c.attn_logit_softcapping,
+        sliding_window: None,
+    };
+    Ok(Plan {
+        c,
+        spec,
+        attn,
+        sliding,
+    })
+}
+
+pub fn load<B: LlmBackend>(
+    config: &serde_json::Value,
+    ctx: &LoadCtx<'_, B>,
+    opts: &LoadOptions,
+) -> Result<Gemma2ForCausalLM<B>> {
+    let Plan {
+        c,
+        spec,
+        attn,
+        sliding,
+    } = plan(config, &ctx.source)?;
+    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     CausalDecoder::load(ctx, opts, spec, |w, i| {
         let attn = AttentionConfig {
-            num_heads: c.num_attention_heads,
-            num_kv_heads: c.num_key_value_heads,
-            head_dim: c.head_dim,
-            scale: c.query_pre_attn_scalar.powf(-0.5),
-            softcap: c.attn_logit_softcapping,
             sliding_window: if sliding[i] { c.sliding_window } else { None },
+            ..attn
         };
         let norm = |name: &str| RmsNorm::load(w, name, h, eps, true);
         Ok(Gemma2DecoderLayer {
@@ -201,7 +228,7 @@ pub fn load<B: LlmBackend>(
             pre_feedforward_layernorm: norm("pre_feedforward_layernorm")?,
             mlp: GatedMlp::load(
                 &w.pp("mlp"),
-                ["gate_proj", "up_proj", "down_proj"],
+                GATE_UP_DOWN,
                 h,
                 c.intermediate_size,
                 c.hidden_activation,
@@ -210,6 +237,36 @@ pub fn load<B: LlmBackend>(
             post_feedforward_layernorm: norm("post_feedforward_layernorm")?,
         })
     })
+}
+
+/// `print(model)` of HF `Gemma2ForCausalLM`, from config.json alone.
+pub fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result<Description> {
+    let Plan { c, spec, attn, .. } = plan(config, what)?;
+    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+    let ab = c.attention_bias;
+    let norm = || d.rms_norm("Gemma2", h, eps);
+    let layer = Module::new("Gemma2DecoderLayer")
+        .child("self_attn", d.attention("Gemma2", h, &attn, ab, ab))
+        .child(
+            "mlp",
+            d.gated_mlp(
+                "Gemma2MLP",
+                GATE_UP_DOWN,
+                h,
+                c.intermediate_size,
+                c.hidden_activation,
+                false,
+            ),
+        )
+        .child("input_layernorm", norm())
+        .child("post_attention_layernorm", norm())
+        .child("pre_feedforward_layernorm", norm())
+        .child("post_feedforward_layernorm", norm());
+    Ok(Description::new(
+        d.causal_lm("Gemma2", config, &spec, layer),
+        &spec,
+        &attn,
+    ))
 }
 
 pub struct Gemma2;
@@ -224,6 +281,9 @@ impl Architecture for Gemma2 {
         opts: &LoadOptions,
     ) -> Result<Self::Model<B>> {
         load(config, ctx, opts)
+    }
+    fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result<Description> {
+        describe(config, d, what)
     }
 }
 

@@ -15,3 +15,18 @@ fn real_gemma2_config_parses_strictly() {
         llm_core::parse_config::<gemma2_backend::Gemma2Config>(&bad, "config.json").unwrap_err();
     assert!(err.message.contains("made_up_field"), "{}", err.message);
 }
+
+/// `llm describe`: print(model) and get_memory_footprint() of transformers 4.48.3, bf16 and NF4,
+/// for the real config and the tiny fixture.
+#[test]
+fn describe_matches_pytorch_print() {
+    let fx = llm_core::testing::fixtures();
+    llm_core::testing::assert_describe::<gemma2_backend::Gemma2>(
+        &fx.join("configs/gemma-2-2b-it"),
+        "gemma-2-2b-it",
+    );
+    llm_core::testing::assert_describe::<gemma2_backend::Gemma2>(
+        &fx.join("tiny/gemma2/bf16"),
+        "tiny-gemma2",
+    );
+}

@@ -6,7 +6,8 @@
 use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
-    DecoderSpec, GatedMlp, LoadCtx, LoadOptions, PreNormLayer, Result, RopeFields,
+    DecoderSpec, Describer, Description, GatedMlp, LoadCtx, LoadOptions, Module, PreNormLayer,
+    Result, RopeFields, GATE_UP_DOWN,
 };
 use serde::Deserialize;
 
@@ -84,20 +85,22 @@ impl LlamaConfig {
 /// HF `LlamaForCausalLM`.
 pub type LlamaForCausalLM<B> = CausalDecoder<B, PreNormLayer<B>>;
 
-/// Build the model from config.json and the weights.
-pub fn load<B: LlmBackend>(
-    config: &serde_json::Value,
-    ctx: &LoadCtx<'_, B>,
-    opts: &LoadOptions,
-) -> Result<LlamaForCausalLM<B>> {
-    let c: LlamaConfig = parse_config(config, &ctx.source)?;
-    c.check(&ctx.source)?;
+/// The derived shapes `load` and `describe` share.
+struct Plan {
+    c: LlamaConfig,
+    spec: DecoderSpec,
+    attn: AttentionConfig,
+}
+
+fn plan(config: &serde_json::Value, what: &str) -> Result<Plan> {
+    let c: LlamaConfig = parse_config(config, what)?;
+    c.check(what)?;
     let rope = RopeFields {
         rope_theta: c.rope_theta,
         rope_scaling: c.rope_scaling.clone(),
         rope_parameters: c.rope_parameters.clone(),
     }
-    .resolve(10_000.0, &ctx.source)?;
+    .resolve(10_000.0, what)?;
     let head_dim = c.head_dim();
     let attn = AttentionConfig {
         num_heads: c.num_attention_heads,
@@ -107,12 +110,11 @@ pub fn load<B: LlmBackend>(
         softcap: None,
         sliding_window: None,
     };
-    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     let spec = DecoderSpec {
         vocab_size: c.vocab_size,
-        hidden_size: h,
+        hidden_size: c.hidden_size,
         num_hidden_layers: c.num_hidden_layers,
-        rms_norm_eps: eps,
+        rms_norm_eps: c.rms_norm_eps,
         norm_unit_offset: false,
         tie_word_embeddings: c.tie_word_embeddings,
         max_position_embeddings: c.max_position_embeddings,
@@ -121,6 +123,17 @@ pub fn load<B: LlmBackend>(
         embed_scale: None,
         final_logit_softcap: None,
     };
+    Ok(Plan { c, spec, attn })
+}
+
+/// Build the model from config.json and the weights.
+pub fn load<B: LlmBackend>(
+    config: &serde_json::Value,
+    ctx: &LoadCtx<'_, B>,
+    opts: &LoadOptions,
+) -> Result<LlamaForCausalLM<B>> {
+    let Plan { c, spec, attn } = plan(config, &ctx.source)?;
+    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     CausalDecoder::load(ctx, opts, spec, |w, _| {
         Ok(PreNormLayer {
             input_layernorm: llm_core::RmsNorm::load(w, "input_layernorm", h, eps, false)?,
@@ -150,6 +163,33 @@ pub fn load<B: LlmBackend>(
     })
 }
 
+/// `print(model)` of HF `LlamaForCausalLM`, from config.json alone.
+pub fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result<Description> {
+    let Plan { c, spec, attn } = plan(config, what)?;
+    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+    let (ab, mb) = (c.attention_bias, c.mlp_bias);
+    let layer = Module::new("LlamaDecoderLayer")
+        .child("self_attn", d.attention("Llama", h, &attn, ab, ab))
+        .child(
+            "mlp",
+            d.gated_mlp(
+                "LlamaMLP",
+                GATE_UP_DOWN,
+                h,
+                c.intermediate_size,
+                c.hidden_act,
+                mb,
+            ),
+        )
+        .child("input_layernorm", d.rms_norm("Llama", h, eps))
+        .child("post_attention_layernorm", d.rms_norm("Llama", h, eps));
+    Ok(Description::new(
+        d.causal_lm("Llama", config, &spec, layer),
+        &spec,
+        &attn,
+    ))
+}
+
 /// The plugin.
 pub struct Llama;
 
@@ -163,6 +203,9 @@ impl Architecture for Llama {
         opts: &LoadOptions,
     ) -> Result<Self::Model<B>> {
         load(config, ctx, opts)
+    }
+    fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result<Description> {
+        describe(config, d, what)
     }
 }
 

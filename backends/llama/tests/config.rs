@@ -15,3 +15,18 @@ fn real_llama_config_parses_strictly() {
         llm_core::parse_config::<llama_backend::LlamaConfig>(&bad, "config.json").unwrap_err();
     assert!(err.message.contains("made_up_field"), "{}", err.message);
 }
+
+/// `llm describe`: print(model) and get_memory_footprint() of transformers 4.48.3, bf16 and NF4,
+/// for the real config and the tiny fixture.
+#[test]
+fn describe_matches_pytorch_print() {
+    let fx = llm_core::testing::fixtures();
+    llm_core::testing::assert_describe::<llama_backend::Llama>(
+        &fx.join("configs/llama-3.1-8b-instruct"),
+        "llama-3.1-8b-instruct",
+    );
+    llm_core::testing::assert_describe::<llama_backend::Llama>(
+        &fx.join("tiny/llama/bf16"),
+        "tiny-llama",
+    );
+}

@@ -7,8 +7,8 @@ use llm_core::attention::LayerKv;
 use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
-    DecoderLayer, DecoderSpec, ForwardCtx, GatedMlp, Linear, LoadCtx, LoadOptions, Result, RmsNorm,
-    RopeFields, SparseMoe,
+    DecoderLayer, DecoderSpec, Describer, Description, ForwardCtx, GatedMlp, Linear, LoadCtx,
+    LoadOptions, Module, Result, RmsNorm, RopeFields, SparseMoe,
 };
 use serde::Deserialize;
 
@@ -103,12 +103,14 @@ impl<B: LlmBackend> DecoderLayer<B> for MixtralDecoderLayer<B> {
 /// HF `MixtralForCausalLM`.
 pub type MixtralForCausalLM<B> = CausalDecoder<B, MixtralDecoderLayer<B>>;
 
-pub fn load<B: LlmBackend>(
-    config: &serde_json::Value,
-    ctx: &LoadCtx<'_, B>,
-    opts: &LoadOptions,
-) -> Result<MixtralForCausalLM<B>> {
-    let what = &ctx.source;
+/// The derived shapes `load` and `describe` share.
+struct Plan {
+    c: MixtralConfig,
+    spec: DecoderSpec,
+    attn: AttentionConfig,
+}
+
+fn plan(config: &serde_json::Value, what: &str) -> Result<Plan> {
     let c: MixtralConfig = parse_config(config, what)?;
     if c.num_experts_per_tok == 0 || c.num_experts_per_tok > c.num_local_experts {
         return Err(CoreError::invalid(format!(
@@ -128,7 +130,6 @@ pub fn load<B: LlmBackend>(
     }
     .resolve(1_000_000.0, what)?;
     let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
-    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     let attn = AttentionConfig {
         num_heads: c.num_attention_heads,
         num_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
@@ -139,9 +140,9 @@ pub fn load<B: LlmBackend>(
     };
     let spec = DecoderSpec {
         vocab_size: c.vocab_size,
-        hidden_size: h,
+        hidden_size: c.hidden_size,
         num_hidden_layers: c.num_hidden_layers,
-        rms_norm_eps: eps,
+        rms_norm_eps: c.rms_norm_eps,
         norm_unit_offset: false,
         tie_word_embeddings: c.tie_word_embeddings,
         max_position_embeddings: c.max_position_embeddings,
@@ -150,6 +151,16 @@ pub fn load<B: LlmBackend>(
         embed_scale: None,
         final_logit_softcap: None,
     };
+    Ok(Plan { c, spec, attn })
+}
+
+pub fn load<B: LlmBackend>(
+    config: &serde_json::Value,
+    ctx: &LoadCtx<'_, B>,
+    opts: &LoadOptions,
+) -> Result<MixtralForCausalLM<B>> {
+    let Plan { c, spec, attn } = plan(config, &ctx.source)?;
+    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     CausalDecoder::load(ctx, opts, spec, |w, _| {
         let moe = w.pp("block_sparse_moe");
         let experts = (0..c.num_local_experts)
@@ -177,6 +188,34 @@ pub fn load<B: LlmBackend>(
     })
 }
 
+/// `print(model)` of HF `MixtralForCausalLM`, from config.json alone. An expert
+/// (`MixtralBlockSparseTop2MLP`) declares `w1` (gate), `w2` (down), `w3` (up) in that order.
+pub fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result<Description> {
+    let Plan { c, spec, attn } = plan(config, what)?;
+    let (h, i, eps) = (c.hidden_size, c.intermediate_size, c.rms_norm_eps);
+    let expert = Module::new("MixtralBlockSparseTop2MLP")
+        .child("w1", d.linear(h, i, false))
+        .child("w2", d.linear(i, h, false))
+        .child("w3", d.linear(h, i, false))
+        .child("act_fn", d.activation(c.hidden_act));
+    let moe = Module::new("MixtralSparseMoeBlock")
+        .child("gate", d.linear(h, c.num_local_experts, false))
+        .child(
+            "experts",
+            Module::list(std::iter::repeat_n(expert, c.num_local_experts)),
+        );
+    let layer = Module::new("MixtralDecoderLayer")
+        .child("self_attn", d.attention("Mixtral", h, &attn, false, false))
+        .child("block_sparse_moe", moe)
+        .child("input_layernorm", d.rms_norm("Mixtral", h, eps))
+        .child("post_attention_layernorm", d.rms_norm("Mixtral", h, eps));
+    Ok(Description::new(
+        d.causal_lm("Mixtral", config, &spec, layer),
+        &spec,
+        &attn,
+    ))
+}
+
 pub struct Mixtral;
 
 impl Architecture for Mixtral {
@@ -189,6 +228,9 @@ impl Architecture for Mixtral {
         opts: &LoadOptions,
     ) -> Result<Self::Model<B>> {
         load(config, ctx, opts)
+    }
+    fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result<Description> {
+        describe(config, d, what)
     }
 }
 

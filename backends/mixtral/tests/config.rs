@@ -15,3 +15,18 @@ fn real_mixtral_config_parses_strictly() {
         llm_core::parse_config::<mixtral_backend::MixtralConfig>(&bad, "config.json").unwrap_err();
     assert!(err.message.contains("made_up_field"), "{}", err.message);
 }
+
+/// `llm describe`: print(model) and get_memory_footprint() of transformers 4.48.3, bf16 and NF4,
+/// for the real config and the tiny fixture.
+#[test]
+fn describe_matches_pytorch_print() {
+    let fx = llm_core::testing::fixtures();
+    llm_core::testing::assert_describe::<mixtral_backend::Mixtral>(
+        &fx.join("configs/mixtral-8x7b-instruct-v0.1"),
+        "mixtral-8x7b-instruct-v0.1",
+    );
+    llm_core::testing::assert_describe::<mixtral_backend::Mixtral>(
+        &fx.join("tiny/mixtral/bf16"),
+        "tiny-mixtral",
+    );
+}

@@ -5,7 +5,8 @@
 use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
-    DecoderSpec, GatedMlp, LoadCtx, LoadOptions, PreNormLayer, Result, RmsNorm, RopeFields,
+    DecoderSpec, Describer, Description, GatedMlp, LoadCtx, LoadOptions, Module, PreNormLayer,
+    Result, RmsNorm, RopeFields,
 };
 use serde::Deserialize;
 
@@ -56,12 +57,14 @@ fn one() -> f64 {
 /// HF `Phi3ForCausalLM`.
 pub type Phi3ForCausalLM<B> = CausalDecoder<B, PreNormLayer<B>>;
 
-pub fn load<B: LlmBackend>(
-    config: &serde_json::Value,
-    ctx: &LoadCtx<'_, B>,
-    opts: &LoadOptions,
-) -> Result<Phi3ForCausalLM<B>> {
-    let what = &ctx.source;
+/// The derived shapes `load` and `describe` share.
+struct Plan {
+    c: Phi3Config,
+    spec: DecoderSpec,
+    attn: AttentionConfig,
+}
+
+fn plan(config: &serde_json::Value, what: &str) -> Result<Plan> {
     let c: Phi3Config = parse_config(config, what)?;
     if c.partial_rotary_factor != 1.0 {
         return Err(CoreError::unimplemented(format!(
@@ -86,7 +89,6 @@ pub fn load<B: LlmBackend>(
     }
     .resolve(10_000.0, what)?;
     let head_dim = c.hidden_size / c.num_attention_heads;
-    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     let attn = AttentionConfig {
         num_heads: c.num_attention_heads,
         num_kv_heads: c.num_key_value_heads.unwrap_or(c.num_attention_heads),
@@ -97,9 +99,9 @@ pub fn load<B: LlmBackend>(
     };
     let spec = DecoderSpec {
         vocab_size: c.vocab_size,
-        hidden_size: h,
+        hidden_size: c.hidden_size,
         num_hidden_layers: c.num_hidden_layers,
-        rms_norm_eps: eps,
+        rms_norm_eps: c.rms_norm_eps,
         norm_unit_offset: false,
         tie_word_embeddings: c.tie_word_embeddings,
         max_position_embeddings: c.max_position_embeddings,
@@ -108,6 +110,16 @@ pub fn load<B: LlmBackend>(
         embed_scale: None,
         final_logit_softcap: None,
     };
+    Ok(Plan { c, spec, attn })
+}
+
+pub fn load<B: LlmBackend>(
+    config: &serde_json::Value,
+    ctx: &LoadCtx<'_, B>,
+    opts: &LoadOptions,
+) -> Result<Phi3ForCausalLM<B>> {
+    let Plan { c, spec, attn } = plan(config, &ctx.source)?;
+    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     CausalDecoder::load(ctx, opts, spec, |w, _| {
         Ok(PreNormLayer {
             input_layernorm: RmsNorm::load(w, "input_layernorm", h, eps, false)?,
@@ -116,6 +128,32 @@ pub fn load<B: LlmBackend>(
             mlp: GatedMlp::load_fused(&w.pp("mlp"), h, c.intermediate_size, c.hidden_act)?,
         })
     })
+}
+
+/// `print(model)` of HF `Phi3ForCausalLM`, from config.json alone. The residual dropouts print
+/// `resid_pdrop` (inert at inference).
+pub fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result<Description> {
+    let Plan { c, spec, attn } = plan(config, what)?;
+    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+    let p = config
+        .get("resid_pdrop")
+        .and_then(serde_json::Value::as_f64)
+        .unwrap_or(0.0);
+    let layer = Module::new("Phi3DecoderLayer")
+        .child("self_attn", d.attention_fused("Phi3", h, &attn))
+        .child(
+            "mlp",
+            d.gated_mlp_fused("Phi3MLP", h, c.intermediate_size, c.hidden_act),
+        )
+        .child("input_layernorm", d.rms_norm("Phi3", h, eps))
+        .child("post_attention_layernorm", d.rms_norm("Phi3", h, eps))
+        .child("resid_attn_dropout", d.dropout(p))
+        .child("resid_mlp_dropout", d.dropout(p));
+    Ok(Description::new(
+        d.causal_lm("Phi3", config, &spec, layer),
+        &spec,
+        &attn,
+    ))
 }
 
 pub struct Phi3;
@@ -130,6 +168,9 @@ impl Architecture for Phi3 {
         opts: &LoadOptions,
     ) -> Result<Self::Model<B>> {
         load(config, ctx, opts)
+    }
+    fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result<Description> {
+        describe(config, d, what)
     }
 }
 

@@ -14,3 +14,18 @@ fn real_phi3_config_parses_strictly() {
     let err = llm_core::parse_config::<phi3_backend::Phi3Config>(&bad, "config.json").unwrap_err();
     assert!(err.message.contains("made_up_field"), "{}", err.message);
 }
+
+/// `llm describe`: print(model) and get_memory_footprint() of transformers 4.48.3, bf16 and NF4,
+/// for the real config and the tiny fixture.
+#[test]
+fn describe_matches_pytorch_print() {
+    let fx = llm_core::testing::fixtures();
+    llm_core::testing::assert_describe::<phi3_backend::Phi3>(
+        &fx.join("configs/phi-3-mini-4k-instruct"),
+        "phi-3-mini-4k-instruct",
+    );
+    llm_core::testing::assert_describe::<phi3_backend::Phi3>(
+        &fx.join("tiny/phi3/bf16"),
+        "tiny-phi3",
+    );
+}

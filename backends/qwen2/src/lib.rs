@@ -5,7 +5,8 @@
 use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
-    DecoderSpec, GatedMlp, LoadCtx, LoadOptions, PreNormLayer, Result, RmsNorm, RopeFields,
+    DecoderSpec, Describer, Description, GatedMlp, LoadCtx, LoadOptions, Module, PreNormLayer,
+    Result, RmsNorm, RopeFields, GATE_UP_DOWN,
 };
 use serde::Deserialize;
 
@@ -108,32 +109,34 @@ impl Qwen2Config {
 /// HF `Qwen2ForCausalLM`.
 pub type Qwen2ForCausalLM<B> = CausalDecoder<B, PreNormLayer<B>>;
 
-pub fn load<B: LlmBackend>(
-    config: &serde_json::Value,
-    ctx: &LoadCtx<'_, B>,
-    opts: &LoadOptions,
-) -> Result<Qwen2ForCausalLM<B>> {
-    let c: Qwen2Config = parse_config(config, &ctx.source)?;
+/// The derived shapes `load` and `describe` share. `attn` is layer 0's; `windows` per layer.
+struct Plan {
+    c: Qwen2Config,
+    spec: DecoderSpec,
+    attn: AttentionConfig,
+    windows: Vec<Option<usize>>,
+}
+
+fn plan(config: &serde_json::Value, what: &str) -> Result<Plan> {
+    let c: Qwen2Config = parse_config(config, what)?;
     if c.hidden_act != Activation::Silu {
         return Err(CoreError::invalid(format!(
-            "{}: hidden_act must be silu for qwen2",
-            ctx.source
+            "{what}: hidden_act must be silu for qwen2"
         )));
     }
-    let windows = c.windows(&ctx.source)?;
+    let windows = c.windows(what)?;
     let rope = RopeFields {
         rope_theta: c.rope_theta,
         rope_scaling: c.rope_scaling.clone(),
         rope_parameters: c.rope_parameters.clone(),
     }
-    .resolve(10_000.0, &ctx.source)?;
+    .resolve(10_000.0, what)?;
     let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
-    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     let spec = DecoderSpec {
         vocab_size: c.vocab_size,
-        hidden_size: h,
+        hidden_size: c.hidden_size,
         num_hidden_layers: c.num_hidden_layers,
-        rms_norm_eps: eps,
+        rms_norm_eps: c.rms_norm_eps,
         norm_unit_offset: false,
         tie_word_embeddings: c.tie_word_embeddings,
         max_position_embeddings: c.max_position_embeddings,
@@ -142,14 +145,38 @@ pub fn load<B: LlmBackend>(
         embed_scale: None,
         final_logit_softcap: None,
     };
+    let attn = AttentionConfig {
+        num_heads: c.num_attention_heads,
+        num_kv_heads: c.num_kv_heads(),
+        head_dim,
+        scale: (head_dim as f64).powf(-0.5),
+        softcap: None,
+        sliding_window: windows.first().copied().flatten(),
+    };
+    Ok(Plan {
+        c,
+        spec,
+        attn,
+        windows,
+    })
+}
+
+pub fn load<B: LlmBackend>(
+    config: &serde_json::Value,
+    ctx: &LoadCtx<'_, B>,
+    opts: &LoadOptions,
+) -> Result<Qwen2ForCausalLM<B>> {
+    let Plan {
+        c,
+        spec,
+        attn,
+        windows,
+    } = plan(config, &ctx.source)?;
+    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     CausalDecoder::load(ctx, opts, spec, |w, i| {
         let attn = AttentionConfig {
-            num_heads: c.num_attention_heads,
-            num_kv_heads: c.num_kv_heads(),
-            head_dim,
-            scale: (head_dim as f64).powf(-0.5),
-            softcap: None,
             sliding_window: windows[i],
+            ..attn
         };
         Ok(PreNormLayer {
             input_layernorm: RmsNorm::load(w, "input_layernorm", h, eps, false)?,
@@ -158,7 +185,7 @@ pub fn load<B: LlmBackend>(
             post_attention_layernorm: RmsNorm::load(w, "post_attention_layernorm", h, eps, false)?,
             mlp: GatedMlp::load(
                 &w.pp("mlp"),
-                ["gate_proj", "up_proj", "down_proj"],
+                GATE_UP_DOWN,
                 h,
                 c.intermediate_size,
                 c.hidden_act,
@@ -166,6 +193,32 @@ pub fn load<B: LlmBackend>(
             )?,
         })
     })
+}
+
+/// `print(model)` of HF `Qwen2ForCausalLM`, from config.json alone.
+pub fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result<Description> {
+    let Plan { c, spec, attn, .. } = plan(config, what)?;
+    let (h, eps) = (c.hidden_size, c.rms_norm_eps);
+    let layer = Module::new("Qwen2DecoderLayer")
+        .child("self_attn", d.attention("Qwen2", h, &attn, true, false))
+        .child(
+            "mlp",
+            d.gated_mlp(
+                "Qwen2MLP",
+                GATE_UP_DOWN,
+                h,
+                c.intermediate_size,
+                c.hidden_act,
+                false,
+            ),
+        )
+        .child("input_layernorm", d.rms_norm("Qwen2", h, eps))
+        .child("post_attention_layernorm", d.rms_norm("Qwen2", h, eps));
+    Ok(Description::new(
+        d.causal_lm("Qwen2", config, &spec, layer),
+        &spec,
+        &attn,
+    ))
 }
 
 pub struct Qwen2;
@@ -180,6 +233,9 @@ impl Architecture for Qwen2 {
         opts: &LoadOptions,
     ) -> Result<Self::Model<B>> {
         load(config, ctx, opts)
+    }
+    fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result<Description> {
+        describe(config, d, what)
     }
 }
 
