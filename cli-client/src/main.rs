@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use llm_proto::v1::llm_service_client::LlmServiceClient;
 use llm_proto::v1::{
-    generate_request, Chat, ChatMessage, FinishReason, GenerateRequest, GenerationParams,
-    ListModelsRequest, LoadModelRequest, TokenIds, UnloadModelRequest,
+    generate_request, Chat, ChatMessage, DescribeModelRequest, FinishReason, GenerateRequest,
+    GenerationParams, ListModelsRequest, LoadModelRequest, TokenIds, UnloadModelRequest,
 };
 use tokio_stream::StreamExt;
 use tonic::transport::Channel;
@@ -38,10 +38,15 @@ struct Cli {
 enum Command {
     /// Generate text and stream it to stdout as it arrives.
     Generate(GenerateArgs),
-    /// List the loaded models.
+    /// List the models: ready, loading (download progress) and unloading, with device and memory.
     Models,
-    /// Load a model: `llm load NAME SOURCE` (SOURCE: an HF directory or a .gguf file, on the
-    /// server's machine).
+    /// Look inside a model: the module tree as PyTorch prints it, parameters, the memory
+    /// footprint, and device memory. `llm describe NAME` for a loaded model; `llm describe
+    /// --source PATH_OR_HUB_ID` for one not loaded (config.json only), with whether it fits.
+    Describe(DescribeArgs),
+    /// Load a model: `llm load NAME SOURCE` (SOURCE: an HF directory or a .gguf file on the
+    /// server's machine, or a hub id `org/name[@revision]`). Loading a served name from another
+    /// source swaps it without dropping requests.
     Load {
         name: String,
         source: String,
@@ -59,6 +64,29 @@ enum Command {
     /// inter-token latency and tokens/s. Exits non-zero when a request ends with an
     /// unexpected status.
     Bench(bench::BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct DescribeArgs {
+    /// A loaded model's name.
+    #[arg(required_unless_present = "source", conflicts_with = "source")]
+    name: Option<String>,
+    /// A model not loaded: a directory with config.json, a .gguf file or a hub id.
+    #[arg(long)]
+    source: Option<String>,
+    /// auto, nf4 or none (with --source; default the server's).
+    #[arg(long, default_value = "", requires = "source")]
+    quantization: String,
+    /// cpu, cuda or cuda:N to plan for (with --source; default the server's).
+    #[arg(long, default_value = "", requires = "source")]
+    device: String,
+    /// KV cache positions per sequence to plan for (0: the server's --max-context, else the
+    /// model's own).
+    #[arg(long, default_value_t = 0, requires = "source")]
+    max_context: u32,
+    /// Sequences to plan KV cache for (0: the server's --max-batch).
+    #[arg(long, default_value_t = 0, requires = "source")]
+    max_batch: u32,
 }
 
 #[derive(Debug, Args)]
@@ -232,6 +260,7 @@ async fn main() {
     let result = match cli.command {
         Command::Generate(a) => generate(&cli.server, a).await,
         Command::Models => models(&cli.server).await,
+        Command::Describe(a) => describe(&cli.server, a).await,
         Command::Load {
             name,
             source,
@@ -278,23 +307,113 @@ async fn models(url: &str) -> Result<()> {
         .map_err(status_error)?
         .into_inner();
     println!(
-        "{:<24} {:<10} {:<7} {:<6} {:<5} {:>8} {:>14}  SOURCE",
-        "NAME", "ARCH", "STATE", "DEVICE", "QUANT", "CONTEXT", "PARAMETERS"
+        "{:<24} {:<8} {:<10} {:<7} {:<5} {:>8} {:>14} {:>11}  SOURCE",
+        "NAME", "ARCH", "STATE", "DEVICE", "QUANT", "CONTEXT", "PARAMETERS", "MEMORY"
     );
     for m in list.models {
+        let state = if m.state == "loading" && m.download_total_bytes > 0 {
+            format!(
+                "loading {:.0}%",
+                100.0 * m.download_done_bytes as f64 / m.download_total_bytes as f64
+            )
+        } else {
+            m.state.clone()
+        };
         println!(
-            "{:<24} {:<10} {:<7} {:<6} {:<5} {:>8} {:>14}  {}",
+            "{:<24} {:<8} {:<10} {:<7} {:<5} {:>8} {:>14} {:>11}  {}",
             m.name,
             m.architecture,
-            m.state,
+            state,
             m.device,
             m.quantization,
             m.max_context,
             m.num_parameters,
+            mb(m.weight_bytes + m.kv_cache_bytes + m.workspace_bytes),
             m.source
         );
     }
     Ok(())
+}
+
+/// Bytes as the seed prints them: decimal megabytes, thousands grouped, one decimal.
+fn mb(bytes: u64) -> String {
+    let tenths = ((bytes as f64) / 1e5).round() as u64;
+    let digits = (tenths / 10).to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    format!("{out}.{} MB", tenths % 10)
+}
+
+async fn describe(url: &str, a: DescribeArgs) -> Result<()> {
+    use llm_proto::v1::describe_model_request::Target;
+    let mut client = connect(url).await?;
+    let from_source = a.source.is_some();
+    let target = match (a.name, a.source) {
+        (_, Some(s)) => Target::Source(s),
+        (Some(n), None) => Target::Name(n),
+        (None, None) => bail!("give a model name or --source"),
+    };
+    let d = client
+        .describe_model(DescribeModelRequest {
+            target: Some(target),
+            quantization: a.quantization,
+            device: a.device,
+            max_context: a.max_context,
+            max_batch: a.max_batch,
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    // The tree and the footprint line exactly as the seed's `print(model)` and
+    // `print(f"Memory footprint: ...")` show them.
+    println!("{}", d.module_tree);
+    println!("{}", d.footprint_text);
+    println!("Parameters: {}", group(d.num_parameters));
+    println!("Quantization: {}   Device: {}", d.quantization, d.device);
+    let m = d.memory.unwrap_or_default();
+    if from_source {
+        println!(
+            "Planned device memory: {} = weights {} + KV cache {} ({} sequences x {} positions)",
+            mb(m.total),
+            mb(m.weights),
+            mb(m.kv_cache),
+            d.max_batch,
+            d.max_context
+        );
+        println!(
+            "Fits {}: {} ({} free of {})",
+            d.device,
+            if d.fits { "yes" } else { "no" },
+            mb(d.device_free_bytes),
+            mb(d.device_total_bytes)
+        );
+    } else {
+        println!(
+            "Device memory held: {} = weights {} + KV cache {} + workspace {}",
+            mb(m.total),
+            mb(m.weights),
+            mb(m.kv_cache),
+            mb(m.workspace)
+        );
+    }
+    Ok(())
+}
+
+fn group(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
 }
 
 /// An admin request, with the bearer token when one is given.
@@ -311,9 +430,40 @@ fn admin<T>(msg: T, token: Option<&str>) -> Result<tonic::Request<T>> {
 
 async fn load(url: &str, req: tonic::Request<LoadModelRequest>) -> Result<()> {
     let mut client = connect(url).await?;
-    let r = client
-        .load_model(req)
+    let name = req.get_ref().name.clone();
+    let mut watcher = client.clone();
+    let call = tokio::spawn(async move { client.load_model(req).await });
+    // While the server loads (and downloads a hub model), show its progress from ListModels.
+    let bar = indicatif::ProgressBar::hidden();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] [{wide_bar}] {bytes}/{total_bytes} {bytes_per_sec}",
+        )
+        .expect("valid template"),
+    );
+    bar.set_message(format!("downloading {name}"));
+    while !call.is_finished() {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let Ok(list) = watcher.list_models(ListModelsRequest {}).await else {
+            continue;
+        };
+        if let Some(m) = list
+            .into_inner()
+            .models
+            .into_iter()
+            .find(|m| m.name == name && m.state == "loading" && m.download_total_bytes > 0)
+        {
+            if bar.is_hidden() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+            }
+            bar.set_length(m.download_total_bytes);
+            bar.set_position(m.download_done_bytes);
+        }
+    }
+    bar.finish_and_clear();
+    let r = call
         .await
+        .context("load task")?
         .map_err(status_error)?
         .into_inner();
     let m = r.model.unwrap_or_default();

@@ -2,6 +2,7 @@
 
 mod detok;
 mod error;
+mod hub;
 mod metrics;
 mod plugin;
 mod registry;
@@ -35,7 +36,8 @@ struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:50051")]
     listen: SocketAddr,
-    /// Load a model at startup: NAME=SOURCE, SOURCE a local HF directory or a .gguf file.
+    /// Load a model at startup: NAME=SOURCE, SOURCE a local HF directory, a .gguf file or a hub
+    /// id (org/name[@revision], through the HF cache).
     /// Repeatable.
     #[arg(long = "load", value_name = "NAME=SOURCE")]
     load: Vec<String>,
@@ -159,6 +161,7 @@ async fn run(args: Args) -> Result<(), String> {
         },
         default_device: args.device.clone(),
         default_quantization: args.quantization.clone(),
+        default_max_context: args.max_context,
         admin_token: args.admin_token.clone().filter(|t| !t.is_empty()),
     };
     if let Some(addr) = args.metrics_listen {

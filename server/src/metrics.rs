@@ -16,6 +16,10 @@ pub struct ModelStats {
     pub queued: AtomicUsize,
     /// Sequences in the running batch.
     pub running: AtomicUsize,
+    /// Bytes the running sequences' KV cache holds (refreshed by the scheduler between steps).
+    pub kv_cache_bytes: std::sync::atomic::AtomicU64,
+    /// Device pool bytes beyond weights and KV cache (0 on the CPU).
+    pub workspace_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// Histogram buckets (upper bounds, seconds).
@@ -87,6 +91,8 @@ pub struct ModelGauges {
     pub max_batch: usize,
     /// Bytes of weights the model holds on its device.
     pub weight_bytes: u64,
+    pub kv_cache_bytes: u64,
+    pub workspace_bytes: u64,
     pub device: String,
 }
 
@@ -209,7 +215,7 @@ impl Metrics {
             }
         }
         drop(m);
-        let gauges: [Gauge; 4] = [
+        let gauges: [Gauge; 6] = [
             (
                 "llm_queue_depth",
                 "Requests waiting for a slot in the running batch.",
@@ -229,6 +235,16 @@ impl Metrics {
                 "llm_model_weight_bytes",
                 "Bytes of weights the model holds on its device.",
                 |g| g.weight_bytes.to_string(),
+            ),
+            (
+                "llm_model_kv_cache_bytes",
+                "Bytes the KV cache of the model's running sequences holds.",
+                |g| g.kv_cache_bytes.to_string(),
+            ),
+            (
+                "llm_model_workspace_bytes",
+                "Device memory the model's pool holds beyond weights and KV cache (0 on the CPU).",
+                |g| g.workspace_bytes.to_string(),
             ),
         ];
         for (name, help, value) in gauges {
@@ -325,11 +341,14 @@ mod tests {
             running: 2,
             max_batch: 8,
             weight_bytes: 10,
+            kv_cache_bytes: 20,
+            workspace_bytes: 0,
             device: "cpu".into(),
         }]);
         assert!(text.contains("llm_requests_total{model=\"a\",code=\"OK\"} 2"));
         assert!(text.contains("llm_requests_total{model=\"a\",code=\"RESOURCE_EXHAUSTED\"} 1"));
         assert!(text.contains("llm_queue_depth{model=\"a\",device=\"cpu\"} 3"));
         assert!(text.contains("llm_running_batch_size{model=\"a\",device=\"cpu\"} 2"));
+        assert!(text.contains("llm_model_kv_cache_bytes{model=\"a\",device=\"cpu\"} 20"));
     }
 }

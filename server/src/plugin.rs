@@ -124,6 +124,26 @@ impl Plugin {
     }
 }
 
+impl Plugin {
+    /// Describe a model from its config (`llm_abi::describe_request` in, `describe_response` out).
+    pub fn describe(&self, request: &serde_json::Value) -> Result<serde_json::Value> {
+        let req =
+            CString::new(request.to_string()).map_err(|e| ServerError::Internal(e.to_string()))?;
+        let mut out: *mut c_char = std::ptr::null_mut();
+        let mut err = AbiError::ok();
+        // SAFETY: valid C string, out pointers to locals.
+        let rc = unsafe { (self.vtable.describe)(req.as_ptr(), &mut out, &mut err) };
+        if rc != 0 {
+            return Err(self.take_error(rc, err));
+        }
+        // SAFETY: plugin-allocated string, freed by the plugin after copying.
+        let text = unsafe { read_c_str(out) }.unwrap_or("{}").to_string();
+        unsafe { (self.vtable.free_string)(out) };
+        serde_json::from_str(&text)
+            .map_err(|e| ServerError::Internal(format!("plugin describe: {e}")))
+    }
+}
+
 /// A model living inside a plugin. Used from one thread at a time (the model's scheduler).
 pub struct PluginModel {
     plugin: Arc<Plugin>,

@@ -7,11 +7,12 @@ use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use llm_formats::ModelSource;
-use llm_proto::v1::ModelInfo;
+use llm_proto::v1::{DescribeModelResponse, DeviceMemory, ModelInfo};
 use serde_json::json;
 use tonic_health::server::HealthReporter;
 
 use crate::error::{Result, ServerError};
+use crate::hub::{self, HubId};
 use crate::metrics::{Metrics, ModelGauges};
 use crate::plugin::Plugins;
 use crate::scheduler::{Scheduler, SchedulerConfig};
@@ -31,6 +32,27 @@ pub struct LoadedModel {
     pub info: ModelInfo,
     pub text: Arc<TextModel>,
     scheduler: Scheduler,
+    /// The plugin's `describe` of the loaded config (module tree, footprint).
+    description: serde_json::Value,
+}
+
+/// A load or unload in progress (ListModels shows it next to the ready models).
+struct Transition {
+    id: u64,
+    info: ModelInfo,
+    progress: Option<Arc<hub::Progress>>,
+}
+
+static NEXT_TRANSITION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// What DescribeModel with a `source` asks for.
+#[derive(Debug, Clone)]
+pub struct DescribeSpec {
+    pub source: String,
+    pub device: String,
+    pub quantization: String,
+    pub max_context: u32,
+    pub max_batch: u32,
 }
 
 impl LoadedModel {
@@ -42,6 +64,7 @@ impl LoadedModel {
 pub struct Registry {
     plugins: Plugins,
     models: RwLock<BTreeMap<String, Arc<LoadedModel>>>,
+    transitions: RwLock<Vec<Transition>>,
     health: HealthReporter,
     /// Batch, queue and chunk settings every model's scheduler gets (max_context per model).
     pub sched: SchedulerConfig,
@@ -90,6 +113,7 @@ impl Registry {
         Ok(Registry {
             plugins,
             models: RwLock::new(BTreeMap::new()),
+            transitions: RwLock::new(Vec::new()),
             health,
             sched,
             metrics,
@@ -98,8 +122,9 @@ impl Registry {
     }
 
     /// A LoadModel source must resolve (symlinks and `..` included) under a model root.
+    /// Hub ids are fetched into the HF cache, not read from arbitrary paths: they pass.
     pub fn check_source(&self, source: &std::path::Path) -> Result<()> {
-        if self.model_roots.is_empty() {
+        if self.model_roots.is_empty() || source.to_str().and_then(HubId::parse).is_some() {
             return Ok(());
         }
         let real = source.canonicalize().map_err(|e| ServerError::ModelFiles {
@@ -141,6 +166,16 @@ impl Registry {
                     .load(std::sync::atomic::Ordering::Relaxed),
                 max_batch: self.sched.max_batch,
                 weight_bytes: m.info.weight_bytes,
+                kv_cache_bytes: m
+                    .scheduler
+                    .stats
+                    .kv_cache_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                workspace_bytes: m
+                    .scheduler
+                    .stats
+                    .workspace_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed),
                 device: m.info.device.clone(),
             })
             .collect()
@@ -187,13 +222,40 @@ impl Registry {
             .ok_or_else(|| ServerError::ModelNotFound(name.to_string()))
     }
 
+    /// Ready models with their live memory figures, then loads and unloads in progress.
     pub fn list(&self) -> Vec<ModelInfo> {
-        self.models
+        let mut out: Vec<ModelInfo> = self
+            .models
             .read()
             .expect("registry lock")
             .values()
-            .map(|m| m.info.clone())
-            .collect()
+            .map(|m| m.live_info())
+            .collect();
+        for t in self.transitions.read().expect("registry lock").iter() {
+            let mut info = t.info.clone();
+            if let Some(p) = &t.progress {
+                info.download_done_bytes = p.done.load(std::sync::atomic::Ordering::Relaxed);
+                info.download_total_bytes = p.total.load(std::sync::atomic::Ordering::Relaxed);
+            }
+            out.push(info);
+        }
+        out
+    }
+
+    fn begin(&self, info: ModelInfo, progress: Option<Arc<hub::Progress>>) -> u64 {
+        let id = NEXT_TRANSITION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.transitions
+            .write()
+            .expect("registry lock")
+            .push(Transition { id, info, progress });
+        id
+    }
+
+    fn end(&self, id: u64) {
+        self.transitions
+            .write()
+            .expect("registry lock")
+            .retain(|t| t.id != id);
     }
 
     async fn update_health(&self) {
@@ -208,42 +270,75 @@ impl Registry {
         h.set_service_status("llm.v1.LlmService", status).await;
     }
 
+    /// Load `spec.name`. A name already served from another source is swapped atomically: the
+    /// new model takes new requests from the moment it is ready, the old one finishes what it
+    /// was given and is then freed (in the background; ListModels shows it "unloading").
     pub async fn load(self: &Arc<Self>, spec: LoadSpec) -> Result<(ModelInfo, f64)> {
         check_name(&spec.name)?;
-        if self
-            .models
-            .read()
-            .expect("registry lock")
-            .contains_key(&spec.name)
-        {
-            return Err(ServerError::ModelExists(spec.name));
+        if let Some(m) = self.models.read().expect("registry lock").get(&spec.name) {
+            if m.info.source == spec.source.display().to_string() {
+                return Err(ServerError::ModelExists(spec.name));
+            }
         }
         let t0 = Instant::now();
+        let progress = Arc::new(hub::Progress::default());
+        let loading = self.begin(
+            ModelInfo {
+                name: spec.name.clone(),
+                source: spec.source.display().to_string(),
+                state: "loading".into(),
+                device: spec.device.clone(),
+                quantization: spec.quantization.clone(),
+                ..Default::default()
+            },
+            Some(progress.clone()),
+        );
         let this = self.clone();
         let name = spec.name.clone();
-        let loaded = tokio::task::spawn_blocking(move || this.load_blocking(spec))
-            .await
-            .map_err(|e| ServerError::Internal(format!("load task: {e}")))??;
+        let loaded = tokio::task::spawn_blocking(move || this.load_blocking(spec, progress)).await;
+        self.end(loading);
+        let loaded = loaded.map_err(|e| ServerError::Internal(format!("load task: {e}")))??;
         let info = loaded.info.clone();
-        {
-            let mut models = self.models.write().expect("registry lock");
-            if models.contains_key(&name) {
-                // A concurrent load of the same name won; this one is dropped (and freed).
-                return Err(ServerError::ModelExists(name));
-            }
-            models.insert(name.clone(), Arc::new(loaded));
-        }
+        let old = self
+            .models
+            .write()
+            .expect("registry lock")
+            .insert(name.clone(), Arc::new(loaded));
         self.health
             .set_service_status(health_name(&name), tonic_health::ServingStatus::Serving)
             .await;
         self.update_health().await;
         let ms = t0.elapsed().as_secs_f64() * 1e3;
-        tracing::info!(model = %name, ms, "model loaded");
+        tracing::info!(model = %name, ms, swapped = old.is_some(), "model loaded");
+        if let Some(old) = old {
+            let this = self.clone();
+            tokio::spawn(async move { this.retire(old).await });
+        }
         Ok((info, ms))
     }
 
-    fn load_blocking(&self, spec: LoadSpec) -> Result<LoadedModel> {
-        let source = ModelSource::open(&spec.source)?;
+    /// The old side of a swap: wait until no handler still holds it (each submits its request
+    /// first), let it finish everything submitted, then free it.
+    async fn retire(&self, old: Arc<LoadedModel>) {
+        let mut info = old.info.clone();
+        info.state = "unloading".into();
+        let id = self.begin(info, None);
+        while Arc::strong_count(&old) > 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        old.scheduler.drain().await;
+        tracing::info!(model = %old.info.name, source = %old.info.source, "swapped-out model freed");
+        drop(old);
+        self.end(id);
+    }
+
+    fn load_blocking(&self, spec: LoadSpec, progress: Arc<hub::Progress>) -> Result<LoadedModel> {
+        let path = match spec.source.to_str().and_then(HubId::parse) {
+            Some(id) => hub::fetch_model(&id, progress)?,
+            None => spec.source.clone(),
+        };
+        let source = ModelSource::open(&path)?;
+        let is_gguf = matches!(source, ModelSource::Gguf { .. });
         let model_type = source.model_type()?;
         let plugin =
             self.plugins
@@ -258,9 +353,16 @@ impl Registry {
                     ),
                 })?;
         let text = Arc::new(TextModel::from_source(&source)?);
+        let description = plugin.describe(&json!({
+            llm_abi::describe_request::CONFIG: source.config(),
+            llm_abi::describe_request::FORMAT: if is_gguf { "gguf" } else { "hf" },
+            llm_abi::describe_request::QUANTIZATION: spec.quantization,
+            llm_abi::describe_request::DEVICE: spec.device,
+            llm_abi::describe_request::SOURCE: source.describe(),
+        }))?;
         drop(source);
         let mut model = plugin.load(&json!({
-            llm_abi::load_request::SOURCE: spec.source,
+            llm_abi::load_request::SOURCE: path,
             llm_abi::load_request::DEVICE: spec.device,
             llm_abi::load_request::QUANTIZATION: spec.quantization,
             llm_abi::load_request::MAX_CONTEXT: spec.max_context,
@@ -287,6 +389,7 @@ impl Registry {
             eos_token_ids: text.eos_ids.clone(),
             has_chat_template: text.chat_template.is_some(),
             weight_bytes: get_u64("weight_bytes"),
+            ..Default::default()
         };
         let scheduler = Scheduler::start(
             &spec.name,
@@ -302,6 +405,7 @@ impl Registry {
             info,
             text,
             scheduler,
+            description,
         })
     }
 
@@ -316,14 +420,161 @@ impl Registry {
             .set_service_status(health_name(name), tonic_health::ServingStatus::NotServing)
             .await;
         self.update_health().await;
+        let mut info = model.info.clone();
+        info.state = "unloading".into();
+        let id = self.begin(info, None);
         // Handlers that still hold the entry get UNAVAILABLE from the stopped scheduler.
         model.scheduler.shutdown().await;
+        self.end(id);
         tracing::info!(model = %name, "model unloaded");
         Ok(())
+    }
+
+    /// DescribeModel of a loaded model: its description and the memory it holds now.
+    pub fn describe_loaded(&self, name: &str) -> Result<DescribeModelResponse> {
+        let m = self.get(name)?;
+        let info = m.live_info();
+        let mut r = description_response(&m.description, &info.architecture, &info.device);
+        r.memory = Some(memory(
+            info.weight_bytes,
+            info.kv_cache_bytes,
+            info.workspace_bytes,
+        ));
+        Ok(r)
+    }
+
+    /// DescribeModel of a source: from its config alone (a hub id fetches config.json only),
+    /// with the memory a load would take and whether it fits the device now.
+    pub fn describe_source(&self, spec: DescribeSpec) -> Result<DescribeModelResponse> {
+        let (config, format, what) = match HubId::parse(&spec.source) {
+            Some(id) => {
+                let dir = hub::fetch_config(&id)?;
+                (
+                    read_config(&dir.join("config.json"))?,
+                    "hf",
+                    spec.source.clone(),
+                )
+            }
+            None => {
+                let path = std::path::Path::new(&spec.source);
+                self.check_source(path)?;
+                if path.is_dir() {
+                    let file = path.join("config.json");
+                    (read_config(&file)?, "hf", file.display().to_string())
+                } else {
+                    // A GGUF file: the config comes from its metadata (the header only).
+                    let source = ModelSource::open(path)?;
+                    (source.config().clone(), "gguf", source.describe())
+                }
+            }
+        };
+        let model_type = llm_formats::model_type_of(&config, &what)?;
+        let plugin =
+            self.plugins
+                .for_model_type(&model_type)
+                .ok_or_else(|| ServerError::ModelFiles {
+                    code: llm_abi::ErrorCode::Unimplemented,
+                    message: format!(
+                        "{what}: no plugin serves model_type `{model_type}` (available: {})",
+                        self.plugins.model_types().join(", ")
+                    ),
+                })?;
+        let d = plugin.describe(&json!({
+            llm_abi::describe_request::CONFIG: config,
+            llm_abi::describe_request::FORMAT: format,
+            llm_abi::describe_request::QUANTIZATION: spec.quantization,
+            llm_abi::describe_request::DEVICE: spec.device,
+            llm_abi::describe_request::SOURCE: what,
+        }))?;
+        let get = |k: &str| d.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        use llm_abi::describe_response as r;
+        let model_ctx = get(r::MAX_POSITION_EMBEDDINGS) as u32;
+        let max_context = match spec.max_context {
+            0 => model_ctx,
+            n => n.min(model_ctx),
+        };
+        let max_batch = match spec.max_batch {
+            0 => self.sched.max_batch as u32,
+            n => n,
+        };
+        let kv = get(r::KV_BYTES_PER_TOKEN) * max_context as u64 * max_batch as u64;
+        let mut out = description_response(&d, &plugin.name, &spec.device);
+        let mem = memory(get(r::WEIGHT_BYTES), kv, 0);
+        out.device_free_bytes = get(r::DEVICE_FREE_BYTES);
+        out.device_total_bytes = get(r::DEVICE_TOTAL_BYTES);
+        out.fits = mem.total <= out.device_free_bytes;
+        out.memory = Some(mem);
+        out.max_context = max_context;
+        out.max_batch = max_batch;
+        Ok(out)
     }
 
     /// Initial health: NOT_SERVING until a model is loaded.
     pub async fn init_health(&self) {
         self.update_health().await;
+    }
+}
+
+impl LoadedModel {
+    /// The info with the scheduler's live KV cache and workspace figures.
+    pub fn live_info(&self) -> ModelInfo {
+        let stats = &self.scheduler.stats;
+        ModelInfo {
+            kv_cache_bytes: stats
+                .kv_cache_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            workspace_bytes: stats
+                .workspace_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            ..self.info.clone()
+        }
+    }
+}
+
+fn read_config(file: &std::path::Path) -> Result<serde_json::Value> {
+    let text = std::fs::read_to_string(file).map_err(|e| ServerError::ModelFiles {
+        code: llm_abi::ErrorCode::NotFound,
+        message: format!("{}: {e}", file.display()),
+    })?;
+    serde_json::from_str(&text).map_err(|e| ServerError::ModelFiles {
+        code: llm_abi::ErrorCode::InvalidArgument,
+        message: format!("{}: {e}", file.display()),
+    })
+}
+
+fn memory(weights: u64, kv_cache: u64, workspace: u64) -> DeviceMemory {
+    DeviceMemory {
+        weights,
+        kv_cache,
+        workspace,
+        total: weights + kv_cache + workspace,
+    }
+}
+
+/// The parts of a DescribeModel answer the plugin's `describe` gives.
+fn description_response(
+    d: &serde_json::Value,
+    architecture: &str,
+    device: &str,
+) -> DescribeModelResponse {
+    use llm_abi::describe_response as r;
+    let text = |k: &str| {
+        d.get(k)
+            .and_then(|v| v.as_str())
+            .unwrap_or_default()
+            .to_string()
+    };
+    DescribeModelResponse {
+        architecture: architecture.to_string(),
+        module_tree: text(r::MODULE_TREE),
+        num_parameters: d.get(r::NUM_PARAMS).and_then(|v| v.as_u64()).unwrap_or(0),
+        footprint_bytes: d
+            .get(r::FOOTPRINT_BYTES)
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0),
+        footprint_text: text(r::FOOTPRINT_TEXT),
+        quantization: text(r::QUANTIZATION),
+        device: device.to_string(),
+        ..Default::default()
     }
 }

@@ -42,6 +42,8 @@ enum Command {
     Generate(Job),
     /// Stop: fail running requests with UNAVAILABLE, destroy the model, then acknowledge.
     Shutdown(oneshot::Sender<()>),
+    /// Hot swap: finish every request already submitted, then destroy the model and acknowledge.
+    Drain(oneshot::Sender<()>),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -86,6 +88,8 @@ impl Scheduler {
             stats: stats.clone(),
             waiting: VecDeque::new(),
             running: Vec::new(),
+            draining: None,
+            steps: 0,
         };
         let thread = std::thread::Builder::new()
             .name(format!("sched-{name}"))
@@ -117,6 +121,23 @@ impl Scheduler {
         })
     }
 
+    /// Let every submitted request finish, then destroy the model (the old side of a hot swap;
+    /// the caller has already routed new requests elsewhere).
+    pub async fn drain(&self) {
+        let (ack_tx, ack_rx) = oneshot::channel();
+        if self.tx.send(Command::Drain(ack_tx)).is_ok() {
+            let _ = ack_rx.await;
+        }
+        self.join().await;
+    }
+
+    async fn join(&self) {
+        let thread = self.thread.lock().expect("scheduler lock").take();
+        if let Some(t) = thread {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+
     /// Stop the thread and wait until the model is destroyed. Requests submitted afterwards get
     /// UNAVAILABLE.
     pub async fn shutdown(&self) {
@@ -124,10 +145,7 @@ impl Scheduler {
         if self.tx.send(Command::Shutdown(ack_tx)).is_ok() {
             let _ = ack_rx.await;
         }
-        let thread = self.thread.lock().expect("scheduler lock").take();
-        if let Some(t) = thread {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
-        }
+        self.join().await;
     }
 }
 
@@ -159,9 +177,25 @@ struct Loop {
     stats: Arc<ModelStats>,
     waiting: VecDeque<Job>,
     running: Vec<Seq>,
+    /// Set by [`Command::Drain`]: exit once nothing is queued or running.
+    draining: Option<oneshot::Sender<()>>,
+    steps: u64,
 }
 
 impl Loop {
+    /// Publish the KV cache and workspace bytes the plugin reports.
+    fn refresh_memory(&mut self) {
+        if let Ok(info) = self.model.info() {
+            let get = |k: &str| info.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+            self.stats
+                .kv_cache_bytes
+                .store(get("kv_cache_bytes"), Ordering::Relaxed);
+            self.stats
+                .workspace_bytes
+                .store(get("workspace_bytes"), Ordering::Relaxed);
+        }
+    }
+
     /// A job left the wait queue (admitted, dropped or failed).
     fn dequeued(&self) {
         self.stats.queued.fetch_sub(1, Ordering::SeqCst);
@@ -181,6 +215,16 @@ impl Loop {
 
     fn run(mut self, rx: mpsc::Receiver<Command>) {
         loop {
+            if self.draining.is_some()
+                && self.running.is_empty()
+                && self.waiting.is_empty()
+                && self.stats.queued.load(Ordering::SeqCst) == 0
+            {
+                let ack = self.draining.take().expect("checked");
+                drop(self);
+                let _ = ack.send(());
+                return;
+            }
             // Block only when there is nothing to do.
             let cmd = if self.running.is_empty() && self.waiting.is_empty() {
                 match rx.recv() {
@@ -193,6 +237,7 @@ impl Loop {
             if let Some(cmd) = cmd {
                 match cmd {
                     Command::Generate(job) => self.waiting.push_back(job),
+                    Command::Drain(ack) => self.draining = Some(ack),
                     Command::Shutdown(ack) => {
                         const WHY: &str = "the model was unloaded";
                         self.fail_all(WHY);
@@ -207,7 +252,7 @@ impl Loop {
                                     let _ = job.tx.send(Err(Status::unavailable(WHY)));
                                     stats.queued.fetch_sub(1, Ordering::SeqCst);
                                 }
-                                Command::Shutdown(a) => {
+                                Command::Shutdown(a) | Command::Drain(a) => {
                                     let _ = a.send(());
                                 }
                             }
@@ -219,12 +264,19 @@ impl Loop {
                 // Drain everything already queued before stepping.
                 continue;
             }
+            let before = self.running.len();
             self.admit();
             self.drop_cancelled();
             self.set_running();
             if !self.running.is_empty() {
                 self.step();
                 self.set_running();
+                self.steps += 1;
+            }
+            // KV grows every step; the figure is refreshed when the batch changes and every 16
+            // steps, not per step (on CUDA the pool query is a device round trip).
+            if self.running.len() != before || self.steps % 16 == 0 {
+                self.refresh_memory();
             }
         }
     }

@@ -5,17 +5,19 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use llm_proto::v1::describe_model_request::Target;
 use llm_proto::v1::llm_service_server::LlmService;
 use llm_proto::v1::{
-    GenerateRequest, GenerateResponse, ListModelsRequest, ListModelsResponse, LoadModelRequest,
-    LoadModelResponse, UnloadModelRequest, UnloadModelResponse,
+    DescribeModelRequest, DescribeModelResponse, GenerateRequest, GenerateResponse,
+    ListModelsRequest, ListModelsResponse, LoadModelRequest, LoadModelResponse, UnloadModelRequest,
+    UnloadModelResponse,
 };
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::error::{Result, ServerError};
-use crate::registry::{LoadSpec, LoadedModel, Registry};
+use crate::registry::{DescribeSpec, LoadSpec, LoadedModel, Registry};
 use crate::request::{self, Input, Limits, ValidRequest};
 use crate::scheduler::Job;
 
@@ -25,6 +27,8 @@ pub struct Service {
     /// Defaults for LoadModel fields left empty.
     pub default_device: String,
     pub default_quantization: String,
+    /// The server's --max-context (0 = each model's own), for DescribeModel plans.
+    pub default_max_context: u32,
     /// LoadModel and UnloadModel require `authorization: Bearer <token>` when set.
     pub admin_token: Option<String>,
 }
@@ -236,6 +240,43 @@ impl LlmService for Service {
             model: Some(info),
             load_ms,
         }))
+    }
+
+    async fn describe_model(
+        &self,
+        req: Request<DescribeModelRequest>,
+    ) -> std::result::Result<Response<DescribeModelResponse>, Status> {
+        let r = req.into_inner();
+        let or = |v: String, d: &str| if v.is_empty() { d.to_string() } else { v };
+        let out = match r.target {
+            Some(Target::Name(name)) => self.registry.describe_loaded(&name)?,
+            Some(Target::Source(source)) if !source.is_empty() => {
+                let spec = DescribeSpec {
+                    source,
+                    device: or(r.device, &self.default_device),
+                    quantization: or(r.quantization, &self.default_quantization),
+                    max_context: if r.max_context == 0 {
+                        self.default_max_context
+                    } else {
+                        r.max_context
+                    },
+                    max_batch: r.max_batch,
+                };
+                let registry = self.registry.clone();
+                // Reads config files (or fetches one from the hub): off the async threads.
+                tokio::task::spawn_blocking(move || registry.describe_source(spec))
+                    .await
+                    .map_err(|e| ServerError::Internal(format!("describe task: {e}")))??
+            }
+            _ => {
+                return Err(ServerError::invalid(
+                    "target",
+                    "give `name` (a loaded model) or `source`",
+                )
+                .into())
+            }
+        };
+        Ok(Response::new(out))
     }
 
     async fn unload_model(

@@ -18,11 +18,11 @@
 use std::ffi::{c_char, CStr, CString};
 
 /// Bumped on any change to the types or function signatures below.
-pub const ABI_VERSION: u32 = 1;
+pub const ABI_VERSION: u32 = 2;
 
 /// The one symbol a plugin exports. The version is part of the name so a stale plugin is not even
 /// resolved, and the vtable carries [`ABI_VERSION`] as a second check.
-pub const ENTRY_SYMBOL: &[u8] = b"llm_backend_entry_v1\0";
+pub const ENTRY_SYMBOL: &[u8] = b"llm_backend_entry_v2\0";
 
 /// Signature of [`ENTRY_SYMBOL`].
 pub type EntryFn = unsafe extern "C" fn() -> *const BackendVTable;
@@ -196,6 +196,14 @@ pub struct BackendVTable {
         out: *mut *mut c_char,
         err: *mut AbiError,
     ) -> i32,
+    /// Describe a model from its config alone (no weights are read): `request_json` is a
+    /// [`describe_request`]-shaped JSON object; `*out` gets a [`describe_response`]-shaped one,
+    /// freed with `free_string`.
+    pub describe: unsafe extern "C" fn(
+        request_json: *const c_char,
+        out: *mut *mut c_char,
+        err: *mut AbiError,
+    ) -> i32,
     /// Run one step over a batch of sequences. `outputs` has `n` entries, one per input.
     pub step: unsafe extern "C" fn(
         model: *mut ModelHandle,
@@ -256,4 +264,40 @@ pub mod load_request {
     pub const QUANTIZATION: &str = "quantization";
     /// Upper bound on positions per sequence the KV cache must hold (0 = the model's own).
     pub const MAX_CONTEXT: &str = "max_context";
+}
+
+/// The JSON the server sends to `describe`.
+pub mod describe_request {
+    /// The parsed config.json (or the config a GGUF's metadata gives).
+    pub const CONFIG: &str = "config";
+    /// "hf" (a config.json directory) or "gguf".
+    pub const FORMAT: &str = "format";
+    /// "none" | "nf4" | "auto", as in a load request.
+    pub const QUANTIZATION: &str = "quantization";
+    /// "cpu" or "cuda[:N]": the compute dtype and whose free memory to report.
+    pub const DEVICE: &str = "device";
+    /// Names the config in errors.
+    pub const SOURCE: &str = "source";
+}
+
+/// The JSON `describe` answers.
+pub mod describe_response {
+    /// `print(model)` of the HF model (transformers 4.48.3), bf16 or bnb NF4.
+    pub const MODULE_TREE: &str = "module_tree";
+    pub const NUM_PARAMS: &str = "num_params";
+    /// `get_memory_footprint()` in bytes.
+    pub const FOOTPRINT_BYTES: &str = "footprint_bytes";
+    /// The seed's line: `Memory footprint: 5,591.5 MB`.
+    pub const FOOTPRINT_TEXT: &str = "footprint_text";
+    /// "nf4" or "none": what "auto" resolved to.
+    pub const QUANTIZATION: &str = "quantization";
+    /// Bytes the weights take on the device as this plugin stores them (NF4 codes + absmax,
+    /// other tensors in the compute dtype).
+    pub const WEIGHT_BYTES: &str = "weight_bytes";
+    /// KV cache bytes one position of one sequence takes, over all layers.
+    pub const KV_BYTES_PER_TOKEN: &str = "kv_bytes_per_token";
+    pub const MAX_POSITION_EMBEDDINGS: &str = "max_position_embeddings";
+    /// The device's free and total memory now (host MemAvailable/MemTotal for "cpu").
+    pub const DEVICE_FREE_BYTES: &str = "device_free_bytes";
+    pub const DEVICE_TOTAL_BYTES: &str = "device_total_bytes";
 }

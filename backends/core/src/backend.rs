@@ -24,6 +24,10 @@ pub trait LlmBackend: Backend {
         bias: Option<Tensor<Self, 1>>,
         device: &Self::Device,
     ) -> Box<dyn Linear<Self>>;
+    /// Bytes the device memory pool has reserved from the driver, for backends with one.
+    fn pool_reserved_bytes(_device: &Self::Device) -> Option<u64> {
+        None
+    }
 }
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {

@@ -408,8 +408,25 @@ impl Linear<CudaBf16> for CudaNf4Linear {
     }
 }
 
+/// The driver's (free, total) memory of device `spec` ("cuda" / "cuda:N").
+pub fn device_memory(spec: &str) -> Option<(Option<u64>, Option<u64>)> {
+    let ordinal = match spec {
+        "cuda" => 0,
+        _ => spec.strip_prefix("cuda:")?.parse().ok()?,
+    };
+    let ctx = cudarc::driver::CudaContext::new(ordinal).ok()?;
+    let (free, total) = ctx.mem_get_info().ok()?;
+    Some((Some(free as u64), Some(total as u64)))
+}
+
 impl LlmBackend for CudaBf16 {
     const DTYPE: &'static str = "bf16";
+    fn pool_reserved_bytes(device: &CudaDevice) -> Option<u64> {
+        CudaRuntime::client(device)
+            .memory_usage()
+            .ok()
+            .map(|u| u.bytes_reserved)
+    }
     fn dense_linear(
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,

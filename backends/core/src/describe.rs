@@ -165,6 +165,23 @@ impl Module {
         });
         n
     }
+
+    /// Bytes the weights take as this crate stores them on a device computing in a
+    /// `float_bytes`-wide dtype: NF4 weights as packed codes + double-quantized absmax (one code
+    /// per 64 weights, an f32 scale per 256 blocks, the two code books: `Nf4Weight::stored_bytes`),
+    /// everything else in the compute dtype. Buffers are recomputed tables, not counted.
+    pub fn device_bytes(&self, float_bytes: u64) -> u64 {
+        let mut n = 0;
+        self.walk_params(&mut |p| match p {
+            Param::Float(k) | Param::F32(k) => n += k * float_bytes,
+            Param::Nf4(k) => {
+                let blocks = k.div_ceil(64);
+                n += k.div_ceil(2) + 16 * 4 + blocks + blocks.div_ceil(256) * 4 + 256 * 4
+            }
+            Param::F32Buffer(_) => {}
+        });
+        n
+    }
 }
 
 /// torch's `_addindent`: indent every line but the first.

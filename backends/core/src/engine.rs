@@ -46,6 +46,8 @@ pub trait DynEngine: Send {
     fn step(&mut self, inputs: &[StepInput<'_>], outputs: &mut [SeqOutput]) -> Result<()>;
     fn release(&mut self, seq_id: u64);
     fn info(&self) -> serde_json::Value;
+    /// Drop the model and every sequence, then hand the device pool's memory back to the driver.
+    fn destroy(self: Box<Self>);
 }
 
 pub struct Engine<B: LlmBackend, M: CausalLm<B>> {
@@ -119,13 +121,39 @@ impl<B: LlmBackend, M: CausalLm<B>> DynEngine for Engine<B, M> {
         self.seqs.remove(&seq_id);
     }
 
+    fn destroy(self: Box<Self>) {
+        let device = self.model.device();
+        drop(self);
+        // Burn/CubeCL keep freed buffers pooled; without this an unloaded model's memory stays
+        // reserved until the process exits.
+        let _ = B::sync(&device);
+        B::memory_cleanup(&device);
+    }
+
     fn info(&self) -> serde_json::Value {
+        let elem = dtype_bytes::<B>();
+        let kv_bytes: usize = self
+            .seqs
+            .values()
+            .flat_map(|s| s.cache.layers.iter().flatten())
+            .map(|l| {
+                (l.k.dims().iter().product::<usize>() + l.v.dims().iter().product::<usize>()) * elem
+            })
+            .sum();
+        let weight_bytes = weight_bytes::<B, M>(&self.model);
+        // The pool's reservation beyond weights and KV: activations, code books, rope tables,
+        // freed-but-pooled buffers. Only backends with a device pool report one.
+        let workspace = B::pool_reserved_bytes(&self.model.device())
+            .map(|r| r.saturating_sub(weight_bytes + kv_bytes as u64))
+            .unwrap_or(0);
         let mut v = serde_json::json!({
+            "kv_cache_bytes": kv_bytes,
+            "workspace_bytes": workspace,
             "vocab_size": self.model.vocab_size(),
             "max_context": self.model.max_context(),
             "num_layers": self.model.num_layers(),
             "num_params": self.model.num_params(),
-            "weight_bytes": weight_bytes::<B, M>(&self.model),
+            "weight_bytes": weight_bytes,
             "active_sequences": self.seqs.len(),
         });
         if let (Some(dst), Some(src)) = (v.as_object_mut(), self.info.as_object()) {
@@ -140,10 +168,7 @@ impl<B: LlmBackend, M: CausalLm<B>> DynEngine for Engine<B, M> {
 /// Bytes of weights held: each linear's stored bytes (NF4 codes + absmax, or its floats), the
 /// other parameters (embeddings, norms, biases outside linears) in the compute dtype.
 pub fn weight_bytes<B: LlmBackend, M: CausalLm<B>>(model: &M) -> u64 {
-    let elem = match B::DTYPE {
-        "f32" => 4,
-        _ => 2,
-    };
+    let elem = dtype_bytes::<B>();
     let linears = model.linears();
     let linear_params: usize = linears.iter().map(|(_, l)| l.num_params()).sum();
     let linear_bytes: usize = linears
@@ -151,4 +176,12 @@ pub fn weight_bytes<B: LlmBackend, M: CausalLm<B>>(model: &M) -> u64 {
         .map(|(_, l)| l.nf4_bytes().unwrap_or(l.num_params() * elem))
         .sum();
     (linear_bytes + (model.num_params() - linear_params) * elem) as u64
+}
+
+/// Bytes per element of the backend's compute dtype.
+fn dtype_bytes<B: LlmBackend>() -> usize {
+    match B::DTYPE {
+        "f32" => 4,
+        _ => 2,
+    }
 }

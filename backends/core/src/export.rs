@@ -75,19 +75,15 @@ impl LoadOptions {
     }
 }
 
-/// Open the source and build an engine on the requested device.
-pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEngine>> {
-    let opts: LoadOptions = serde_json::from_str(request_json)
-        .map_err(|e| CoreError::invalid(format!("load request: {e}")))?;
-    let source = ModelSource::open(&opts.source)?;
-    let prequantized = crate::config::BnbConfig::parse(source.config(), &source.describe())?;
-    let is_gguf = matches!(source, ModelSource::Gguf { .. });
-    let quantization = match opts.quantization.as_str() {
+/// `auto|nf4|none` of a load or describe request, for a source that is (or is not) a
+/// pre-quantized bnb checkpoint or a GGUF file.
+fn resolve_quantization(q: &str, prequantized: bool, is_gguf: bool) -> Result<Quantization> {
+    Ok(match q {
         "none" => Quantization::None,
         "nf4" => Quantization::Nf4,
         // The seed's recipe for float checkpoints; quantized sources stay as they are (bnb NF4
         // stays NF4, GGUF blocks are dequantized to the compute dtype).
-        "auto" if prequantized.is_some() => Quantization::Nf4,
+        "auto" if prequantized => Quantization::Nf4,
         "auto" if is_gguf => Quantization::None,
         "auto" => Quantization::Nf4,
         other => {
@@ -95,7 +91,103 @@ pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEng
                 "quantization `{other}` is not one of auto, nf4, none"
             )))
         }
+    })
+}
+
+/// The `describe` request (see `llm_abi::describe_request`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DescribeOptions {
+    pub config: serde_json::Value,
+    #[serde(default = "default_format")]
+    pub format: String,
+    #[serde(default = "default_quantization")]
+    pub quantization: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub source: String,
+}
+
+fn default_format() -> String {
+    "hf".into()
+}
+
+/// Describe a model from its config: `print(model)`, parameters, footprint, and what it would
+/// take on the requested device.
+pub fn describe<A: Architecture>(request_json: &str) -> Result<serde_json::Value> {
+    use llm_abi::describe_response as r;
+    let opts: DescribeOptions = serde_json::from_str(request_json)
+        .map_err(|e| CoreError::invalid(format!("describe request: {e}")))?;
+    let what = if opts.source.is_empty() {
+        "config.json"
+    } else {
+        &opts.source
     };
+    let prequantized = crate::config::BnbConfig::parse(&opts.config, what)?.is_some();
+    let quantization =
+        resolve_quantization(&opts.quantization, prequantized, opts.format == "gguf")?;
+    let d = A::describe(
+        &opts.config,
+        &crate::describe::Describer {
+            quantized: quantization == Quantization::Nf4,
+        },
+        what,
+    )?;
+    let (float_bytes, (free, total)) = match opts.device.as_str() {
+        "cpu" => (4, host_memory()),
+        #[cfg(feature = "cuda")]
+        spec if crate::cuda::parse_device(spec).is_some() => {
+            (2, crate::cuda::device_memory(spec).unwrap_or((None, None)))
+        }
+        other => return Err(unknown_device(other)),
+    };
+    Ok(serde_json::json!({
+        r::MODULE_TREE: d.tree.render(),
+        r::NUM_PARAMS: d.tree.num_params(),
+        r::FOOTPRINT_BYTES: d.tree.footprint(2),
+        r::FOOTPRINT_TEXT: crate::describe::footprint_text(d.tree.footprint(2)),
+        r::QUANTIZATION: quantization.name(),
+        r::WEIGHT_BYTES: d.tree.device_bytes(float_bytes),
+        r::KV_BYTES_PER_TOKEN: d.kv_values_per_token * float_bytes,
+        r::MAX_POSITION_EMBEDDINGS: d.max_position_embeddings,
+        r::DEVICE_FREE_BYTES: free,
+        r::DEVICE_TOTAL_BYTES: total,
+    }))
+}
+
+/// Host memory (MemAvailable, MemTotal) from /proc/meminfo, where there is one.
+fn host_memory() -> (Option<u64>, Option<u64>) {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let field = |name: &str| {
+        text.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    };
+    (field("MemAvailable:"), field("MemTotal:"))
+}
+
+fn unknown_device(other: &str) -> CoreError {
+    CoreError::invalid(format!(
+        "device `{other}` is not one of {}",
+        if cfg!(feature = "cuda") {
+            "cpu, cuda, cuda:N"
+        } else {
+            "cpu (this build has no CUDA)"
+        }
+    ))
+}
+
+/// Open the source and build an engine on the requested device.
+pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEngine>> {
+    let opts: LoadOptions = serde_json::from_str(request_json)
+        .map_err(|e| CoreError::invalid(format!("load request: {e}")))?;
+    let source = ModelSource::open(&opts.source)?;
+    let prequantized = crate::config::BnbConfig::parse(source.config(), &source.describe())?;
+    let is_gguf = matches!(source, ModelSource::Gguf { .. });
+    let quantization = resolve_quantization(&opts.quantization, prequantized.is_some(), is_gguf)?;
     let model_type = source.model_type()?;
     let served: Vec<String> = serde_json::from_str(A::MODEL_TYPES.to_str().unwrap_or("[]"))
         .map_err(|e| CoreError::internal(format!("plugin model types: {e}")))?;
@@ -113,14 +205,7 @@ pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEng
             let device = crate::cuda::parse_device(spec).expect("checked");
             build::<A, crate::cuda::CudaBf16>(&source, device, quantization, &opts)
         }
-        other => Err(CoreError::invalid(format!(
-            "device `{other}` is not one of {}",
-            if cfg!(feature = "cuda") {
-                "cpu, cuda, cuda:N"
-            } else {
-                "cpu (this build has no CUDA)"
-            }
-        ))),
+        other => Err(unknown_device(other)),
     }
 }
 
@@ -196,6 +281,19 @@ unsafe extern "C" fn ffi_load<A: Architecture>(
     })
 }
 
+unsafe extern "C" fn ffi_describe<A: Architecture>(
+    request_json: *const c_char,
+    out: *mut *mut c_char,
+    err: *mut AbiError,
+) -> i32 {
+    guard(err, || {
+        let req = read_c_str(request_json)
+            .ok_or_else(|| CoreError::invalid("describe request is not a UTF-8 C string"))?;
+        *out = c_string(&describe::<A>(req)?.to_string());
+        Ok(())
+    })
+}
+
 unsafe extern "C" fn ffi_info(
     model: *mut ModelHandle,
     out: *mut *mut c_char,
@@ -249,7 +347,7 @@ unsafe extern "C" fn ffi_release(model: *mut ModelHandle, seq_id: u64) {
 unsafe extern "C" fn ffi_destroy(model: *mut ModelHandle) {
     let _ = guard(std::ptr::null_mut(), || {
         if !model.is_null() {
-            drop(Box::from_raw(model as *mut Box<dyn DynEngine>));
+            Box::from_raw(model as *mut Box<dyn DynEngine>).destroy();
         }
         Ok(())
     });
@@ -268,6 +366,7 @@ pub const fn vtable<A: Architecture>() -> BackendVTable {
         model_types: A::MODEL_TYPES.as_ptr(),
         load: ffi_load::<A>,
         info: ffi_info,
+        describe: ffi_describe::<A>,
         step: ffi_step,
         release: ffi_release,
         destroy: ffi_destroy,
@@ -283,7 +382,7 @@ macro_rules! export_backend {
         /// feature, so several architectures can be linked into one binary as rlibs.
         #[cfg(feature = "plugin")]
         #[no_mangle]
-        pub extern "C" fn llm_backend_entry_v1() -> *const $crate::abi::BackendVTable {
+        pub extern "C" fn llm_backend_entry_v2() -> *const $crate::abi::BackendVTable {
             static VTABLE: $crate::abi::BackendVTable = $crate::export::vtable::<$arch>();
             &VTABLE
         }
