@@ -84,6 +84,11 @@ impl Server {
 
     /// Same, with an explicit plugin directory.
     pub fn start_in(args: &[&str], plugin_dir: &Path) -> Server {
+        Self::start_with(args, plugin_dir, &[])
+    }
+
+    /// Same, with extra environment variables for the server process.
+    pub fn start_with(args: &[&str], plugin_dir: &Path, env: &[(&str, &Path)]) -> Server {
         let log = std::env::temp_dir().join(format!(
             "llm-server-{}-{}.log",
             std::process::id(),
@@ -93,6 +98,7 @@ impl Server {
             .args(["--listen", "127.0.0.1:0", "--plugin-dir"])
             .arg(plugin_dir)
             .args(args)
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
