@@ -2,7 +2,8 @@
 # GPU checks and benchmarks, run on the device machine in one call (see docs/benchmarks.md).
 # Expects what `bench/build-gpu.sh` builds here: .gpu/bundle.tar.xz (carried, not committed)
 # with llm-bench, llm-server, llm, libllama_backend.so, libqwen2_backend.so.
-#   bench/gpu.sh [tiny|kernel|smoke|all]
+#   bench/gpu.sh [tiny|kernel|smoke|full|all]
+# `full` (not part of `all`) also needs the bitsandbytes wheel in .gpu/ (bench/build-gpu.sh full).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/bench-out}"
@@ -23,4 +24,10 @@ if [ "$what" = smoke ] || [ "$what" = all ]; then
   timeout 150 python3 bench/smoke.py 2>"$OUT/smoke.stderr" | tee "$OUT/smoke.jsonl"
   echo "smoke exit: ${PIPESTATUS[0]}"
   tail -20 "$OUT/smoke.stderr"
+fi
+if [ "$what" = full ]; then
+  pip install --no-index --no-deps -q .gpu/bitsandbytes-*.whl 2>&1 | tail -2
+  timeout 560 python3 bench/full.py 2>"$OUT/full.stderr" | tee "$OUT/full.jsonl"
+  echo "full exit: ${PIPESTATUS[0]}"
+  tail -40 "$OUT/full.stderr"
 fi

@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Full-size GPU run (bench/gpu.sh full): Llama-3.1-8B-Instruct shape, NF4 double quant, bf16
+compute, through the real server binary and plugin, against HF transformers + bitsandbytes (the
+seed's recipe, bench/peer/bench_hf.py) in the same call.
+
+1. A random bf16 checkpoint with the hub's exact layout (bench/peer/make_random_checkpoint.py).
+2. The peer: from_pretrained with the bnb config, 512-token prefill, decode at batch 1 and 16.
+3. Ours: llm-server --device cuda, `llm load` (quantize on load, timed), driver memory before /
+   after load / after unload, DescribeModel's device memory, greedy decode at batch 1
+   (`llm generate --stats`: TTFT and decode tok/s), TTFT of a 512-token prompt, and 16 concurrent
+   streams (`llm bench --json`).
+
+Prints one JSON object per figure ({"metric", "model", "value", "unit", "peer", "peer_value"}).
+"""
+import json, os, re, socket, subprocess, sys, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GPU = os.path.join(ROOT, ".gpu")
+CKPT = "/tmp/ckpt-llama-3.1-8b"
+MODEL = "llama-3.1-8b-instruct"
+NEW = 128
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def used_mb():
+    out = subprocess.check_output(
+        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], text=True)
+    return float(out.split()[0])
+
+
+def emit(metric, value, unit, peer=None, peer_value=None, **extra):
+    print(json.dumps({"metric": metric, "model": MODEL, "value": value, "unit": unit,
+                      "peer": peer, "peer_value": peer_value, **extra}), flush=True)
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def main():
+    if not os.path.exists(os.path.join(CKPT, "model.safetensors.index.json")):
+        t = time.time()
+        subprocess.run([sys.executable, os.path.join(ROOT, "bench/peer/make_random_checkpoint.py"),
+                        os.path.join(ROOT, "tests/fixtures/configs", MODEL), CKPT], check=True,
+                       stdout=sys.stderr)
+        log(f"checkpoint in {time.time() - t:.0f} s")
+    peer = {}
+    if os.environ.get("SKIP_PEER") != "1":
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "bench/peer/bench_hf.py"), CKPT,
+                            "/tmp/peer.json", "--batches", "1,16", "--new", "64"],
+                           stdout=sys.stderr, stderr=sys.stderr, timeout=300)
+        if r.returncode == 0:
+            peer = json.load(open("/tmp/peer.json"))
+        log("peer:", peer)
+    hf = "hf-transformers+bnb"
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    llm = lambda *a, timeout=400: subprocess.run([os.path.join(GPU, "llm"), "--server", url, *a],
+                                                 capture_output=True, text=True, timeout=timeout)
+    base = used_mb()
+    server = subprocess.Popen([os.path.join(GPU, "llm-server"), "--listen", f"127.0.0.1:{port}",
+                               "--plugin-dir", GPU, "--device", "cuda", "--max-batch", "16",
+                               "--max-context", "4096"], stdout=sys.stderr, stderr=sys.stderr)
+    try:
+        for _ in range(200):
+            if llm("models").returncode == 0:
+                break
+            time.sleep(0.1)
+        t = time.time()
+        r = llm("load", "big", CKPT, "--device", "cuda", "--quantization", "nf4")
+        load_s = time.time() - t
+        log(r.stdout, r.stderr)
+        if r.returncode != 0:
+            raise SystemExit("load failed")
+        emit("load_s", round(load_s, 2), "s", hf, peer.get("load_s"))
+        after_load = used_mb()
+        emit("device_mb_after_load", after_load - base, "MB", hf, peer.get("footprint_MB"),
+             note="driver used memory minus the pre-start baseline; peer: get_memory_footprint")
+        d = llm("describe", "big")
+        log(d.stdout[-600:])
+        prompt = ",".join(str(1000 + i) for i in range(32))
+        for i in range(2):  # the first run compiles kernels and autotunes
+            g = llm("generate", "--model", "big", "--prompt-ids", prompt, "--max-new-tokens",
+                    str(NEW), "--ignore-eos", "--ids", "--stats")
+            log(g.stderr[-400:])
+        # `--stats`: "[length] prompt P tokens, generated N tokens, TTFT X ms, Y tok/s, seed S"
+        ttft = lambda text: float(re.search(r"TTFT ([0-9.]+) ms", text).group(1))
+        toks = lambda text: float(re.search(r"([0-9.]+) tok/s", text).group(1))
+        emit("decode_tok_s_b1", toks(g.stderr), "tok/s", hf, peer.get("decode_tok_s_b1"))
+        emit("ttft_ms_32", ttft(g.stderr), "ms")
+        long_prompt = ",".join(str(1000 + (i * 37) % 120000) for i in range(512))
+        for i in range(2):
+            g = llm("generate", "--model", "big", "--prompt-ids", long_prompt, "--max-new-tokens",
+                    "1", "--ignore-eos", "--ids", "--stats")
+        log(g.stderr[-400:])
+        emit("ttft_ms_512", ttft(g.stderr), "ms", "hf prefill_512_ms", peer.get("prefill_512_ms"))
+        for c in (1, 16):
+            b = llm("bench", "--model", "big", "--concurrency", str(c), "--requests", str(c * 2),
+                    "--max-new-tokens", "64", "--prompt-ids", prompt, "--ignore-eos", "--json")
+            log(b.stdout[-800:], b.stderr[-400:])
+            try:
+                j = json.loads(b.stdout)
+                emit(f"bench_tok_s_c{c}", j.get("tokens_per_second"), "tok/s", hf,
+                     peer.get(f"decode_tok_s_b{c}"), report=j)
+            except json.JSONDecodeError:
+                log("bench output not JSON")
+        r = llm("unload", "big")
+        time.sleep(1)
+        emit("unload_residual_mb", used_mb() - base, "MB",
+             note="driver used memory after unload minus the pre-start baseline (context included)")
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+if __name__ == "__main__":
+    main()
