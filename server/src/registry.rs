@@ -360,6 +360,7 @@ impl Registry {
             llm_abi::describe_request::DEVICE: spec.device,
             llm_abi::describe_request::SOURCE: source.describe(),
         }))?;
+        self.check_plan(&spec, &description)?;
         drop(source);
         let mut model = plugin.load(&json!({
             llm_abi::load_request::SOURCE: path,
@@ -427,6 +428,38 @@ impl Registry {
         model.scheduler.shutdown().await;
         self.end(id);
         tracing::info!(model = %name, "model unloaded");
+        Ok(())
+    }
+
+    /// Memory planned at load: weights plus a KV cache for `--max-batch` sequences of the
+    /// model's context (capped by `max_context`) must fit the device's free memory, or the load is
+    /// refused up front (RESOURCE_EXHAUSTED) instead of failing mid-request later.
+    fn check_plan(&self, spec: &LoadSpec, d: &serde_json::Value) -> Result<()> {
+        use llm_abi::describe_response as r;
+        let get = |k: &str| d.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+        let model_ctx = get(r::MAX_POSITION_EMBEDDINGS);
+        let ctx = match spec.max_context as u64 {
+            0 => model_ctx,
+            n => n.min(model_ctx),
+        };
+        let batch = self.sched.max_batch as u64;
+        let weights = get(r::WEIGHT_BYTES);
+        let kv = get(r::KV_BYTES_PER_TOKEN) * ctx * batch;
+        let Some(free) = d.get(r::DEVICE_FREE_BYTES).and_then(|v| v.as_u64()) else {
+            return Ok(());
+        };
+        tracing::info!(model = %spec.name, weights, kv, free, "memory plan");
+        if weights + kv > free {
+            return Err(ServerError::ResourceExhausted(format!(
+                "model `{}` needs {:.1} MB on {} (weights {:.1} MB + KV cache {:.1} MB for {batch} sequences x {ctx} positions) but {:.1} MB are free: lower --max-batch or max_context, or use --quantization nf4",
+                spec.name,
+                (weights + kv) as f64 / 1e6,
+                spec.device,
+                weights as f64 / 1e6,
+                kv as f64 / 1e6,
+                free as f64 / 1e6
+            )));
+        }
         Ok(())
     }
 

@@ -315,7 +315,14 @@ async fn hub_id_loads_from_the_hf_cache() {
 /// the old model is freed afterwards.
 #[tokio::test(flavor = "multi_thread")]
 async fn hot_swap_under_traffic() {
-    let server = Server::start(&["--max-batch", "4", "--max-queue", "64"]);
+    let server = Server::start(&[
+        "--max-batch",
+        "4",
+        "--max-queue",
+        "64",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
     let old_dir = fixtures().join("tiny/llama/bf16");
     let new_dir = fixtures().join("tiny/qwen2/bf16");
     let prompt = vec![3, 14, 15, 92, 65];
@@ -335,8 +342,20 @@ async fn hot_swap_under_traffic() {
         tokio::spawn(async move { run_at(url, greedy("m", p, n)).await })
     };
     let before: Vec<_> = (0..25).map(start).collect();
-    // Swap while they run (4 at a time, the rest queued on the old model).
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Swap once all 25 are with the old model (4 running, the rest queued, or done).
+    let submitted = || {
+        server.metric(r#"llm_queue_depth{model="m",device="cpu"}"#)
+            + server.metric(r#"llm_running_batch_size{model="m",device="cpu"}"#)
+            + server.metric(r#"llm_requests_total{model="m",code="OK"}"#)
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while submitted() < 25.0 {
+        assert!(
+            Instant::now() < deadline,
+            "requests did not reach the server"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     load(&server, "m", &new_dir, "none").await;
     let after: Vec<_> = (0..25).map(start).collect();
     for (i, h) in before.into_iter().enumerate() {
@@ -430,4 +449,40 @@ async fn load_unload_cycles_do_not_grow_memory() {
         last <= settled + 64 * 1024,
         "resident memory grew from {settled} kB (cycle 5) to {last} kB (cycle 20): {rss:?}"
     );
+}
+
+/// Memory is planned at load: a KV cache budget (--max-batch sequences x the context) that
+/// cannot fit the device's free memory refuses the load with RESOURCE_EXHAUSTED naming the
+/// numbers, and the server keeps serving.
+#[tokio::test(flavor = "multi_thread")]
+async fn load_refuses_a_plan_that_does_not_fit() {
+    let server = Server::start(&["--max-batch", "1000000"]);
+    let tiny = fixtures().join("tiny/llama/bf16");
+    let err = server
+        .client()
+        .await
+        .load_model(LoadModelRequest {
+            name: "huge".into(),
+            source: tiny.display().to_string(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert!(
+        err.message().contains("KV cache") && err.message().contains("--max-batch"),
+        "{err:?}"
+    );
+    // 512 B of KV per position x 1 position x 10^6 sequences fits where 512 positions do not.
+    server
+        .client()
+        .await
+        .load_model(LoadModelRequest {
+            name: "small".into(),
+            source: tiny.display().to_string(),
+            max_context: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
 }
