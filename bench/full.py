@@ -16,6 +16,8 @@ import json, os, re, socket, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU = os.path.join(ROOT, ".gpu")
+from smoke import free_port, used_mb  # same directory
+
 CKPT = "/tmp/ckpt-llama-3.1-8b"
 MODEL = "llama-3.1-8b-instruct"
 NEW = 128
@@ -25,23 +27,9 @@ def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
 
-def used_mb():
-    out = subprocess.check_output(
-        ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits"], text=True)
-    return float(out.split()[0])
-
-
 def emit(metric, value, unit, peer=None, peer_value=None, **extra):
     print(json.dumps({"metric": metric, "model": MODEL, "value": value, "unit": unit,
                       "peer": peer, "peer_value": peer_value, **extra}), flush=True)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def main():

@@ -308,3 +308,22 @@ pub fn assert_ok(out: &Output) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Run a Generate to the end: its token ids, or the status it failed with.
+pub async fn run_at(
+    url: String,
+    req: llm_proto::v1::GenerateRequest,
+) -> Result<Vec<u32>, tonic::Status> {
+    use tokio_stream::StreamExt;
+    let mut client = LlmServiceClient::connect(url).await.expect("connect");
+    let mut stream = client.generate(req).await?.into_inner();
+    let mut ids = Vec::new();
+    while let Some(msg) = stream.next().await {
+        let msg = msg?;
+        ids.extend(msg.token_id);
+        if msg.done.is_some() {
+            return Ok(ids);
+        }
+    }
+    Err(tonic::Status::unknown("stream ended without done"))
+}

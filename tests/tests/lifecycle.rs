@@ -13,7 +13,6 @@ use llm_proto::v1::{
     generate_request, DescribeModelRequest, DescribeModelResponse, GenerateRequest,
     GenerationParams, ListModelsRequest, LoadModelRequest, TokenIds, UnloadModelRequest,
 };
-use tokio_stream::StreamExt;
 use tonic::Code;
 
 const REAL: [&str; 5] = [
@@ -64,22 +63,6 @@ fn greedy(model: &str, ids: Vec<u32>, n: u32) -> GenerateRequest {
             ..Default::default()
         }),
     }
-}
-
-async fn run_at(url: String, req: GenerateRequest) -> Result<Vec<u32>, tonic::Status> {
-    let mut client = llm_proto::v1::llm_service_client::LlmServiceClient::connect(url)
-        .await
-        .expect("connect");
-    let mut stream = client.generate(req).await?.into_inner();
-    let mut ids = Vec::new();
-    while let Some(msg) = stream.next().await {
-        let msg = msg?;
-        ids.extend(msg.token_id);
-        if msg.done.is_some() {
-            return Ok(ids);
-        }
-    }
-    Err(tonic::Status::unknown("stream ended without done"))
 }
 
 async fn load(server: &Server, name: &str, source: &Path, quantization: &str) {

@@ -40,22 +40,6 @@ async fn run(server: &Server, req: GenerateRequest) -> Result<Vec<u32>, tonic::S
     run_at(server.url(), req).await
 }
 
-async fn run_at(url: String, req: GenerateRequest) -> Result<Vec<u32>, tonic::Status> {
-    let mut client = llm_proto::v1::llm_service_client::LlmServiceClient::connect(url)
-        .await
-        .expect("connect");
-    let mut stream = client.generate(req).await?.into_inner();
-    let mut ids = Vec::new();
-    while let Some(msg) = stream.next().await {
-        let msg = msg?;
-        ids.extend(msg.token_id);
-        if msg.done.is_some() {
-            return Ok(ids);
-        }
-    }
-    Err(tonic::Status::unknown("stream ended without done"))
-}
-
 fn smol_server(extra: &[&str]) -> Server {
     let model = default_model();
     let load = format!("smol={}", model.display());

@@ -364,6 +364,26 @@ impl Describer {
             .child("activation_fn", self.activation(act))
     }
 
+    /// HF `LlamaDecoderLayer` and its kin: `self_attn`, the feed-forward block under its
+    /// checkpoint name (`mlp`, Mixtral's `block_sparse_moe`), then the two norms.
+    pub fn pre_norm_layer(
+        &self,
+        prefix: &str,
+        hidden: usize,
+        eps: f64,
+        self_attn: Module,
+        (ffn_name, ffn): (&str, Module),
+    ) -> Module {
+        Module::new(format!("{prefix}DecoderLayer"))
+            .child("self_attn", self_attn)
+            .child(ffn_name, ffn)
+            .child("input_layernorm", self.rms_norm(prefix, hidden, eps))
+            .child(
+                "post_attention_layernorm",
+                self.rms_norm(prefix, hidden, eps),
+            )
+    }
+
     /// `nn.Dropout(p)` (inert at inference, but printed).
     pub fn dropout(&self, p: f64) -> Module {
         Module::new("Dropout").extra(format!("p={}, inplace=False", py_float(p)))

@@ -6,8 +6,8 @@
 use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
-    DecoderSpec, Describer, Description, GatedMlp, LoadCtx, LoadOptions, Module, PreNormLayer,
-    Result, RopeFields, GATE_UP_DOWN,
+    DecoderSpec, Describer, Description, GatedMlp, LoadCtx, LoadOptions, PreNormLayer, Result,
+    RopeFields, GATE_UP_DOWN,
 };
 use serde::Deserialize;
 
@@ -168,21 +168,16 @@ pub fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result
     let Plan { c, spec, attn } = plan(config, what)?;
     let (h, eps) = (c.hidden_size, c.rms_norm_eps);
     let (ab, mb) = (c.attention_bias, c.mlp_bias);
-    let layer = Module::new("LlamaDecoderLayer")
-        .child("self_attn", d.attention("Llama", h, &attn, ab, ab))
-        .child(
-            "mlp",
-            d.gated_mlp(
-                "LlamaMLP",
-                GATE_UP_DOWN,
-                h,
-                c.intermediate_size,
-                c.hidden_act,
-                mb,
-            ),
-        )
-        .child("input_layernorm", d.rms_norm("Llama", h, eps))
-        .child("post_attention_layernorm", d.rms_norm("Llama", h, eps));
+    let mlp = d.gated_mlp(
+        "LlamaMLP",
+        GATE_UP_DOWN,
+        h,
+        c.intermediate_size,
+        c.hidden_act,
+        mb,
+    );
+    let self_attn = d.attention("Llama", h, &attn, ab, ab);
+    let layer = d.pre_norm_layer("Llama", h, eps, self_attn, ("mlp", mlp));
     Ok(Description::new(
         d.causal_lm("Llama", config, &spec, layer),
         &spec,

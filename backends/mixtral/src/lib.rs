@@ -204,11 +204,8 @@ pub fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result
             "experts",
             Module::list(std::iter::repeat_n(expert, c.num_local_experts)),
         );
-    let layer = Module::new("MixtralDecoderLayer")
-        .child("self_attn", d.attention("Mixtral", h, &attn, false, false))
-        .child("block_sparse_moe", moe)
-        .child("input_layernorm", d.rms_norm("Mixtral", h, eps))
-        .child("post_attention_layernorm", d.rms_norm("Mixtral", h, eps));
+    let self_attn = d.attention("Mixtral", h, &attn, false, false);
+    let layer = d.pre_norm_layer("Mixtral", h, eps, self_attn, ("block_sparse_moe", moe));
     Ok(Description::new(
         d.causal_lm("Mixtral", config, &spec, layer),
         &spec,

@@ -5,8 +5,8 @@
 use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
-    DecoderSpec, Describer, Description, GatedMlp, LoadCtx, LoadOptions, Module, PreNormLayer,
-    Result, RmsNorm, RopeFields,
+    DecoderSpec, Describer, Description, GatedMlp, LoadCtx, LoadOptions, PreNormLayer, Result,
+    RmsNorm, RopeFields,
 };
 use serde::Deserialize;
 
@@ -139,14 +139,10 @@ pub fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result
         .get("resid_pdrop")
         .and_then(serde_json::Value::as_f64)
         .unwrap_or(0.0);
-    let layer = Module::new("Phi3DecoderLayer")
-        .child("self_attn", d.attention_fused("Phi3", h, &attn))
-        .child(
-            "mlp",
-            d.gated_mlp_fused("Phi3MLP", h, c.intermediate_size, c.hidden_act),
-        )
-        .child("input_layernorm", d.rms_norm("Phi3", h, eps))
-        .child("post_attention_layernorm", d.rms_norm("Phi3", h, eps))
+    let mlp = d.gated_mlp_fused("Phi3MLP", h, c.intermediate_size, c.hidden_act);
+    let self_attn = d.attention_fused("Phi3", h, &attn);
+    let layer = d
+        .pre_norm_layer("Phi3", h, eps, self_attn, ("mlp", mlp))
         .child("resid_attn_dropout", d.dropout(p))
         .child("resid_mlp_dropout", d.dropout(p));
     Ok(Description::new(

@@ -5,8 +5,8 @@
 use llm_core::LlmBackend;
 use llm_core::{
     parse_config, Activation, Architecture, Attention, AttentionConfig, CausalDecoder, CoreError,
-    DecoderSpec, Describer, Description, GatedMlp, LoadCtx, LoadOptions, Module, PreNormLayer,
-    Result, RmsNorm, RopeFields, GATE_UP_DOWN,
+    DecoderSpec, Describer, Description, GatedMlp, LoadCtx, LoadOptions, PreNormLayer, Result,
+    RmsNorm, RopeFields, GATE_UP_DOWN,
 };
 use serde::Deserialize;
 
@@ -199,21 +199,17 @@ pub fn load<B: LlmBackend>(
 pub fn describe(config: &serde_json::Value, d: &Describer, what: &str) -> Result<Description> {
     let Plan { c, spec, attn, .. } = plan(config, what)?;
     let (h, eps) = (c.hidden_size, c.rms_norm_eps);
-    let layer = Module::new("Qwen2DecoderLayer")
-        .child("self_attn", d.attention("Qwen2", h, &attn, true, false))
-        .child(
-            "mlp",
-            d.gated_mlp(
-                "Qwen2MLP",
-                GATE_UP_DOWN,
-                h,
-                c.intermediate_size,
-                c.hidden_act,
-                false,
-            ),
-        )
-        .child("input_layernorm", d.rms_norm("Qwen2", h, eps))
-        .child("post_attention_layernorm", d.rms_norm("Qwen2", h, eps));
+    let mlp = d.gated_mlp(
+        "Qwen2MLP",
+        GATE_UP_DOWN,
+        h,
+        c.intermediate_size,
+        c.hidden_act,
+        false,
+    );
+    // Qwen2Attention: q/k/v with bias, o_proj without.
+    let self_attn = d.attention("Qwen2", h, &attn, true, false);
+    let layer = d.pre_norm_layer("Qwen2", h, eps, self_attn, ("mlp", mlp));
     Ok(Description::new(
         d.causal_lm("Qwen2", config, &spec, layer),
         &spec,
