@@ -173,7 +173,14 @@ pub fn weight_bytes<B: LlmBackend, M: CausalLm<B>>(model: &M) -> u64 {
     let linear_params: usize = linears.iter().map(|(_, l)| l.num_params()).sum();
     let linear_bytes: usize = linears
         .iter()
-        .map(|(_, l)| l.nf4_bytes().unwrap_or(l.num_params() * elem))
+        .map(|(_, l)| match l.nf4_bytes() {
+            // The bias of an NF4 linear is a float tensor next to the packed weight.
+            Some(w) => {
+                let packed = (l.in_features() * l.out_features()).div_ceil(2);
+                w + (l.num_params() - packed) * elem
+            }
+            None => l.num_params() * elem,
+        })
         .sum();
     (linear_bytes + (model.num_params() - linear_params) * elem) as u64
 }
