@@ -327,8 +327,9 @@ impl Registry {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
         old.scheduler.drain().await;
-        tracing::info!(model = %old.info.name, source = %old.info.source, "swapped-out model freed");
         drop(old);
+        release_freed_memory();
+        tracing::info!("swapped-out model freed");
         self.end(id);
     }
 
@@ -426,6 +427,8 @@ impl Registry {
         let id = self.begin(info, None);
         // Handlers that still hold the entry get UNAVAILABLE from the stopped scheduler.
         model.scheduler.shutdown().await;
+        drop(model);
+        release_freed_memory();
         self.end(id);
         tracing::info!(model = %name, "model unloaded");
         Ok(())
@@ -609,5 +612,21 @@ fn description_response(
         quantization: text(r::QUANTIZATION),
         device: device.to_string(),
         ..Default::default()
+    }
+}
+
+/// Hand the heap pages a freed model leaves behind back to the OS. glibc keeps freed memory in
+/// its per-thread arenas (a model's hundreds of MB of host weights among them), so without this
+/// the server's resident memory after an unload depends on which arenas the next load reuses.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn malloc_trim(pad: usize) -> std::ffi::c_int;
+        }
+        // SAFETY: glibc's malloc_trim only returns free pages; it is thread-safe.
+        unsafe {
+            malloc_trim(0);
+        }
     }
 }
