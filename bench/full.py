@@ -102,8 +102,27 @@ def main():
                 log("bench output not JSON")
         r = llm("unload", "big")
         time.sleep(1)
-        emit("unload_residual_mb", used_mb() - base, "MB",
-             note="driver used memory after unload minus the pre-start baseline (context included)")
+        first = used_mb()
+        emit("unload_residual_mb", first - base, "MB",
+             note="driver used memory after unload minus the pre-start baseline (CUDA context included)")
+        if load_s < 60:
+            # A second full cycle: the figure after it should equal the first (nothing kept).
+            llm("load", "big", CKPT, "--device", "cuda", "--quantization", "nf4")
+            emit("device_mb_after_load_2", used_mb() - base, "MB")
+            llm("unload", "big")
+            time.sleep(1)
+            emit("unload_residual_mb_2", used_mb() - base, "MB",
+                 note="after a second load/unload of the 8B model")
+        # Ten load/unload cycles of a small model in the same process: driver memory after each.
+        tiny = os.path.join(ROOT, "tests/fixtures/tiny/llama/nf4")
+        after = []
+        for i in range(10):
+            llm("load", "t", tiny, "--device", "cuda")
+            llm("generate", "--model", "t", "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
+                "--ids")
+            llm("unload", "t")
+            after.append(used_mb() - base)
+        emit("tiny_cycles_residual_mb", after[-1], "MB", cycles=after)
     finally:
         server.terminate()
         server.wait(timeout=30)
