@@ -26,7 +26,8 @@ if [ "$what" = smoke ] || [ "$what" = all ]; then
   tail -20 "$OUT/smoke.stderr"
 fi
 if [ "$what" = full ]; then
-  pip install --no-index --no-deps -q .gpu/bitsandbytes-*.whl 2>&1 | tail -2
+  python3 -m pip install --no-index --no-deps -q .gpu/bitsandbytes-*.whl 2>&1 | tail -2
+  python3 -c 'import bitsandbytes as b; print("bitsandbytes", b.__version__)'
   timeout 560 python3 bench/full.py 2>"$OUT/full.stderr" | tee "$OUT/full.jsonl"
   echo "full exit: ${PIPESTATUS[0]}"
   tail -40 "$OUT/full.stderr"

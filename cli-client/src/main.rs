@@ -338,15 +338,7 @@ async fn models(url: &str) -> Result<()> {
 /// Bytes as the seed prints them: decimal megabytes, thousands grouped, one decimal.
 fn mb(bytes: u64) -> String {
     let tenths = ((bytes as f64) / 1e5).round() as u64;
-    let digits = (tenths / 10).to_string();
-    let mut out = String::new();
-    for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
-            out.push(',');
-        }
-        out.push(ch);
-    }
-    format!("{out}.{} MB", tenths % 10)
+    format!("{}.{} MB", group(tenths / 10), tenths % 10)
 }
 
 async fn describe(url: &str, a: DescribeArgs) -> Result<()> {
@@ -408,7 +400,7 @@ fn group(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, ch) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);

@@ -275,7 +275,7 @@ impl Loop {
             }
             // KV grows every step; the figure is refreshed when the batch changes and every 16
             // steps, not per step (on CUDA the pool query is a device round trip).
-            if self.running.len() != before || self.steps % 16 == 0 {
+            if self.running.len() != before || self.steps.is_multiple_of(16) {
                 self.refresh_memory();
             }
         }

@@ -233,7 +233,12 @@ impl LlmService for Service {
             source: r.source.into(),
             device: or(r.device, &self.default_device),
             quantization: or(r.quantization, &self.default_quantization),
-            max_context: r.max_context,
+            // The server's --max-context caps LoadModel too unless the request sets its own.
+            max_context: if r.max_context == 0 {
+                self.default_max_context
+            } else {
+                r.max_context
+            },
         };
         let (info, load_ms) = self.registry.load(spec).await?;
         Ok(Response::new(LoadModelResponse {
