@@ -28,7 +28,17 @@ impl HubId {
             return None;
         }
         let (repo, revision) = match source.split_once('@') {
-            Some((r, rev)) if !rev.is_empty() => (r, rev),
+            // A branch, tag or commit; it names a file under refs/ in the cache, so no `..`.
+            Some((r, rev))
+                if !rev.is_empty()
+                    && !rev.contains("..")
+                    && !rev.starts_with('/')
+                    && rev.chars().all(|c| {
+                        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')
+                    }) =>
+            {
+                (r, rev)
+            }
             Some(_) => return None,
             None => (source, "main"),
         };
@@ -60,7 +70,8 @@ struct FileProgress(Arc<Progress>, bool);
 
 impl hf_hub::api::Progress for FileProgress {
     fn init(&mut self, size: usize, _filename: &str) {
-        if self.1 {
+        // hf-hub 0.4.3 calls `init` twice per download; count the size once.
+        if std::mem::take(&mut self.1) {
             self.0.total.fetch_add(size as u64, Ordering::Relaxed);
         }
     }
@@ -70,8 +81,10 @@ impl hf_hub::api::Progress for FileProgress {
     fn finish(&mut self) {}
 }
 
+/// huggingface_hub's truthy values, any case.
 fn offline() -> bool {
-    std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| matches!(v.as_str(), "1" | "true" | "TRUE"))
+    std::env::var("HF_HUB_OFFLINE")
+        .is_ok_and(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "on" | "yes" | "true"))
 }
 
 fn hub_error(id: &HubId, file: &str, e: impl std::fmt::Display) -> ServerError {
@@ -83,9 +96,13 @@ fn hub_error(id: &HubId, file: &str, e: impl std::fmt::Display) -> ServerError {
 
 /// Fetches files of one repo revision: from the cache when there, else from the hub (unless
 /// offline).
+/// Every file comes from one commit: the revision is resolved once (a 40-hex revision is a
+/// commit already; otherwise the hub's answer, or the cache's ref when offline or unreachable),
+/// so a load never mixes a cached config of one commit with weights of another.
 struct Fetcher {
     id: HubId,
-    cache: Cache,
+    /// `<cache>/models--org--name/snapshots/<commit>`.
+    snapshot: PathBuf,
     api: Option<hf_hub::api::sync::ApiRepo>,
     progress: Arc<Progress>,
 }
@@ -93,7 +110,14 @@ struct Fetcher {
 impl Fetcher {
     fn new(id: &HubId, progress: Arc<Progress>) -> Result<Fetcher> {
         let cache = Cache::from_env();
-        let repo = Repo::with_revision(id.repo.clone(), RepoType::Model, id.revision.clone());
+        let folder = cache
+            .path()
+            .join(Repo::model(id.repo.clone()).folder_name());
+        let cached_ref = std::fs::read_to_string(folder.join("refs").join(&id.revision))
+            .ok()
+            .map(|s| s.trim().to_string());
+        let is_commit =
+            id.revision.len() == 40 && id.revision.chars().all(|c| c.is_ascii_hexdigit());
         let api = if offline() {
             None
         } else {
@@ -101,29 +125,58 @@ impl Fetcher {
                 .ok()
                 .filter(|t| !t.is_empty())
                 .or_else(|| cache.token());
-            let api = ApiBuilder::from_env()
-                .with_progress(false)
-                .with_token(token)
-                .build()
-                .map_err(|e| hub_error(id, "client", e))?;
-            Some(api.repo(repo))
+            Some(
+                ApiBuilder::from_env()
+                    .with_progress(false)
+                    .with_token(token)
+                    .build()
+                    .map_err(|e| hub_error(id, "client", e))?,
+            )
         };
+        let commit = if is_commit {
+            id.revision.clone()
+        } else {
+            let online = api.as_ref().and_then(|api| {
+                let repo =
+                    Repo::with_revision(id.repo.clone(), RepoType::Model, id.revision.clone());
+                match api.repo(repo).info() {
+                    Ok(info) => Some(info.sha),
+                    Err(e) => {
+                        tracing::warn!(repo = %id.repo, error = %e, "hub unreachable; using the cache");
+                        None
+                    }
+                }
+            });
+            online.or(cached_ref).ok_or_else(|| {
+                hub_error(
+                    id,
+                    "revision",
+                    if offline() {
+                        "not in the HF cache and HF_HUB_OFFLINE is set"
+                    } else {
+                        "not found on the hub nor in the HF cache"
+                    },
+                )
+            })?
+        };
+        let api = api.map(|api| {
+            api.repo(Repo::with_revision(
+                id.repo.clone(),
+                RepoType::Model,
+                commit.clone(),
+            ))
+        });
         Ok(Fetcher {
             id: id.clone(),
-            cache,
+            snapshot: folder.join("snapshots").join(&commit),
             api,
             progress,
         })
     }
 
     fn cached(&self, file: &str) -> Option<PathBuf> {
-        self.cache
-            .repo(Repo::with_revision(
-                self.id.repo.clone(),
-                RepoType::Model,
-                self.id.revision.clone(),
-            ))
-            .get(file)
+        let p = self.snapshot.join(file);
+        p.exists().then_some(p)
     }
 
     /// The file's local path; `Ok(None)` when the repo has no such file.

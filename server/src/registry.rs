@@ -45,6 +45,17 @@ struct Transition {
 
 static NEXT_TRANSITION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+struct TransitionGuard<'a> {
+    registry: &'a Registry,
+    id: u64,
+}
+
+impl Drop for TransitionGuard<'_> {
+    fn drop(&mut self) {
+        self.registry.end(self.id);
+    }
+}
+
 /// What DescribeModel with a `source` asks for.
 #[derive(Debug, Clone)]
 pub struct DescribeSpec {
@@ -242,13 +253,15 @@ impl Registry {
         out
     }
 
-    fn begin(&self, info: ModelInfo, progress: Option<Arc<hub::Progress>>) -> u64 {
+    /// List a load or unload in progress until the returned guard drops (also when the
+    /// handler's future is dropped: a client that gives up mid-download leaves no stale row).
+    fn begin(&self, info: ModelInfo, progress: Option<Arc<hub::Progress>>) -> TransitionGuard<'_> {
         let id = NEXT_TRANSITION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.transitions
             .write()
             .expect("registry lock")
             .push(Transition { id, info, progress });
-        id
+        TransitionGuard { registry: self, id }
     }
 
     fn end(&self, id: u64) {
@@ -296,7 +309,7 @@ impl Registry {
         let this = self.clone();
         let name = spec.name.clone();
         let loaded = tokio::task::spawn_blocking(move || this.load_blocking(spec, progress)).await;
-        self.end(loading);
+        drop(loading);
         let loaded = loaded.map_err(|e| ServerError::Internal(format!("load task: {e}")))??;
         let info = loaded.info.clone();
         let old = self
@@ -330,7 +343,7 @@ impl Registry {
         drop(old);
         release_freed_memory();
         tracing::info!("swapped-out model freed");
-        self.end(id);
+        drop(id);
     }
 
     fn load_blocking(&self, spec: LoadSpec, progress: Arc<hub::Progress>) -> Result<LoadedModel> {
@@ -429,7 +442,7 @@ impl Registry {
         model.scheduler.shutdown().await;
         drop(model);
         release_freed_memory();
-        self.end(id);
+        drop(id);
         tracing::info!(model = %name, "model unloaded");
         Ok(())
     }
