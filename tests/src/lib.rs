@@ -196,14 +196,20 @@ impl Server {
             .expect("connect")
     }
 
-    /// Wait until `models` are all listed (loaded), or panic after `timeout`.
+    /// Wait until `models` are all ready, or panic after `timeout`.
     pub async fn wait_models(&self, models: &[&str], timeout: Duration) {
         let t0 = Instant::now();
         loop {
             if let Ok(mut c) = LlmServiceClient::connect(self.url()).await {
                 if let Ok(r) = c.list_models(llm_proto::v1::ListModelsRequest {}).await {
-                    let names: Vec<String> =
-                        r.into_inner().models.into_iter().map(|m| m.name).collect();
+                    // Ready ones only: ListModels also lists loads in progress.
+                    let names: Vec<String> = r
+                        .into_inner()
+                        .models
+                        .into_iter()
+                        .filter(|m| m.state == "ready")
+                        .map(|m| m.name)
+                        .collect();
                     if models.iter().all(|m| names.iter().any(|n| n == m)) {
                         return;
                     }
