@@ -163,31 +163,19 @@ impl Registry {
             .read()
             .expect("registry lock")
             .values()
-            .map(|m| ModelGauges {
-                name: m.info.name.clone(),
-                queued: m
-                    .scheduler
-                    .stats
-                    .queued
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                running: m
-                    .scheduler
-                    .stats
-                    .running
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                max_batch: self.sched.max_batch,
-                weight_bytes: m.info.weight_bytes,
-                kv_cache_bytes: m
-                    .scheduler
-                    .stats
-                    .kv_cache_bytes
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                workspace_bytes: m
-                    .scheduler
-                    .stats
-                    .workspace_bytes
-                    .load(std::sync::atomic::Ordering::Relaxed),
-                device: m.info.device.clone(),
+            .map(|m| {
+                let stats = &m.scheduler.stats;
+                let info = m.live_info();
+                ModelGauges {
+                    queued: stats.queued.load(std::sync::atomic::Ordering::Relaxed),
+                    running: stats.running.load(std::sync::atomic::Ordering::Relaxed),
+                    max_batch: self.sched.max_batch,
+                    weight_bytes: info.weight_bytes,
+                    kv_cache_bytes: info.kv_cache_bytes,
+                    workspace_bytes: info.workspace_bytes,
+                    name: info.name,
+                    device: info.device,
+                }
             })
             .collect()
     }

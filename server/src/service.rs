@@ -167,6 +167,15 @@ impl Service {
     }
 }
 
+/// An empty request field falls back to the server's default.
+fn or(v: String, default: &str) -> String {
+    if v.is_empty() {
+        default.to_string()
+    } else {
+        v
+    }
+}
+
 /// A seed for requests that do not give one.
 fn rand_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
@@ -227,7 +236,6 @@ impl LlmService for Service {
         }
         self.registry
             .check_source(std::path::Path::new(&r.source))?;
-        let or = |v: String, d: &str| if v.is_empty() { d.to_string() } else { v };
         let spec = LoadSpec {
             name: r.name,
             source: r.source.into(),
@@ -252,7 +260,6 @@ impl LlmService for Service {
         req: Request<DescribeModelRequest>,
     ) -> std::result::Result<Response<DescribeModelResponse>, Status> {
         let r = req.into_inner();
-        let or = |v: String, d: &str| if v.is_empty() { d.to_string() } else { v };
         let out = match r.target {
             Some(Target::Name(name)) => self.registry.describe_loaded(&name)?,
             Some(Target::Source(source)) if !source.is_empty() => {
