@@ -59,29 +59,25 @@ impl<B: LlmBackend> KvCache<B> {
     }
 }
 
-/// What every layer of one forward shares: positions, rope tables, masks.
-pub struct ForwardCtx<B: LlmBackend> {
-    /// First position of this chunk (= tokens already in the cache).
+/// One sequence's rows in a batched forward.
+#[derive(Debug, Clone, Copy)]
+pub struct Segment {
+    /// First position of this chunk (= tokens already in the sequence's cache).
     pub start: usize,
     /// Tokens in this chunk.
     pub len: usize,
-    pub rope: RopeTables<B>,
-    device: B::Device,
+    /// Row of the batch where the chunk begins.
+    pub offset: usize,
 }
 
-impl<B: LlmBackend> ForwardCtx<B> {
-    pub fn new(start: usize, len: usize, rope: RopeTables<B>, device: &B::Device) -> Self {
-        ForwardCtx {
-            start,
-            len,
-            rope,
-            device: device.clone(),
-        }
-    }
-
+impl Segment {
     /// `[1, 1, len, start + len]`, true = masked: causal, plus the sliding window if any.
     /// None when nothing needs masking (a single decode token with the whole past visible).
-    fn mask(&self, window: Option<usize>) -> Option<Tensor<B, 4, Bool>> {
+    fn mask<B: LlmBackend>(
+        &self,
+        window: Option<usize>,
+        device: &B::Device,
+    ) -> Option<Tensor<B, 4, Bool>> {
         let total = self.start + self.len;
         let window_bites = window.is_some_and(|w| total > w);
         if self.len == 1 && !window_bites {
@@ -98,8 +94,32 @@ impl<B: LlmBackend> ForwardCtx<B> {
         }
         Some(Tensor::from_data(
             TensorData::new(m, [1, 1, self.len, total]),
-            &self.device,
+            device,
         ))
+    }
+}
+
+/// What every layer of one forward shares: the batch's sequences (rows of the hidden state
+/// `[rows, hidden]`, one [`Segment`] after another) and the rope tables of every row.
+pub struct ForwardCtx<B: LlmBackend> {
+    pub segments: Vec<Segment>,
+    /// `[rows, head_dim]`: each row at its own sequence's position.
+    pub rope: RopeTables<B>,
+    device: B::Device,
+}
+
+impl<B: LlmBackend> ForwardCtx<B> {
+    pub fn new(segments: Vec<Segment>, rope: RopeTables<B>, device: &B::Device) -> Self {
+        ForwardCtx {
+            segments,
+            rope,
+            device: device.clone(),
+        }
+    }
+
+    /// Rows of the batch.
+    pub fn rows(&self) -> usize {
+        self.segments.last().map_or(0, |s| s.offset + s.len)
     }
 }
 
@@ -148,15 +168,17 @@ impl<B: LlmBackend> Attention<B> {
         })
     }
 
-    /// `x`: `[tokens, hidden]` -> `[tokens, hidden]`; appends this chunk's k/v to `kv`.
+    /// `x`: `[rows, hidden]` -> `[rows, hidden]` for the batch `ctx` describes; appends each
+    /// sequence's k/v to its cache in `kv` (one per segment). The projections and rope run on
+    /// all rows at once; attention runs per sequence, over its own cache.
     pub fn forward(
         &self,
         x: Tensor<B, 2>,
         ctx: &ForwardCtx<B>,
-        kv: &mut Option<LayerKv<B>>,
+        kv: &mut [&mut Option<LayerKv<B>>],
     ) -> Tensor<B, 2> {
         let c = self.cfg;
-        let s = ctx.len;
+        let rows = ctx.rows();
         let (q, k, v) = match &self.qkv {
             QkvProj::Separate {
                 q_proj,
@@ -177,12 +199,47 @@ impl<B: LlmBackend> Attention<B> {
                 )
             }
         };
-        // [tokens, heads * d] -> [heads, tokens, d]
-        let heads = |t: Tensor<B, 2>, h: usize| t.reshape([s, h, c.head_dim]).swap_dims(0, 1);
+        // [rows, heads * d] -> [heads, rows, d]
+        let heads = |t: Tensor<B, 2>, h: usize| t.reshape([rows, h, c.head_dim]).swap_dims(0, 1);
         let q = ctx.rope.apply(heads(q, c.num_heads));
         let k = ctx.rope.apply(heads(k, c.num_kv_heads));
         let v = heads(v, c.num_kv_heads);
+        let mut outs: Vec<Tensor<B, 2>> = ctx
+            .segments
+            .iter()
+            .zip(kv.iter_mut())
+            .map(|(seg, kv)| {
+                let part = |t: &Tensor<B, 3>| {
+                    if ctx.segments.len() == 1 {
+                        t.clone()
+                    } else {
+                        t.clone().narrow(1, seg.offset, seg.len)
+                    }
+                };
+                self.attend(part(&q), part(&k), part(&v), seg, kv, &ctx.device)
+            })
+            .collect();
+        let out = if outs.len() == 1 {
+            outs.pop().expect("one segment")
+        } else {
+            Tensor::cat(outs, 0)
+        };
+        self.o_proj.forward(out)
+    }
 
+    /// One sequence: `q` `[heads, len, d]`, `k`/`v` `[kv_heads, len, d]` (rope applied) ->
+    /// `[len, heads * d]`, appending `k`/`v` to `kv`.
+    fn attend(
+        &self,
+        q: Tensor<B, 3>,
+        k: Tensor<B, 3>,
+        v: Tensor<B, 3>,
+        seg: &Segment,
+        kv: &mut Option<LayerKv<B>>,
+        device: &B::Device,
+    ) -> Tensor<B, 2> {
+        let c = self.cfg;
+        let s = seg.len;
         let (k, v) = match kv.take() {
             Some(past) => (
                 Tensor::cat(vec![past.k, k], 1),
@@ -206,8 +263,8 @@ impl<B: LlmBackend> Attention<B> {
                 .expand([c.num_kv_heads, groups, total, c.head_dim])
                 .reshape([1, c.num_heads, total, c.head_dim])
         };
-        let mask = ctx
-            .mask(c.sliding_window)
+        let mask = seg
+            .mask::<B>(c.sliding_window, device)
             .map(|m| m.expand([1, c.num_heads, s, total]));
         let out = attention(
             q.unsqueeze_dim(0),
@@ -222,11 +279,9 @@ impl<B: LlmBackend> Attention<B> {
             },
         );
         // [1, heads, tokens, d] -> [tokens, heads * d]
-        let out = out
-            .reshape([c.num_heads, s, c.head_dim])
+        out.reshape([c.num_heads, s, c.head_dim])
             .swap_dims(0, 1)
-            .reshape([s, c.num_heads * c.head_dim]);
-        self.o_proj.forward(out)
+            .reshape([s, c.num_heads * c.head_dim])
     }
 
     /// The projections with their checkpoint names under `prefix` (e.g. `model.layers.0.self_attn`).

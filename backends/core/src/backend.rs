@@ -28,6 +28,17 @@ pub trait LlmBackend: Backend {
     fn pool_reserved_bytes(_device: &Self::Device) -> Option<u64> {
         None
     }
+    /// The device stream the calling thread's work goes to. CubeCL keeps one memory pool per
+    /// stream and picks the stream from the calling thread, so a model pins every call to the
+    /// stream it was loaded on ([`LlmBackend::on_stream`]): its weights, KV cache and workspace
+    /// then share one pool, which unload can empty. Without a device pool: 0.
+    fn current_stream() -> u64 {
+        0
+    }
+    /// Run `f` with `stream` as the calling thread's device stream.
+    fn on_stream<T>(_stream: u64, f: impl FnOnce() -> T) -> T {
+        f()
+    }
 }
 
 fn host<B: Backend, const D: usize>(t: Tensor<B, D>) -> Vec<f32> {

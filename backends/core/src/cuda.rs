@@ -427,6 +427,12 @@ impl LlmBackend for CudaBf16 {
             .ok()
             .map(|u| u.bytes_reserved)
     }
+    fn current_stream() -> u64 {
+        cubecl::stream_id::StreamId::current().value
+    }
+    fn on_stream<T>(stream: u64, f: impl FnOnce() -> T) -> T {
+        cubecl::stream_id::StreamId { value: stream }.executes(f)
+    }
     fn dense_linear(
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,

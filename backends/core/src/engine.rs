@@ -13,9 +13,15 @@ use crate::sampling::{sample, Rng};
 
 /// A causal language model: what an architecture crate provides.
 pub trait CausalLm<B: LlmBackend>: Send + 'static {
-    /// Run `tokens` at positions `cache.len..` and append them to `cache`.
-    /// Returns logits `[tokens, vocab]` when `all_logits`, else `[1, vocab]` for the last token.
-    fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, all_logits: bool) -> Tensor<B, 2>;
+    /// Run each chunk's tokens at positions `cache.len..` of its sequence and append them to
+    /// its cache, all sequences in one pass (continuous batching: linears see every row).
+    /// Returns logits for every row when `all_logits`, else `[batch.len(), vocab]`: each
+    /// chunk's last token.
+    fn forward_batch(&self, batch: &mut [SeqChunk<'_, B>], all_logits: bool) -> Tensor<B, 2>;
+    /// One sequence: logits `[tokens, vocab]` when `all_logits`, else `[1, vocab]`.
+    fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, all_logits: bool) -> Tensor<B, 2> {
+        self.forward_batch(&mut [SeqChunk { tokens, cache }], all_logits)
+    }
     fn num_layers(&self) -> usize;
     fn vocab_size(&self) -> usize;
     /// Positions one sequence may hold (config `max_position_embeddings`, capped by the load).
@@ -25,6 +31,12 @@ pub trait CausalLm<B: LlmBackend>: Send + 'static {
     fn device(&self) -> B::Device;
     /// Every linear layer with its checkpoint module name (`model.layers.0.self_attn.q_proj`).
     fn linears(&self) -> Vec<(String, &dyn crate::Linear<B>)>;
+}
+
+/// One sequence's new tokens in a batched forward, with its cache.
+pub struct SeqChunk<'a, B: LlmBackend> {
+    pub tokens: &'a [u32],
+    pub cache: &'a mut KvCache<B>,
 }
 
 /// One sequence's share of a step, borrowed from the ABI call.
@@ -54,6 +66,9 @@ pub struct Engine<B: LlmBackend, M: CausalLm<B>> {
     pub model: M,
     seqs: HashMap<u64, Seq<B>>,
     info: serde_json::Value,
+    /// The device stream the model was loaded on; every later call runs on it
+    /// ([`LlmBackend::current_stream`]), whichever thread makes it.
+    stream: u64,
 }
 
 impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
@@ -63,74 +78,129 @@ impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
             model,
             seqs: HashMap::new(),
             info,
+            stream: B::current_stream(),
         }
     }
 
-    fn step_one(&mut self, input: &StepInput<'_>) -> Result<Option<SeqOutput>> {
+    /// Check every input before anything runs, so a bad one leaves every cache as it was.
+    fn check(&self, inputs: &[StepInput<'_>]) -> Result<()> {
         let vocab = self.model.vocab_size();
-        if let Some(&bad) = input.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(CoreError::invalid(format!(
-                "token id {bad} is out of range: the vocabulary has {vocab} entries"
-            )));
-        }
-        let layers = self.model.num_layers();
-        let seq = self.seqs.entry(input.seq_id).or_insert_with(|| Seq {
-            cache: KvCache::new(layers),
-            history: Vec::new(),
-            rng: None,
-        });
-        if seq.cache.len + input.tokens.len() > self.model.max_context() {
-            return Err(CoreError::exhausted(format!(
-                "sequence would hold {} positions, over the context of {}",
-                seq.cache.len + input.tokens.len(),
-                self.model.max_context()
-            )));
-        }
-        if input.tokens.is_empty() {
-            return Err(CoreError::invalid(
-                "a step needs at least one token per sequence",
-            ));
-        }
-        let logits = self.model.forward(input.tokens, &mut seq.cache, false);
-        seq.history.extend_from_slice(input.tokens);
-        if !input.sample {
-            return Ok(None);
-        }
-        let mut row: Vec<f32> = logits
-            .into_data()
-            .convert::<f32>()
-            .into_vec()
-            .map_err(|e| CoreError::internal(format!("reading logits: {e:?}")))?;
-        let rng = seq.rng.get_or_insert_with(|| Rng::new(input.params.seed));
-        Ok(Some(sample(&mut row, &seq.history, &input.params, rng)))
-    }
-}
-
-impl<B: LlmBackend, M: CausalLm<B>> DynEngine for Engine<B, M> {
-    fn step(&mut self, inputs: &[StepInput<'_>], outputs: &mut [SeqOutput]) -> Result<()> {
-        // Sequences run one after another: each result is exactly what it would be alone.
-        for (input, out) in inputs.iter().zip(outputs.iter_mut()) {
-            if let Some(o) = self.step_one(input)? {
-                *out = o;
+        let mut ids = std::collections::HashSet::new();
+        for input in inputs {
+            if !ids.insert(input.seq_id) {
+                return Err(CoreError::invalid(format!(
+                    "sequence {} appears twice in one step",
+                    input.seq_id
+                )));
+            }
+            if input.tokens.is_empty() {
+                return Err(CoreError::invalid(
+                    "a step needs at least one token per sequence",
+                ));
+            }
+            if let Some(&bad) = input.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(CoreError::invalid(format!(
+                    "token id {bad} is out of range: the vocabulary has {vocab} entries"
+                )));
+            }
+            let held = self.seqs.get(&input.seq_id).map_or(0, |s| s.cache.len);
+            if held + input.tokens.len() > self.model.max_context() {
+                return Err(CoreError::exhausted(format!(
+                    "sequence would hold {} positions, over the context of {}",
+                    held + input.tokens.len(),
+                    self.model.max_context()
+                )));
             }
         }
         Ok(())
     }
 
+    /// One forward over every input's tokens, then sampling for those that ask.
+    fn step_batch(&mut self, inputs: &[StepInput<'_>], outputs: &mut [SeqOutput]) -> Result<()> {
+        self.check(inputs)?;
+        if inputs.is_empty() {
+            return Ok(());
+        }
+        let layers = self.model.num_layers();
+        let mut seqs: Vec<Seq<B>> = inputs
+            .iter()
+            .map(|i| {
+                self.seqs.remove(&i.seq_id).unwrap_or_else(|| Seq {
+                    cache: KvCache::new(layers),
+                    history: Vec::new(),
+                    rng: None,
+                })
+            })
+            .collect();
+        let logits = {
+            let mut batch: Vec<SeqChunk<'_, B>> = inputs
+                .iter()
+                .zip(seqs.iter_mut())
+                .map(|(i, s)| SeqChunk {
+                    tokens: i.tokens,
+                    cache: &mut s.cache,
+                })
+                .collect();
+            self.model.forward_batch(&mut batch, false)
+        };
+        // One read of every sequence's last-row logits: `[inputs, vocab]`.
+        let logits: Result<Vec<f32>> = if inputs.iter().any(|i| i.sample) {
+            logits
+                .into_data()
+                .convert::<f32>()
+                .into_vec()
+                .map_err(|e| CoreError::internal(format!("reading logits: {e:?}")))
+        } else {
+            Ok(Vec::new())
+        };
+        let vocab = self.model.vocab_size();
+        for (i, ((input, out), mut seq)) in
+            inputs.iter().zip(outputs.iter_mut()).zip(seqs).enumerate()
+        {
+            seq.history.extend_from_slice(input.tokens);
+            if input.sample {
+                if let Ok(logits) = &logits {
+                    let mut row = logits[i * vocab..(i + 1) * vocab].to_vec();
+                    let rng = seq.rng.get_or_insert_with(|| Rng::new(input.params.seed));
+                    *out = sample(&mut row, &seq.history, &input.params, rng);
+                }
+            }
+            self.seqs.insert(input.seq_id, seq);
+        }
+        logits.map(|_| ())
+    }
+}
+
+impl<B: LlmBackend, M: CausalLm<B>> DynEngine for Engine<B, M> {
+    fn step(&mut self, inputs: &[StepInput<'_>], outputs: &mut [SeqOutput]) -> Result<()> {
+        B::on_stream(self.stream, || self.step_batch(inputs, outputs))
+    }
+
     fn release(&mut self, seq_id: u64) {
-        self.seqs.remove(&seq_id);
+        B::on_stream(self.stream, || self.seqs.remove(&seq_id));
     }
 
     fn destroy(self: Box<Self>) {
         let device = self.model.device();
-        drop(self);
-        // Burn/CubeCL keep freed buffers pooled; without this an unloaded model's memory stays
-        // reserved until the process exits.
-        let _ = B::sync(&device);
-        B::memory_cleanup(&device);
+        B::on_stream(self.stream, || {
+            drop(self);
+            // Burn/CubeCL keep freed buffers pooled; without this an unloaded model's memory
+            // stays reserved until the process exits. The first sync retires the dropped
+            // buffers, the cleanup frees the empty pages, the second sync lets the driver's
+            // stream-ordered frees complete.
+            let _ = B::sync(&device);
+            B::memory_cleanup(&device);
+            let _ = B::sync(&device);
+        });
     }
 
     fn info(&self) -> serde_json::Value {
+        B::on_stream(self.stream, || self.info_on_stream())
+    }
+}
+
+impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
+    fn info_on_stream(&self) -> serde_json::Value {
         let elem = dtype_bytes::<B>();
         let kv_bytes: usize = self
             .seqs

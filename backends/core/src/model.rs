@@ -5,8 +5,8 @@
 use crate::backend::LlmBackend;
 use burn_tensor::{Int, Tensor, TensorData};
 
-use crate::attention::{Attention, ForwardCtx, KvCache, LayerKv};
-use crate::engine::CausalLm;
+use crate::attention::{Attention, ForwardCtx, LayerKv, Segment};
+use crate::engine::{CausalLm, SeqChunk};
 use crate::linear::Linear;
 use crate::mlp::GatedMlp;
 use crate::norm::RmsNorm;
@@ -14,12 +14,13 @@ use crate::rope::Rope;
 
 /// One decoder layer.
 pub trait DecoderLayer<B: LlmBackend>: Send + Sync + 'static {
-    /// `x`: `[tokens, hidden]`; appends this chunk's keys/values to `kv`.
+    /// `x`: `[rows, hidden]`, the batch `ctx` describes; appends each sequence's keys/values
+    /// to its layer cache in `kv` (one per segment).
     fn forward(
         &self,
         x: Tensor<B, 2>,
         ctx: &ForwardCtx<B>,
-        kv: &mut Option<LayerKv<B>>,
+        kv: &mut [&mut Option<LayerKv<B>>],
     ) -> Tensor<B, 2>;
     fn num_params(&self) -> usize;
     /// Linear layers with their module names under `prefix` (`model.layers.3`).
@@ -40,7 +41,7 @@ impl<B: LlmBackend> DecoderLayer<B> for PreNormLayer<B> {
         &self,
         x: Tensor<B, 2>,
         ctx: &ForwardCtx<B>,
-        kv: &mut Option<LayerKv<B>>,
+        kv: &mut [&mut Option<LayerKv<B>>],
     ) -> Tensor<B, 2> {
         let x = x.clone()
             + self
@@ -83,26 +84,53 @@ pub struct CausalDecoder<B: LlmBackend, L: DecoderLayer<B>> {
 }
 
 impl<B: LlmBackend, L: DecoderLayer<B>> CausalLm<B> for CausalDecoder<B, L> {
-    fn forward(&self, tokens: &[u32], cache: &mut KvCache<B>, all_logits: bool) -> Tensor<B, 2> {
-        let n = tokens.len();
-        let start = cache.len;
-        let ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [n]), &self.device);
+    fn forward_batch(&self, batch: &mut [SeqChunk<'_, B>], all_logits: bool) -> Tensor<B, 2> {
+        let mut segments = Vec::with_capacity(batch.len());
+        let mut positions = Vec::new();
+        let mut ids = Vec::new();
+        for chunk in batch.iter() {
+            let start = chunk.cache.len;
+            segments.push(Segment {
+                start,
+                len: chunk.tokens.len(),
+                offset: ids.len(),
+            });
+            positions.extend(start..start + chunk.tokens.len());
+            ids.extend(chunk.tokens.iter().map(|&t| t as i64));
+        }
+        let rows = ids.len();
+        let ids = Tensor::<B, 1, Int>::from_data(TensorData::new(ids, [rows]), &self.device);
         let mut h = self.embed_tokens.clone().select(0, ids);
         if let Some(s) = self.embed_scale {
             h = h.mul_scalar(s);
         }
         let ctx = ForwardCtx::new(
-            start,
-            n,
-            self.rope.tables(start, n, &self.device),
+            segments,
+            self.rope.tables_at(&positions, &self.device),
             &self.device,
         );
-        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            h = layer.forward(h, &ctx, kv);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let mut kv: Vec<&mut Option<LayerKv<B>>> =
+                batch.iter_mut().map(|c| &mut c.cache.layers[i]).collect();
+            h = layer.forward(h, &ctx, &mut kv);
         }
-        cache.len += n;
-        let h = if all_logits { h } else { h.narrow(0, n - 1, 1) };
+        for chunk in batch.iter_mut() {
+            chunk.cache.len += chunk.tokens.len();
+        }
+        let h = if all_logits || ctx.segments.iter().all(|s| s.len == 1) {
+            h
+        } else {
+            let last: Vec<i64> = ctx
+                .segments
+                .iter()
+                .map(|s| (s.offset + s.len - 1) as i64)
+                .collect();
+            let n = last.len();
+            h.select(
+                0,
+                Tensor::<B, 1, Int>::from_data(TensorData::new(last, [n]), &self.device),
+            )
+        };
         let logits = self.lm_head.forward(self.norm.forward(h));
         match self.final_logit_softcap {
             Some(cap) => logits.div_scalar(cap).tanh().mul_scalar(cap),

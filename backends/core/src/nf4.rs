@@ -460,6 +460,26 @@ fn block_absmax(v: &[f32]) -> f32 {
     v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
 }
 
+/// kQuantizeBlockwise over consecutive blocks: `w` (whole blocks but maybe a short last one)
+/// into `packed` (`w.len() / 2` bytes) and `absmax` (one per block).
+fn quantize_blocks(w: &[f32], packed: &mut [u8], absmax: &mut [f32]) {
+    for ((block, bytes), absmax) in w
+        .chunks(BLOCKSIZE)
+        .zip(packed.chunks_mut(BLOCKSIZE / 2))
+        .zip(absmax.iter_mut())
+    {
+        let a = block_absmax(block);
+        *absmax = a;
+        // bnb stores 1/absmax and multiplies.
+        let scale = 1.0f32 / a;
+        for (pair, byte) in block.chunks(2).zip(bytes.iter_mut()) {
+            let hi = quantize_nf4(pair[0] * scale);
+            let lo = quantize_nf4(pair[1] * scale);
+            *byte = (hi << 4) | lo;
+        }
+    }
+}
+
 impl Nf4Weight {
     /// Quantize a float weight `[out, in]` the way `bnb.functional.quantize_4bit(w,
     /// blocksize=64, compress_statistics=double_quant, quant_type="nf4")` does.
@@ -473,18 +493,20 @@ impl Nf4Weight {
         assert_eq!(w.len(), out_features * in_features);
         assert!(w.len().is_multiple_of(2), "odd number of weights");
         let mut packed = vec![0u8; w.len() / 2];
-        let mut absmax = Vec::with_capacity(w.len().div_ceil(BLOCKSIZE));
-        for (b, block) in w.chunks(BLOCKSIZE).enumerate() {
-            let a = block_absmax(block);
-            absmax.push(a);
-            // bnb stores 1/absmax and multiplies.
-            let scale = 1.0f32 / a;
-            for (j, pair) in block.chunks(2).enumerate() {
-                let hi = quantize_nf4(pair[0] * scale);
-                let lo = quantize_nf4(pair[1] * scale);
-                packed[(b * BLOCKSIZE) / 2 + j] = (hi << 4) | lo;
+        let mut absmax = vec![0f32; w.len().div_ceil(BLOCKSIZE)];
+        // Blocks are independent: split them over the host's cores (an 8B model has 7e9
+        // weights; one core takes minutes). Each thread writes its own blocks' bytes and absmax.
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let blocks_per_thread = absmax.len().div_ceil(threads).max(1024);
+        std::thread::scope(|scope| {
+            for ((w, packed), absmax) in w
+                .chunks(blocks_per_thread * BLOCKSIZE)
+                .zip(packed.chunks_mut(blocks_per_thread * BLOCKSIZE / 2))
+                .zip(absmax.chunks_mut(blocks_per_thread))
+            {
+                scope.spawn(move || quantize_blocks(w, packed, absmax));
             }
-        }
+        });
         let absmax = if double_quant {
             // offset = absmax.mean() (f32 result of a sum; computed in f64 here: bnb's GPU
             // reduction order differs in the last bit now and then, which can move a code by one).

@@ -98,12 +98,19 @@ impl Rope {
 
     /// Tables for positions `start..start + n`.
     pub fn tables<B: Backend>(&self, start: usize, n: usize, device: &B::Device) -> RopeTables<B> {
+        let positions: Vec<usize> = (start..start + n).collect();
+        self.tables_at(&positions, device)
+    }
+
+    /// Tables `[positions.len(), head_dim]`, row `i` at position `positions[i]`.
+    pub fn tables_at<B: Backend>(&self, positions: &[usize], device: &B::Device) -> RopeTables<B> {
         let d = self.head_dim;
         let half = d / 2;
+        let n = positions.len();
         let mut cos = vec![0f32; n * d];
         let mut sin = vec![0f32; n * d];
-        for i in 0..n {
-            let pos = (start + i) as f32 * self.position_scale;
+        for (i, &p) in positions.iter().enumerate() {
+            let pos = p as f32 * self.position_scale;
             for (j, f) in self.inv_freq.iter().enumerate() {
                 // f32 product as HF's `inv_freq @ position_ids` in float32, then cos/sin.
                 let angle = pos * f;

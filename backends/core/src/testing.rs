@@ -42,7 +42,7 @@ pub fn default_model() -> PathBuf {
 }
 
 use crate::backend::LlmBackend;
-use crate::engine::CausalLm;
+use crate::engine::{CausalLm, SeqChunk};
 use crate::export::{Architecture, Cpu, LoadOptions};
 use crate::weights::{LoadCtx, Quantization};
 use crate::KvCache;
@@ -146,6 +146,66 @@ pub fn greedy<M: CausalLm<Cpu>>(model: &M, prompt: &[u32], n: usize) -> Vec<u32>
         last = to_vec(model.forward(&[next], &mut cache, false));
     }
     out
+}
+
+/// Greedy decode of several prompts two ways: each alone, and all in one batch where prompt
+/// `k` joins at step `k` (its prefill shares a forward with the others' decode rows, as under
+/// continuous batching). Every step's logits must be equal bit for bit: on the CPU a row's
+/// arithmetic does not depend on the rows beside it.
+pub fn assert_batch_equals_alone<M: CausalLm<Cpu>>(model: &M, prompts: &[Vec<u32>], steps: usize) {
+    let vocab = model.vocab_size();
+    let alone: Vec<Vec<Vec<f32>>> = prompts
+        .iter()
+        .map(|p| {
+            let mut cache = KvCache::new(model.num_layers());
+            let mut out = vec![to_vec(model.forward(p, &mut cache, false))];
+            while out.len() < steps {
+                let next = argmax(out.last().expect("one step"));
+                out.push(to_vec(model.forward(&[next], &mut cache, false)));
+            }
+            out
+        })
+        .collect();
+    let mut caches: Vec<KvCache<Cpu>> = prompts
+        .iter()
+        .map(|_| KvCache::new(model.num_layers()))
+        .collect();
+    let mut got: Vec<Vec<Vec<f32>>> = vec![Vec::new(); prompts.len()];
+    let mut step = 0;
+    while got.iter().any(|g| g.len() < steps) {
+        let active: Vec<usize> = (0..prompts.len())
+            .filter(|&k| k <= step && got[k].len() < steps)
+            .collect();
+        let tokens: Vec<Vec<u32>> = active
+            .iter()
+            .map(|&k| match got[k].last() {
+                None => prompts[k].clone(),
+                Some(last) => vec![argmax(last)],
+            })
+            .collect();
+        let mut batch: Vec<SeqChunk<'_, Cpu>> = caches
+            .iter_mut()
+            .enumerate()
+            .filter(|(k, _)| active.contains(k))
+            .zip(&tokens)
+            .map(|((_, cache), tokens)| SeqChunk { tokens, cache })
+            .collect();
+        let logits = to_vec(model.forward_batch(&mut batch, false));
+        assert_eq!(logits.len(), active.len() * vocab);
+        for (j, &k) in active.iter().enumerate() {
+            got[k].push(logits[j * vocab..(j + 1) * vocab].to_vec());
+        }
+        step += 1;
+    }
+    for (k, (got, alone)) in got.iter().zip(&alone).enumerate() {
+        for (s, (g, a)) in got.iter().zip(alone).enumerate() {
+            assert!(
+                g == a,
+                "prompt {k}, step {s}: batched logits differ from alone (rel L2 {})",
+                rel_l2(g, a)
+            );
+        }
+    }
 }
 
 /// Teacher-forced decode with the KV cache against `full_logits_f32`: the worst rel. L2 error

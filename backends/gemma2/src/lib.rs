@@ -84,7 +84,7 @@ impl<B: LlmBackend> DecoderLayer<B> for Gemma2DecoderLayer<B> {
         &self,
         x: Tensor<B, 2>,
         ctx: &ForwardCtx<B>,
-        kv: &mut Option<LayerKv<B>>,
+        kv: &mut [&mut Option<LayerKv<B>>],
     ) -> Tensor<B, 2> {
         let h = self
             .self_attn

@@ -73,7 +73,7 @@ impl<B: LlmBackend> DecoderLayer<B> for MixtralDecoderLayer<B> {
         &self,
         x: Tensor<B, 2>,
         ctx: &ForwardCtx<B>,
-        kv: &mut Option<LayerKv<B>>,
+        kv: &mut [&mut Option<LayerKv<B>>],
     ) -> Tensor<B, 2> {
         let x = x.clone()
             + self
