@@ -13,6 +13,9 @@ use crate::nf4::Nf4Weight;
 pub trait LlmBackend: Backend {
     /// Name of the compute dtype, for model info ("f32", "bf16").
     const DTYPE: &'static str;
+    /// Whether kernels are compiled and autotuned on first use (CubeCL: NVRTC + autotune), so
+    /// a load should run the shapes serving will launch before it reports the model ready.
+    const JIT: bool = false;
     /// A float linear layer from a loaded weight `[out, in]`.
     fn dense_linear(
         weight: Tensor<Self, 2>,

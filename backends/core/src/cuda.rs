@@ -421,6 +421,7 @@ pub fn device_memory(spec: &str) -> Option<(Option<u64>, Option<u64>)> {
 
 impl LlmBackend for CudaBf16 {
     const DTYPE: &'static str = "bf16";
+    const JIT: bool = true;
     fn pool_reserved_bytes(device: &CudaDevice) -> Option<u64> {
         CudaRuntime::client(device)
             .memory_usage()

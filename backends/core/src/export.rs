@@ -14,7 +14,8 @@ use llm_abi::{
 use llm_formats::ModelSource;
 use serde::Deserialize;
 
-use crate::engine::{CausalLm, DynEngine, Engine, StepInput};
+use crate::attention::KvCache;
+use crate::engine::{CausalLm, DynEngine, Engine, SeqChunk, StepInput};
 use crate::error::{CoreError, Result};
 use crate::weights::{LoadCtx, Quantization};
 
@@ -222,6 +223,9 @@ fn build<A: Architecture, B: LlmBackend>(
         source: source.describe(),
     };
     let model = A::load::<B>(source.config(), &ctx, opts)?;
+    if B::JIT {
+        warm_up(&model);
+    }
     let info = serde_json::json!({
         "architecture": A::NAME.to_string_lossy(),
         "model_type": source.model_type()?,
@@ -230,6 +234,32 @@ fn build<A: Architecture, B: LlmBackend>(
         "quantization": quantization.name(),
     });
     Ok(Box::new(Engine::new(model, info)))
+}
+
+/// Run the shapes serving launches once, so the first requests do not pay for kernel
+/// compilation and autotuning (measured on an H200, 8B NF4: 84 s for the first request without
+/// this): decode steps at batch 1-4 (the fused GEMV is compiled per row count), 8 and 16 (the
+/// dequantize + matmul path), and prefill chunks of 32 and 512 tokens (autotuned matmul shapes).
+fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M) {
+    let layers = model.num_layers();
+    let run = |chunks: &[usize]| {
+        let tokens: Vec<Vec<u32>> = chunks.iter().map(|&n| vec![0u32; n]).collect();
+        let mut caches: Vec<KvCache<B>> = chunks.iter().map(|_| KvCache::new(layers)).collect();
+        let mut batch: Vec<SeqChunk<'_, B>> = tokens
+            .iter()
+            .zip(caches.iter_mut())
+            .map(|(tokens, cache)| SeqChunk { tokens, cache })
+            .collect();
+        let _ = model.forward_batch(&mut batch, false).into_data();
+    };
+    for rows in [1, 2, 3, 4, 8, 16] {
+        run(&vec![1; rows]);
+    }
+    for len in [32, 512] {
+        if len <= model.max_context() {
+            run(&[len]);
+        }
+    }
 }
 
 /// Run `f`, turning errors and panics into an [`AbiError`] and a return code.
