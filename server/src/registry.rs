@@ -371,6 +371,9 @@ impl Registry {
             llm_abi::load_request::MAX_CONTEXT: spec.max_context,
         }))?;
         let pi = model.info()?;
+        if let Some(phases) = pi.get("load_ms") {
+            tracing::info!(model = %spec.name, %phases, "plugin load phases (ms)");
+        }
         let get_u64 = |k: &str| pi.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
         let get_str = |k: &str| {
             pi.get(k)

@@ -222,24 +222,31 @@ fn build<A: Architecture, B: LlmBackend>(
         quantization,
         source: source.describe(),
     };
+    let t0 = std::time::Instant::now();
     let model = A::load::<B>(source.config(), &ctx, opts)?;
+    let weights_ms = t0.elapsed().as_millis() as u64;
+    let t1 = std::time::Instant::now();
     if B::JIT {
         warm_up(&model);
     }
+    let warm_up_ms = t1.elapsed().as_millis() as u64;
     let info = serde_json::json!({
         "architecture": A::NAME.to_string_lossy(),
         "model_type": source.model_type()?,
         "device": opts.device,
         "dtype": B::DTYPE,
         "quantization": quantization.name(),
+        "load_ms": {"weights": weights_ms, "warm_up": warm_up_ms},
     });
     Ok(Box::new(Engine::new(model, info)))
 }
 
-/// Run the shapes serving launches once, so the first requests do not pay for kernel
-/// compilation and autotuning (measured on an H200, 8B NF4: 84 s for the first request without
-/// this): decode steps at batch 1-4 (the fused GEMV is compiled per row count), 8 and 16 (the
-/// dequantize + matmul path), and prefill chunks of 32 and 512 tokens (autotuned matmul shapes).
+/// Run the common shapes once so the first request does not pay for compiling them: a
+/// 32-token prefill chunk (the elementwise kernels, and the prefill matmuls' autotune bucket)
+/// and decode steps at batch 1-4 (the fused GEMV is compiled per row count). Larger decode
+/// batches, longer chunks and new attention lengths still autotune on first use: each costs
+/// seconds per linear shape (measured on an H200: warming batches 8 and 16 too made a tiny
+/// model's load take minutes).
 fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M) {
     let layers = model.num_layers();
     let run = |chunks: &[usize]| {
@@ -252,13 +259,9 @@ fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M) {
             .collect();
         let _ = model.forward_batch(&mut batch, false).into_data();
     };
-    for rows in [1, 2, 3, 4, 8, 16] {
+    run(&[32.min(model.max_context())]);
+    for rows in 1..=4 {
         run(&vec![1; rows]);
-    }
-    for len in [32, 512] {
-        if len <= model.max_context() {
-            run(&[len]);
-        }
     }
 }
 
