@@ -218,17 +218,33 @@ fn build<A: Architecture, B: LlmBackend>(
 ) -> Result<Box<dyn DynEngine>> {
     let ctx = LoadCtx {
         store: source.tensors(),
-        device,
+        device: device.clone(),
         quantization,
         source: source.describe(),
     };
     let t0 = std::time::Instant::now();
-    let model = A::load::<B>(source.config(), &ctx, opts)?;
+    // Weights go to the pool's persistent part (one exact-size slice each): they live as long
+    // as the model, and the activations allocated per op then search pools without them.
+    let model = B::memory_persistent_allocations(&device, (), |()| {
+        A::load::<B>(source.config(), &ctx, opts)
+    });
+    let model = match model {
+        Ok(model) => model,
+        Err(e) => {
+            // A failed load (corrupt tensor, bad shape) leaves nothing behind either.
+            B::memory_cleanup(&device);
+            return Err(e);
+        }
+    };
     let weights_ms = t0.elapsed().as_millis() as u64;
     let t1 = std::time::Instant::now();
     if B::JIT {
         warm_up(&model);
     }
+    // Hand back what the load and warm-up used only transiently (host-side conversions
+    // uploaded once, warm-up activations).
+    let _ = B::sync(&device);
+    B::memory_cleanup(&device);
     let warm_up_ms = t1.elapsed().as_millis() as u64;
     let info = serde_json::json!({
         "architecture": A::NAME.to_string_lossy(),
