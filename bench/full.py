@@ -109,10 +109,11 @@ def main():
         first = used_mb()
         emit("unload_residual_mb", first - base, "MB",
              note="driver used memory after unload minus the pre-start baseline (CUDA context included)")
-        # Ten load/unload cycles of a small model in the same process: driver memory after each.
+        # Load/unload cycles of a small model in the same process (TINY_CYCLES, default ten):
+        # driver memory after each.
         tiny = os.path.join(ROOT, "tests/fixtures/tiny/llama/nf4")
         after = []
-        for i in range(10):
+        for i in range(int(os.environ.get("TINY_CYCLES", "10"))):
             llm("load", "t", tiny, "--device", "cuda")
             llm("generate", "--model", "t", "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
                 "--ids")
