@@ -96,7 +96,8 @@ def main():
         emit("ttft_ms_512", ttft(g.stderr), "ms", "hf prefill_512_ms", peer.get("prefill_512_ms"))
         for c in (1, 16):
             b = llm("bench", "--model", "big", "--concurrency", str(c), "--requests", str(c * 2),
-                    "--max-new-tokens", "64", "--prompt-ids", prompt, "--ignore-eos", "--json")
+                    "--max-new-tokens", "64", "--prompt-ids", prompt, "--ignore-eos",
+                    "--warmup", str(c), "--json")
             log(b.stdout[-800:], b.stderr[-400:])
             try:
                 j = json.loads(b.stdout)

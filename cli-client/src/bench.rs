@@ -49,6 +49,10 @@ pub struct BenchArgs {
     /// A status that is expected and does not fail the run, e.g. ResourceExhausted (repeatable).
     #[arg(long = "allow-status")]
     allow_status: Vec<String>,
+    /// Requests sent first, at the same concurrency, and left out of the report (first-use
+    /// kernel compilation and autotuning on GPU servers).
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
@@ -134,15 +138,66 @@ pub async fn run(url: &str, a: BenchArgs) -> Result<bool> {
         }),
     };
 
-    let remaining = Arc::new(AtomicUsize::new(a.requests.unwrap_or(usize::MAX)));
+    let timeout = (a.timeout > 0.0).then(|| Duration::from_secs_f64(a.timeout));
+    if a.warmup > 0 {
+        // First-use costs (kernel compilation, autotuning of new batch shapes) stay out of the
+        // figures: these requests run at the same concurrency and are not reported.
+        drive(url, &req, a.concurrency, Some(a.warmup), None, timeout).await?;
+    }
     let stop_at = a
         .duration
         .map(|d| Instant::now() + Duration::from_secs_f64(d));
-    let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
-    let timeout = (a.timeout > 0.0).then(|| Duration::from_secs_f64(a.timeout));
     let t0 = Instant::now();
+    let samples = drive(url, &req, a.concurrency, a.requests, stop_at, timeout).await?;
+    let wall = t0.elapsed().as_secs_f64();
+
+    let mut codes = BTreeMap::<String, usize>::new();
+    for s in &samples {
+        *codes.entry(s.code.clone()).or_default() += 1;
+    }
+    let ok: Vec<&Sample> = samples.iter().filter(|s| s.code == "Ok").collect();
+    let tokens: u64 = samples.iter().map(|s| s.tokens).sum();
+    let report = serde_json::json!({
+        "model": a.model,
+        "concurrency": a.concurrency,
+        "count": samples.len(),
+        "total_s": (wall * 1e3).round() / 1e3,
+        "rps": samples.len() as f64 / wall,
+        "latency": dist(ok.iter().map(|s| s.latency).collect()),
+        "status_codes": codes,
+        "ttft": dist(ok.iter().filter_map(|s| s.ttft).collect()),
+        "inter_token_latency": dist(ok.iter().flat_map(|s| s.gaps.iter().copied()).collect()),
+        "completion_tokens": tokens,
+        "tokens_per_second": tokens as f64 / wall,
+    });
+    if a.json {
+        println!("{report}");
+    } else {
+        print_report(&report);
+    }
+    let allowed = |c: &str| {
+        c == "Ok"
+            || a.allow_status
+                .iter()
+                .any(|x| x.eq_ignore_ascii_case(c) || x.replace('_', "").eq_ignore_ascii_case(c))
+    };
+    Ok(codes.keys().all(|c| allowed(c)))
+}
+
+/// `concurrency` workers, each on its own connection, sending `req` until `requests` have been
+/// sent or `stop_at` has passed (requests started in time finish). One sample per request.
+async fn drive(
+    url: &str,
+    req: &GenerateRequest,
+    concurrency: usize,
+    requests: Option<usize>,
+    stop_at: Option<Instant>,
+    timeout: Option<Duration>,
+) -> Result<Vec<Sample>> {
+    let remaining = Arc::new(AtomicUsize::new(requests.unwrap_or(usize::MAX)));
+    let samples = Arc::new(Mutex::new(Vec::<Sample>::new()));
     let mut workers = Vec::new();
-    for _ in 0..a.concurrency {
+    for _ in 0..concurrency {
         // One connection per worker, as independent clients would have.
         let mut client = crate::connect(url).await?;
         let (req, remaining, samples) = (req.clone(), remaining.clone(), samples.clone());
@@ -203,40 +258,8 @@ pub async fn run(url: &str, a: BenchArgs) -> Result<bool> {
     for w in workers {
         w.await?;
     }
-    let wall = t0.elapsed().as_secs_f64();
     let samples = std::mem::take(&mut *samples.lock().expect("samples"));
-
-    let mut codes = BTreeMap::<String, usize>::new();
-    for s in &samples {
-        *codes.entry(s.code.clone()).or_default() += 1;
-    }
-    let ok: Vec<&Sample> = samples.iter().filter(|s| s.code == "Ok").collect();
-    let tokens: u64 = samples.iter().map(|s| s.tokens).sum();
-    let report = serde_json::json!({
-        "model": a.model,
-        "concurrency": a.concurrency,
-        "count": samples.len(),
-        "total_s": (wall * 1e3).round() / 1e3,
-        "rps": samples.len() as f64 / wall,
-        "latency": dist(ok.iter().map(|s| s.latency).collect()),
-        "status_codes": codes,
-        "ttft": dist(ok.iter().filter_map(|s| s.ttft).collect()),
-        "inter_token_latency": dist(ok.iter().flat_map(|s| s.gaps.iter().copied()).collect()),
-        "completion_tokens": tokens,
-        "tokens_per_second": tokens as f64 / wall,
-    });
-    if a.json {
-        println!("{report}");
-    } else {
-        print_report(&report);
-    }
-    let allowed = |c: &str| {
-        c == "Ok"
-            || a.allow_status
-                .iter()
-                .any(|x| x.eq_ignore_ascii_case(c) || x.replace('_', "").eq_ignore_ascii_case(c))
-    };
-    Ok(codes.keys().all(|c| allowed(c)))
+    Ok(samples)
 }
 
 fn print_report(r: &serde_json::Value) {

@@ -410,3 +410,37 @@ async fn sigterm_lets_running_streams_finish() {
     let status = server.wait_exit(Duration::from_secs(30)).expect("exited");
     assert!(status.success(), "{status:?}\n{}", server.log());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bench_warmup_requests_run_but_are_left_out_of_the_report() {
+    let tiny = fixtures().join("tiny/llama/bf16");
+    let load = format!("tiny={}", tiny.display());
+    let server = Server::start(&["--load", &load, "--metrics-listen", "127.0.0.1:0"]);
+    server.wait_models(&["tiny"], Duration::from_secs(60)).await;
+    let out = Command::new(bin("llm"))
+        .args(["--server", &server.url(), "bench", "--model", "tiny"])
+        .args(["--concurrency", "2", "--requests", "4", "--warmup", "3"])
+        .args([
+            "--prompt-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "5",
+            "--ignore-eos",
+        ])
+        .arg("--json")
+        .output()
+        .expect("llm bench");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["count"], 4, "{report}");
+    assert_eq!(report["completion_tokens"], 20, "{report}");
+    // The server saw all seven.
+    assert_eq!(
+        server.metric(r#"llm_requests_total{model="tiny",code="OK"}"#),
+        7.0
+    );
+}
