@@ -34,7 +34,7 @@ pub trait LlmBackend: Backend {
     /// The device stream the calling thread's work goes to. CubeCL keeps one memory pool per
     /// stream and picks the stream from the calling thread, so a model pins every call to the
     /// stream it was loaded on ([`LlmBackend::on_stream`]): its weights, KV cache and workspace
-    /// then share one pool, which unload can empty. Without a device pool: 0.
+    /// then live in that stream's pools, which unload can empty. Without a device pool: 0.
     fn current_stream() -> u64 {
         0
     }

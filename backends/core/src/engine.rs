@@ -39,6 +39,29 @@ pub struct SeqChunk<'a, B: LlmBackend> {
     pub cache: &'a mut KvCache<B>,
 }
 
+impl<'a, B: LlmBackend> SeqChunk<'a, B> {
+    /// A batch: each sequence's tokens paired with its cache, in order.
+    pub fn zip(
+        tokens: impl IntoIterator<Item = &'a [u32]>,
+        caches: impl IntoIterator<Item = &'a mut KvCache<B>>,
+    ) -> Vec<Self> {
+        tokens
+            .into_iter()
+            .zip(caches)
+            .map(|(tokens, cache)| SeqChunk { tokens, cache })
+            .collect()
+    }
+}
+
+/// Give the driver back what the device pool holds unused. Burn/CubeCL keep freed buffers
+/// pooled: the first sync retires the dropped ones, the cleanup frees the empty pages, the
+/// second sync lets the driver's stream-ordered frees complete.
+pub(crate) fn hand_back_pool<B: LlmBackend>(device: &B::Device) {
+    let _ = B::sync(device);
+    B::memory_cleanup(device);
+    let _ = B::sync(device);
+}
+
 /// One sequence's share of a step, borrowed from the ABI call.
 pub struct StepInput<'a> {
     pub seq_id: u64,
@@ -80,6 +103,40 @@ impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
             info,
             stream: B::current_stream(),
         }
+    }
+
+    fn info_on_stream(&self) -> serde_json::Value {
+        let elem = dtype_bytes::<B>();
+        let kv_bytes: usize = self
+            .seqs
+            .values()
+            .flat_map(|s| s.cache.layers.iter().flatten())
+            .map(|l| {
+                (l.k.dims().iter().product::<usize>() + l.v.dims().iter().product::<usize>()) * elem
+            })
+            .sum();
+        let weight_bytes = weight_bytes::<B, M>(&self.model);
+        // The pool's reservation beyond weights and KV: activations, code books, rope tables,
+        // freed-but-pooled buffers. Only backends with a device pool report one.
+        let workspace = B::pool_reserved_bytes(&self.model.device())
+            .map(|r| r.saturating_sub(weight_bytes + kv_bytes as u64))
+            .unwrap_or(0);
+        let mut v = serde_json::json!({
+            "kv_cache_bytes": kv_bytes,
+            "workspace_bytes": workspace,
+            "vocab_size": self.model.vocab_size(),
+            "max_context": self.model.max_context(),
+            "num_layers": self.model.num_layers(),
+            "num_params": self.model.num_params(),
+            "weight_bytes": weight_bytes,
+            "active_sequences": self.seqs.len(),
+        });
+        if let (Some(dst), Some(src)) = (v.as_object_mut(), self.info.as_object()) {
+            for (k, val) in src {
+                dst.insert(k.clone(), val.clone());
+            }
+        }
+        v
     }
 
     /// Check every input before anything runs, so a bad one leaves every cache as it was.
@@ -132,17 +189,13 @@ impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
                 })
             })
             .collect();
-        let logits = {
-            let mut batch: Vec<SeqChunk<'_, B>> = inputs
-                .iter()
-                .zip(seqs.iter_mut())
-                .map(|(i, s)| SeqChunk {
-                    tokens: i.tokens,
-                    cache: &mut s.cache,
-                })
-                .collect();
-            self.model.forward_batch(&mut batch, false)
-        };
+        let logits = self.model.forward_batch(
+            &mut SeqChunk::zip(
+                inputs.iter().map(|i| i.tokens),
+                seqs.iter_mut().map(|s| &mut s.cache),
+            ),
+            false,
+        );
         // One read of every sequence's last-row logits: `[inputs, vocab]`.
         let logits: Result<Vec<f32>> = if inputs.iter().any(|i| i.sample) {
             logits
@@ -184,54 +237,13 @@ impl<B: LlmBackend, M: CausalLm<B>> DynEngine for Engine<B, M> {
         let device = self.model.device();
         B::on_stream(self.stream, || {
             drop(self);
-            // Burn/CubeCL keep freed buffers pooled; without this an unloaded model's memory
-            // stays reserved until the process exits. The first sync retires the dropped
-            // buffers, the cleanup frees the empty pages, the second sync lets the driver's
-            // stream-ordered frees complete.
-            let _ = B::sync(&device);
-            B::memory_cleanup(&device);
-            let _ = B::sync(&device);
+            // Without this an unloaded model's memory stays reserved until the process exits.
+            hand_back_pool::<B>(&device);
         });
     }
 
     fn info(&self) -> serde_json::Value {
         B::on_stream(self.stream, || self.info_on_stream())
-    }
-}
-
-impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
-    fn info_on_stream(&self) -> serde_json::Value {
-        let elem = dtype_bytes::<B>();
-        let kv_bytes: usize = self
-            .seqs
-            .values()
-            .flat_map(|s| s.cache.layers.iter().flatten())
-            .map(|l| {
-                (l.k.dims().iter().product::<usize>() + l.v.dims().iter().product::<usize>()) * elem
-            })
-            .sum();
-        let weight_bytes = weight_bytes::<B, M>(&self.model);
-        // The pool's reservation beyond weights and KV: activations, code books, rope tables,
-        // freed-but-pooled buffers. Only backends with a device pool report one.
-        let workspace = B::pool_reserved_bytes(&self.model.device())
-            .map(|r| r.saturating_sub(weight_bytes + kv_bytes as u64))
-            .unwrap_or(0);
-        let mut v = serde_json::json!({
-            "kv_cache_bytes": kv_bytes,
-            "workspace_bytes": workspace,
-            "vocab_size": self.model.vocab_size(),
-            "max_context": self.model.max_context(),
-            "num_layers": self.model.num_layers(),
-            "num_params": self.model.num_params(),
-            "weight_bytes": weight_bytes,
-            "active_sequences": self.seqs.len(),
-        });
-        if let (Some(dst), Some(src)) = (v.as_object_mut(), self.info.as_object()) {
-            for (k, val) in src {
-                dst.insert(k.clone(), val.clone());
-            }
-        }
-        v
     }
 }
 

@@ -15,7 +15,7 @@ use llm_formats::ModelSource;
 use serde::Deserialize;
 
 use crate::attention::KvCache;
-use crate::engine::{CausalLm, DynEngine, Engine, SeqChunk, StepInput};
+use crate::engine::{hand_back_pool, CausalLm, DynEngine, Engine, SeqChunk, StepInput};
 use crate::error::{CoreError, Result};
 use crate::weights::{LoadCtx, Quantization};
 
@@ -232,7 +232,7 @@ fn build<A: Architecture, B: LlmBackend>(
         Ok(model) => model,
         Err(e) => {
             // A failed load (corrupt tensor, bad shape) leaves nothing behind either.
-            B::memory_cleanup(&device);
+            hand_back_pool::<B>(&device);
             return Err(e);
         }
     };
@@ -243,8 +243,7 @@ fn build<A: Architecture, B: LlmBackend>(
     }
     // Hand back what the load and warm-up used only transiently (host-side conversions
     // uploaded once, warm-up activations).
-    let _ = B::sync(&device);
-    B::memory_cleanup(&device);
+    hand_back_pool::<B>(&device);
     let warm_up_ms = t1.elapsed().as_millis() as u64;
     let info = serde_json::json!({
         "architecture": A::NAME.to_string_lossy(),
@@ -268,11 +267,7 @@ fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M) {
     let run = |chunks: &[usize]| {
         let tokens: Vec<Vec<u32>> = chunks.iter().map(|&n| vec![0u32; n]).collect();
         let mut caches: Vec<KvCache<B>> = chunks.iter().map(|_| KvCache::new(layers)).collect();
-        let mut batch: Vec<SeqChunk<'_, B>> = tokens
-            .iter()
-            .zip(caches.iter_mut())
-            .map(|(tokens, cache)| SeqChunk { tokens, cache })
-            .collect();
+        let mut batch = SeqChunk::zip(tokens.iter().map(Vec::as_slice), &mut caches);
         let _ = model.forward_batch(&mut batch, false).into_data();
     };
     run(&[32.min(model.max_context())]);

@@ -96,12 +96,6 @@ impl Rope {
         })
     }
 
-    /// Tables for positions `start..start + n`.
-    pub fn tables<B: Backend>(&self, start: usize, n: usize, device: &B::Device) -> RopeTables<B> {
-        let positions: Vec<usize> = (start..start + n).collect();
-        self.tables_at(&positions, device)
-    }
-
     /// Tables `[positions.len(), head_dim]`, row `i` at position `positions[i]`.
     pub fn tables_at<B: Backend>(&self, positions: &[usize], device: &B::Device) -> RopeTables<B> {
         let d = self.head_dim;

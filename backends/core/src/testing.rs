@@ -183,13 +183,14 @@ pub fn assert_batch_equals_alone<M: CausalLm<Cpu>>(model: &M, prompts: &[Vec<u32
                 Some(last) => vec![argmax(last)],
             })
             .collect();
-        let mut batch: Vec<SeqChunk<'_, Cpu>> = caches
-            .iter_mut()
-            .enumerate()
-            .filter(|(k, _)| active.contains(k))
-            .zip(&tokens)
-            .map(|((_, cache), tokens)| SeqChunk { tokens, cache })
-            .collect();
+        let mut batch = SeqChunk::zip(
+            tokens.iter().map(Vec::as_slice),
+            caches
+                .iter_mut()
+                .enumerate()
+                .filter(|(k, _)| active.contains(k))
+                .map(|(_, cache)| cache),
+        );
         let logits = to_vec(model.forward_batch(&mut batch, false));
         assert_eq!(logits.len(), active.len() * vocab);
         for (j, &k) in active.iter().enumerate() {
@@ -206,6 +207,18 @@ pub fn assert_batch_equals_alone<M: CausalLm<Cpu>>(model: &M, prompts: &[Vec<u32
             );
         }
     }
+}
+
+/// [`assert_batch_equals_alone`] for `tiny/<arch>/bf16` quantized to NF4 on load, with three
+/// prompts of different lengths made from the fixture's `input_ids`, six steps each.
+pub fn assert_tiny_batch_equals_alone<A: Architecture>(arch: &str) {
+    let model = load_cpu::<A>(
+        &fixtures().join("tiny").join(arch).join("bf16"),
+        Quantization::Nf4,
+    );
+    let ids = TinyReference::open(arch).ids("input_ids");
+    let reversed: Vec<u32> = ids.iter().rev().copied().collect();
+    assert_batch_equals_alone(&model, &[ids.clone(), ids[..3].to_vec(), reversed], 6);
 }
 
 /// Teacher-forced decode with the KV cache against `full_logits_f32`: the worst rel. L2 error

@@ -2,8 +2,8 @@
 
 use gemma2_backend::Gemma2;
 use llm_core::testing::{
-    assert_batch_equals_alone, fixtures, greedy, kv_decode_error, load_cpu, prompt_logits_error,
-    TinyReference,
+    assert_tiny_batch_equals_alone, fixtures, greedy, kv_decode_error, load_cpu,
+    prompt_logits_error, TinyReference,
 };
 use llm_core::weights::Quantization;
 
@@ -64,8 +64,5 @@ fn tiny_gemma2_sliding_window_matters() {
 
 #[test]
 fn tiny_gemma2_batched_forward_equals_each_sequence_alone() {
-    let model = load_cpu::<Gemma2>(&fixtures().join("tiny/gemma2/bf16"), Quantization::Nf4);
-    let ids = TinyReference::open("gemma2").ids("input_ids");
-    let reversed: Vec<u32> = ids.iter().rev().copied().collect();
-    assert_batch_equals_alone(&model, &[ids.clone(), ids[..3].to_vec(), reversed], 6);
+    assert_tiny_batch_equals_alone::<Gemma2>("gemma2");
 }

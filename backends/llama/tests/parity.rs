@@ -3,8 +3,8 @@
 
 use llama_backend::Llama;
 use llm_core::testing::{
-    assert_batch_equals_alone, fixtures, greedy, kv_decode_error, load_cpu, prompt_logits_error,
-    TinyReference,
+    assert_tiny_batch_equals_alone, fixtures, greedy, kv_decode_error, load_cpu,
+    prompt_logits_error, TinyReference,
 };
 use llm_core::weights::Quantization;
 
@@ -72,8 +72,5 @@ fn nf4_linears_hold_what_the_bnb_checkpoint_stores() {
 
 #[test]
 fn tiny_llama_batched_forward_equals_each_sequence_alone() {
-    let model = load_cpu::<Llama>(&fixtures().join("tiny/llama/bf16"), Quantization::Nf4);
-    let ids = TinyReference::open("llama").ids("input_ids");
-    let reversed: Vec<u32> = ids.iter().rev().copied().collect();
-    assert_batch_equals_alone(&model, &[ids.clone(), ids[..3].to_vec(), reversed], 6);
+    assert_tiny_batch_equals_alone::<Llama>("llama");
 }

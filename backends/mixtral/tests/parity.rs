@@ -1,8 +1,8 @@
 //! Mixtral against HF transformers (tests/fixtures/tiny/mixtral): f32 and NF4.
 
 use llm_core::testing::{
-    assert_batch_equals_alone, fixtures, greedy, kv_decode_error, load_cpu, prompt_logits_error,
-    TinyReference,
+    assert_tiny_batch_equals_alone, fixtures, greedy, kv_decode_error, load_cpu,
+    prompt_logits_error, TinyReference,
 };
 use llm_core::weights::Quantization;
 use mixtral_backend::Mixtral;
@@ -40,8 +40,5 @@ fn tiny_mixtral_nf4_matches_bnb() {
 
 #[test]
 fn tiny_mixtral_batched_forward_equals_each_sequence_alone() {
-    let model = load_cpu::<Mixtral>(&fixtures().join("tiny/mixtral/bf16"), Quantization::Nf4);
-    let ids = TinyReference::open("mixtral").ids("input_ids");
-    let reversed: Vec<u32> = ids.iter().rev().copied().collect();
-    assert_batch_equals_alone(&model, &[ids.clone(), ids[..3].to_vec(), reversed], 6);
+    assert_tiny_batch_equals_alone::<Mixtral>("mixtral");
 }

@@ -1,8 +1,8 @@
 //! Phi3 against HF transformers (tests/fixtures/tiny/phi3): f32 and NF4.
 
 use llm_core::testing::{
-    assert_batch_equals_alone, fixtures, greedy, kv_decode_error, load_cpu, prompt_logits_error,
-    TinyReference,
+    assert_tiny_batch_equals_alone, fixtures, greedy, kv_decode_error, load_cpu,
+    prompt_logits_error, TinyReference,
 };
 use llm_core::weights::Quantization;
 use phi3_backend::Phi3;
@@ -37,8 +37,5 @@ fn tiny_phi3_nf4_matches_bnb() {
 
 #[test]
 fn tiny_phi3_batched_forward_equals_each_sequence_alone() {
-    let model = load_cpu::<Phi3>(&fixtures().join("tiny/phi3/bf16"), Quantization::Nf4);
-    let ids = TinyReference::open("phi3").ids("input_ids");
-    let reversed: Vec<u32> = ids.iter().rev().copied().collect();
-    assert_batch_equals_alone(&model, &[ids.clone(), ids[..3].to_vec(), reversed], 6);
+    assert_tiny_batch_equals_alone::<Phi3>("phi3");
 }

@@ -1,8 +1,8 @@
 //! Qwen2 against HF transformers (tests/fixtures/tiny/qwen2): f32 and NF4.
 
 use llm_core::testing::{
-    assert_batch_equals_alone, fixtures, greedy, kv_decode_error, load_cpu, prompt_logits_error,
-    TinyReference,
+    assert_tiny_batch_equals_alone, fixtures, greedy, kv_decode_error, load_cpu,
+    prompt_logits_error, TinyReference,
 };
 use llm_core::weights::Quantization;
 use qwen2_backend::Qwen2;
@@ -37,8 +37,5 @@ fn tiny_qwen2_nf4_matches_bnb() {
 
 #[test]
 fn tiny_qwen2_batched_forward_equals_each_sequence_alone() {
-    let model = load_cpu::<Qwen2>(&fixtures().join("tiny/qwen2/bf16"), Quantization::Nf4);
-    let ids = TinyReference::open("qwen2").ids("input_ids");
-    let reversed: Vec<u32> = ids.iter().rev().copied().collect();
-    assert_batch_equals_alone(&model, &[ids.clone(), ids[..3].to_vec(), reversed], 6);
+    assert_tiny_batch_equals_alone::<Qwen2>("qwen2");
 }
