@@ -3,7 +3,8 @@
 # .gpu/ as one archive, .gpu/bundle.tar.xz, for the device tool to carry (64 MiB limit per call).
 # CUDA 13 driver API.
 #   bench/build-gpu.sh        llm-bench, server, CLI, llama + qwen2 plugins (tiny|kernel|smoke)
-#   bench/build-gpu.sh full   server, CLI, llama plugin, and the bitsandbytes wheel for the peer
+#   bench/build-gpu.sh full   server, CLI, llama plugin, llm-bench (for `fused`), and the
+#                             bitsandbytes wheel for the peer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDARC_CUDA_VERSION=13000
@@ -12,7 +13,8 @@ export CUDARC_CUDA_VERSION=13000
 export CARGO_TARGET_DIR="${GPU_TARGET_DIR:-target}"
 mkdir -p .gpu
 if [ "${1:-}" = full ]; then
-  files=(llm-server llm libllama_backend.so)
+  files=(llm-server llm libllama_backend.so llm-bench)
+  cargo build --release -p llm-bench
   cargo build --release -p llm-server -p llm-cli -p llm-llama
   # The peer's bitsandbytes, minus the ROCm/XPU/old-CUDA libraries (43 MB -> 20 MB), so the
   # wheel and the binaries fit one carry.

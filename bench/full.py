@@ -5,10 +5,14 @@ seed's recipe, bench/peer/bench_hf.py) in the same call.
 
 1. A random bf16 checkpoint with the hub's exact layout (bench/peer/make_random_checkpoint.py).
 2. The peer: from_pretrained with the bnb config, 512-token prefill, decode at batch 1 and 16.
-3. Ours: llm-server --device cuda, `llm load` (quantize on load, timed), driver memory before /
-   after load / after unload, DescribeModel's device memory, greedy decode at batch 1
-   (`llm generate --stats`: TTFT and decode tok/s), TTFT of a 512-token prompt, and 16 concurrent
-   streams (`llm bench --json`).
+3. Ours: llm-server --device cuda with an empty kernel cache, `llm load` (quantize on load,
+   timed, with the server's load phases), driver memory before / after load / after unload,
+   DescribeModel's device memory, greedy decode at batch 1 (`llm generate --stats`: TTFT and
+   decode tok/s), TTFT of a 512-token prompt, 1 and 16 concurrent streams (`llm bench --json`).
+4. A second server process with the kernel cache the first one filled: load time, the first
+   request's decode speed; then CYCLES (default 3) more 8B load/generate/unload cycles, each
+   against the driver's figure before them (this process's CUDA context, no model).
+SERVING=0 leaves out the 512-token TTFT and the 16 streams (minutes of first-use autotuning).
 
 Prints one JSON object per figure ({"metric", "model", "value", "unit", "peer", "peer_value"}).
 """
@@ -21,6 +25,9 @@ from smoke import free_port, used_mb  # same directory
 CKPT = "/tmp/ckpt-llama-3.1-8b"
 MODEL = "llama-3.1-8b-instruct"
 NEW = 128
+START = time.time()
+# Seconds the run may take (gpu.sh's timeout): optional parts are skipped near the end.
+BUDGET = float(os.environ.get("FULL_TIMEOUT", "520"))
 
 
 def log(*a):
@@ -42,97 +49,178 @@ def main():
     peer = {}
     if os.environ.get("SKIP_PEER") != "1":
         r = subprocess.run([sys.executable, os.path.join(ROOT, "bench/peer/bench_hf.py"), CKPT,
-                            "/tmp/peer.json", "--batches", "1,16", "--new", "64"],
+                            "/tmp/peer.json", "--batches", os.environ.get("PEER_BATCHES", "1,16"),
+                            "--new", "64"],
                            stdout=sys.stderr, stderr=sys.stderr, timeout=300)
         if r.returncode == 0:
             peer = json.load(open("/tmp/peer.json"))
         log("peer:", peer)
     hf = "hf-transformers+bnb"
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    llm = lambda *a, timeout=400: subprocess.run([os.path.join(GPU, "llm"), "--server", url, *a],
-                                                 capture_output=True, text=True, timeout=timeout)
+    # Compiled kernels and autotune results persist here across server processes
+    # (`--kernel-cache`); empty at the start of the run, so the first load is a cold one.
+    kernels = "/tmp/llm-kernels"
+    subprocess.run(["rm", "-rf", kernels])
     base = used_mb()
-    server = subprocess.Popen([os.path.join(GPU, "llm-server"), "--listen", f"127.0.0.1:{port}",
-                               "--plugin-dir", GPU, "--device", "cuda", "--max-batch", "16",
-                               "--max-context", "4096"], stdout=sys.stderr, stderr=sys.stderr)
-    try:
+    prompt = ",".join(str(1000 + i) for i in range(32))
+    with Server(kernels, "/tmp/server1.log") as s:
+        load_s = s.load("big", CKPT, "--quantization", "nf4")
+        emit("load_s", round(load_s, 2), "s", hf, peer.get("load_s"),
+             note="first load on the machine: empty kernel cache", phases_ms=s.phases())
+        emit("device_mb_after_load", used_mb() - base, "MB", hf, peer.get("footprint_MB"),
+             note="driver used memory minus the pre-start baseline; peer: get_memory_footprint")
+        d = s.llm("describe", "big")
+        log(d.stdout[-600:])
+        measure(s, peer, hf)
+        s.llm("unload", "big")
+        time.sleep(1)
+        emit("unload_residual_mb", used_mb() - base, "MB",
+             note="driver used memory after unload minus the pre-start baseline (CUDA context included)")
+    # A new process on the same machine: the kernel cache is warm.
+    log(f"{time.time() - START:.0f} s into the run")
+    with Server(kernels, "/tmp/server2.log") as s:
+        t = s.load("big", CKPT, "--quantization", "nf4")
+        emit("load_s_cached_kernels", round(t, 2), "s", hf, peer.get("load_s"),
+             note="a new server process, kernel cache filled by the first", phases_ms=s.phases())
+        t = time.time()
+        g = s.generate("big", prompt)
+        emit("first_request_s_cached_kernels", round(time.time() - t, 2), "s",
+             note=f"{NEW} tokens, the first request of the new process")
+        emit("decode_tok_s_b1_cached_kernels", toks(g), "tok/s", hf, peer.get("decode_tok_s_b1"))
+        s.llm("unload", "big")
+        time.sleep(1)
+        # The pre-load value of every further load: this process's CUDA context and CubeCL
+        # state exist, no model is loaded. Each load/generate/unload cycle must come back to it.
+        pre = used_mb()
+        log(f"after the first unload: {pre - base} MB over the pre-start baseline")
+        after = []
+        for i in range(int(os.environ.get("CYCLES", "3"))):
+            if time.time() - START > BUDGET - 70:
+                break
+            t = s.load("big", CKPT, "--quantization", "nf4")
+            s.llm("generate", "--model", "big", "--prompt-ids", prompt, "--max-new-tokens", "8",
+                  "--ignore-eos", "--ids")
+            s.llm("unload", "big")
+            time.sleep(1)
+            after.append(used_mb() - pre)
+            log(f"cycle {i}: load {t:.1f} s, {after[-1]} MB over the pre-load value")
+        if after:
+            emit("unload_residual_mb_vs_preload", after[-1], "MB", cycles=after,
+                 note="driver used memory after each further 8B load/generate/unload, minus the value before those loads")
+    # Where a decode step's time goes: CubeCL's profile (each kernel timed) of 8 tokens at
+    # batch 1, for the next change to aim at. Only if the run has time left.
+    if time.time() - START < BUDGET - 100:
+        prof = "/tmp/cubecl-profile.log"
+        env = {"CUBECL_DEBUG_OPTION": "profile", "CUBECL_DEBUG_LOG": prof}
+        with Server(kernels, "/tmp/server3.log", env) as s:
+            s.load("big", CKPT, "--quantization", "nf4")
+            time.sleep(1)
+            mark = os.path.getsize(prof) if os.path.exists(prof) else 0  # after the warm-up
+            s.generate("big", prompt, new=8)
+        with open(prof, "rb") as f:
+            f.seek(mark)
+            open("/tmp/profile-b1.log", "wb").write(f.read())
+        out = os.environ.get("OUT", "/tmp")
+        subprocess.run(f"xz -T0 -c /tmp/profile-b1.log > {out}/profile-b1.log.xz", shell=True)
+# `--stats`: "[length] prompt P tokens, generated N tokens, TTFT X ms, Y tok/s, seed S"
+def ttft(text):
+    return float(re.search(r"TTFT ([0-9.]+) ms", text).group(1))
+
+
+def toks(text):
+    return float(re.search(r"([0-9.]+) tok/s", text).group(1))
+
+
+class Server:
+    """llm-server on CUDA, its log in a file; `llm` against it."""
+
+    def __init__(self, kernels, log_path, env=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [os.path.join(GPU, "llm-server"), "--listen", f"127.0.0.1:{self.port}",
+             "--plugin-dir", GPU, "--device", "cuda", "--max-batch", "16", "--max-context",
+             "4096", "--kernel-cache", kernels], stdout=self.log, stderr=self.log,
+            env={**os.environ, **(env or {})})
+
+    def __enter__(self):
         for _ in range(200):
-            if llm("models").returncode == 0:
+            if self.llm("models").returncode == 0:
                 break
             time.sleep(0.1)
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log.close()
+        log(open(self.log_path).read()[-3000:])
+
+    def llm(self, *a, timeout=400):
+        return subprocess.run([os.path.join(GPU, "llm"), "--server", self.url, *a],
+                              capture_output=True, text=True, timeout=timeout)
+
+    def load(self, name, source, *extra):
         t = time.time()
-        r = llm("load", "big", CKPT, "--device", "cuda", "--quantization", "nf4")
-        load_s = time.time() - t
-        log(r.stdout, r.stderr)
+        r = self.llm("load", name, source, "--device", "cuda", *extra)
+        took = time.time() - t
+        log(r.stdout[-300:], r.stderr[-300:])
         if r.returncode != 0:
-            raise SystemExit("load failed")
-        emit("load_s", round(load_s, 2), "s", hf, peer.get("load_s"))
-        after_load = used_mb()
-        emit("device_mb_after_load", after_load - base, "MB", hf, peer.get("footprint_MB"),
-             note="driver used memory minus the pre-start baseline; peer: get_memory_footprint")
-        d = llm("describe", "big")
-        log(d.stdout[-600:])
-        prompt = ",".join(str(1000 + i) for i in range(32))
-        for i in range(2):  # the load warmed the kernels up: the first run should be as fast
-            t = time.time()
-            g = llm("generate", "--model", "big", "--prompt-ids", prompt, "--max-new-tokens",
-                    str(NEW), "--ignore-eos", "--ids", "--stats")
-            if i == 0:
-                emit("first_request_s", round(time.time() - t, 2), "s",
-                     note=f"{NEW} tokens, the first request after the load")
-            log(g.stderr[-400:])
-        # `--stats`: "[length] prompt P tokens, generated N tokens, TTFT X ms, Y tok/s, seed S"
-        ttft = lambda text: float(re.search(r"TTFT ([0-9.]+) ms", text).group(1))
-        toks = lambda text: float(re.search(r"([0-9.]+) tok/s", text).group(1))
-        emit("decode_tok_s_b1", toks(g.stderr), "tok/s", hf, peer.get("decode_tok_s_b1"))
-        emit("ttft_ms_32", ttft(g.stderr), "ms")
-        long_prompt = ",".join(str(1000 + (i * 37) % 120000) for i in range(512))
-        for i in range(2):
-            g = llm("generate", "--model", "big", "--prompt-ids", long_prompt, "--max-new-tokens",
-                    "1", "--ignore-eos", "--ids", "--stats")
+            raise SystemExit(f"load of {source} failed")
+        return took
+
+    def phases(self):
+        """The last load's phases as the server logged them (`plugin load phases (ms)`)."""
+        text = open(self.log_path).read()
+        if "plugin load phases" not in text:
+            return None
+        last = text[max(0, text.rindex("plugin load phases") - 400):]
+        get = lambda key: int(re.findall(r'"%s":(\d+)' % key, last)[-1])
+        return {"weights": get("weights"), "warm_up": get("warm_up")}
+
+    def generate(self, model, prompt_ids, new=NEW):
+        g = self.llm("generate", "--model", model, "--prompt-ids", prompt_ids,
+                     "--max-new-tokens", str(new), "--ignore-eos", "--ids", "--stats")
         log(g.stderr[-400:])
-        emit("ttft_ms_512", ttft(g.stderr), "ms", "hf prefill_512_ms", peer.get("prefill_512_ms"))
-        for c in (1, 16):
-            b = llm("bench", "--model", "big", "--concurrency", str(c), "--requests", str(c * 2),
-                    "--max-new-tokens", "64", "--prompt-ids", prompt, "--ignore-eos",
-                    "--warmup", str(c), "--json")
-            log(b.stdout[-800:], b.stderr[-400:])
-            try:
-                j = json.loads(b.stdout)
-                emit(f"bench_tok_s_c{c}", j.get("tokens_per_second"), "tok/s", hf,
-                     peer.get(f"decode_tok_s_b{c}"), report=j)
-            except json.JSONDecodeError:
-                log("bench output not JSON")
-        r = llm("unload", "big")
-        time.sleep(1)
-        first = used_mb()
-        emit("unload_residual_mb", first - base, "MB",
-             note="driver used memory after unload minus the pre-start baseline (CUDA context included)")
-        # Load/unload cycles of a small model in the same process (TINY_CYCLES, default ten):
-        # driver memory after each.
-        tiny = os.path.join(ROOT, "tests/fixtures/tiny/llama/nf4")
-        after = []
-        for i in range(int(os.environ.get("TINY_CYCLES", "10"))):
-            llm("load", "t", tiny, "--device", "cuda")
-            llm("generate", "--model", "t", "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
-                "--ids")
-            llm("unload", "t")
-            after.append(used_mb() - base)
-            log(f"tiny cycle {i}: {after[-1]} MB over the baseline")
-        emit("tiny_cycles_residual_mb", after[-1], "MB", cycles=after)
-        if load_s < 60:
-            # A second full cycle: the figure after it should equal the first (nothing kept).
-            llm("load", "big", CKPT, "--device", "cuda", "--quantization", "nf4")
-            emit("device_mb_after_load_2", used_mb() - base, "MB")
-            llm("unload", "big")
-            time.sleep(1)
-            emit("unload_residual_mb_2", used_mb() - base, "MB",
-                 note="after a second load/unload of the 8B model")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+        return g.stderr
+
+
+def measure(s, peer, hf):
+    """Batch-1 decode, TTFT at 32 and 512 tokens, 1 and 16 concurrent streams."""
+    prompt = ",".join(str(1000 + i) for i in range(32))
+    for i in range(2):  # the load warmed the kernels up: the first run should be as fast
+        t = time.time()
+        g = s.generate("big", prompt)
+        if i == 0:
+            emit("first_request_s", round(time.time() - t, 2), "s",
+                 note=f"{NEW} tokens, the first request after the load")
+    emit("decode_tok_s_b1", toks(g), "tok/s", hf, peer.get("decode_tok_s_b1"))
+    emit("ttft_ms_32", ttft(g), "ms")
+    serving = os.environ.get("SERVING", "1") == "1"
+    if not serving:  # the 512-token prefill and 16 streams autotune new shapes: minutes
+        b = s.llm("bench", "--model", "big", "--concurrency", "1", "--requests", "2",
+                  "--max-new-tokens", "64", "--prompt-ids", prompt, "--ignore-eos",
+                  "--warmup", "1", "--json")
+        emit("bench_tok_s_c1", json.loads(b.stdout).get("tokens_per_second"), "tok/s", hf,
+             peer.get("decode_tok_s_b1"))
+        return
+    long_prompt = ",".join(str(1000 + (i * 37) % 120000) for i in range(512))
+    for i in range(2):
+        g = s.generate("big", long_prompt, new=1)
+    emit("ttft_ms_512", ttft(g), "ms", "hf prefill_512_ms", peer.get("prefill_512_ms"))
+    for c in (1, 16):
+        b = s.llm("bench", "--model", "big", "--concurrency", str(c), "--requests", str(c * 2),
+                  "--max-new-tokens", "64", "--prompt-ids", prompt, "--ignore-eos",
+                  "--warmup", str(c), "--json")
+        log(b.stdout[-800:], b.stderr[-400:])
+        try:
+            j = json.loads(b.stdout)
+            emit(f"bench_tok_s_c{c}", j.get("tokens_per_second"), "tok/s", hf,
+                 peer.get(f"decode_tok_s_b{c}"), report=j)
+        except json.JSONDecodeError:
+            log("bench output not JSON")
 
 
 if __name__ == "__main__":

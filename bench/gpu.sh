@@ -2,7 +2,7 @@
 # GPU checks and benchmarks, run on the device machine in one call (see docs/benchmarks.md).
 # Expects what `bench/build-gpu.sh` builds here: .gpu/bundle.tar.xz (carried, not committed)
 # with llm-bench, llm-server, llm, libllama_backend.so, libqwen2_backend.so.
-#   bench/gpu.sh [tiny|kernel|smoke|full|all]
+#   bench/gpu.sh [tiny|kernel|fused|smoke|full|cycles|all]
 # `full` (not part of `all`) also needs the bitsandbytes wheel in .gpu/ (bench/build-gpu.sh full).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -15,6 +15,12 @@ export CUBECL_DEBUG_LOG=0
 export HOME="${HOME:-/root}"
 [ -f .gpu/bundle.tar.xz ] && tar -C .gpu -xJf .gpu/bundle.tar.xz
 chmod +x .gpu/* 2>/dev/null
+if [ "$what" = full ] || [ "$what" = fused ]; then
+  # The fused per-layer kernels against the CPU path first: a full run of wrong kernels is void.
+  timeout 120 .gpu/llm-bench fused 2>"$OUT/fused.stderr" | tee "$OUT/fused.jsonl"
+  echo "llm-bench fused exit: ${PIPESTATUS[0]}"
+  tail -5 "$OUT/fused.stderr"
+fi
 if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ]; then
   timeout 400 .gpu/llm-bench "$what" 2>"$OUT/bench.stderr" | tee "$OUT/bench.jsonl"
   echo "llm-bench exit: ${PIPESTATUS[0]}"
@@ -25,10 +31,15 @@ if [ "$what" = smoke ] || [ "$what" = all ]; then
   echo "smoke exit: ${PIPESTATUS[0]}"
   tail -20 "$OUT/smoke.stderr"
 fi
+if [ "$what" = cycles ]; then
+  timeout "${FULL_TIMEOUT:-480}" python3 bench/cycles.py 2>"$OUT/cycles.stderr" | tee "$OUT/cycles.jsonl"
+  echo "cycles exit: ${PIPESTATUS[0]}"
+  tail -30 "$OUT/cycles.stderr"
+fi
 if [ "$what" = full ]; then
   python3 -m pip install --no-index --no-deps -q .gpu/bitsandbytes-*.whl 2>&1 | tail -2
   python3 -c 'import bitsandbytes as b; print("bitsandbytes", b.__version__)'
-  timeout 560 python3 bench/full.py 2>"$OUT/full.stderr" | tee "$OUT/full.jsonl"
+  timeout "${FULL_TIMEOUT:-520}" python3 bench/full.py 2>"$OUT/full.stderr" | tee "$OUT/full.jsonl"
   echo "full exit: ${PIPESTATUS[0]}"
   tail -40 "$OUT/full.stderr"
 fi

@@ -5,6 +5,7 @@
 //!   inputs of Llama-3.1-8B shapes at batch 1/4/16, outputs poisoned with NaN first; the
 //!   prefill path (dequantize + matmul) at 64 rows; the GEMV's weight-read bandwidth against the
 //!   card's measured copy bandwidth.
+//!   Also the fused RMSNorm / rotary / gated-activation kernels against the CPU's Burn ops.
 //! - `tiny`: each tiny fixture model on CUDA (bf16) against HF's logits (tests/fixtures/tiny).
 
 use std::time::Instant;
@@ -177,6 +178,88 @@ fn kernel(device: &Device) {
     }
 }
 
+/// The fused per-layer kernels (RMSNorm, rotary embedding, gated SiLU / GELU-tanh) against
+/// the CPU's Burn-op path (f32) on the same bf16-rounded random inputs of Llama-3.1-8B shapes
+/// at 16 rows, and their wall time per call against the same steps as Burn ops on the GPU.
+fn fused(device: &Device) {
+    use llm_core::backend::LlmBackend;
+    use llm_core::config::Activation;
+    use llm_core::rope::RopeTables;
+    let cpu: <Cpu as burn_tensor::backend::BackendTypes>::Device = Default::default();
+    let rows = 16;
+    let bf16 = |n: usize, seed: u64, scale: f32| {
+        let mut v = randn(n, seed, scale);
+        bf16_round(&mut v);
+        v
+    };
+    let pair = |v: &[f32], shape: [usize; 2]| {
+        (
+            Tensor::<Cpu, 2>::from_data(TensorData::new(v.to_vec(), shape), &cpu),
+            Tensor::<CudaBf16, 2>::from_data(TensorData::new(v.to_vec(), shape), device),
+        )
+    };
+    let report = |name: &str, got: Vec<f32>, want: Vec<f32>, fused_us: f64, ops_us: f64| {
+        let err = rel_l2(&got, &want);
+        emit(
+            name,
+            "-",
+            fused_us,
+            "us",
+            serde_json::json!({"rows": rows, "rel_err": err, "pass": err < 1e-2,
+                               "burn_ops_wall_us": ops_us, "timing": "wall"}),
+        );
+    };
+
+    let hidden = 4096;
+    let (xc, xg) = pair(&bf16(rows * hidden, 1, 1.0), [rows, hidden]);
+    let w = bf16(hidden, 2, 0.3);
+    let wc = Tensor::<Cpu, 1>::from_data(TensorData::new(w.clone(), [hidden]), &cpu);
+    let wg = Tensor::<CudaBf16, 1>::from_data(TensorData::new(w, [hidden]), device);
+    let want = to_vec(Cpu::rms_norm(xc, &wc, 1e-5));
+    let got = to_vec(CudaBf16::rms_norm(xg.clone(), &wg, 1e-5));
+    let f = wall_us(device, 200, || {
+        let _ = CudaBf16::rms_norm(xg.clone(), &wg, 1e-5);
+    });
+    let o = wall_us(device, 200, || {
+        let _ = llm_core::norm::rms_norm_ops(xg.clone(), &wg, 1e-5);
+    });
+    report("fused_rms_norm", got, want, f, o);
+
+    let (heads, d) = (32, 128);
+    let (xc, xg) = pair(&bf16(rows * heads * d, 3, 1.0), [rows, heads * d]);
+    let (cc, cg) = pair(&bf16(rows * d, 4, 0.5), [rows, d]);
+    let (sc, sg) = pair(&bf16(rows * d, 5, 0.5), [rows, d]);
+    let tc = RopeTables { cos: cc, sin: sc };
+    let tg = RopeTables { cos: cg, sin: sg };
+    let want = to_vec(Cpu::rope(xc, heads, &tc));
+    let got = to_vec(CudaBf16::rope(xg.clone(), heads, &tg));
+    let f = wall_us(device, 200, || {
+        let _ = CudaBf16::rope(xg.clone(), heads, &tg);
+    });
+    let o = wall_us(device, 200, || {
+        let _ = tg.apply(xg.clone().reshape([rows, heads, d]).swap_dims(0, 1));
+    });
+    report("fused_rope", got, want, f, o);
+
+    let inter = 14336;
+    let (gc, gg) = pair(&bf16(rows * inter, 6, 2.0), [rows, inter]);
+    let (uc, ug) = pair(&bf16(rows * inter, 7, 1.0), [rows, inter]);
+    for (name, act) in [
+        ("fused_silu_mul", Activation::Silu),
+        ("fused_gelu_tanh_mul", Activation::GeluTanh),
+    ] {
+        let want = to_vec(Cpu::gated_act(gc.clone(), uc.clone(), act));
+        let got = to_vec(CudaBf16::gated_act(gg.clone(), ug.clone(), act));
+        let f = wall_us(device, 200, || {
+            let _ = CudaBf16::gated_act(gg.clone(), ug.clone(), act);
+        });
+        let o = wall_us(device, 200, || {
+            let _ = llm_core::mlp::gated_act_ops(gg.clone(), ug.clone(), act);
+        });
+        report(name, got, want, f, o);
+    }
+}
+
 fn tiny_one<A: Architecture>(arch: &str, device: &Device) {
     let r = TinyReference::open(arch);
     let input = r.ids("input_ids");
@@ -217,6 +300,9 @@ fn main() {
         tiny_one::<gemma2_backend::Gemma2>("gemma2", &device);
         tiny_one::<qwen2_backend::Qwen2>("qwen2", &device);
         tiny_one::<mixtral_backend::Mixtral>("mixtral", &device);
+    }
+    if what == "fused" || what == "kernel" || what == "all" {
+        fused(&device);
     }
     if what == "kernel" || what == "all" {
         kernel(&device);

@@ -15,6 +15,9 @@ pub enum ServerError {
     ModelNotFound(String),
     #[error("model `{0}` is already loaded (unload it first)")]
     ModelExists(String),
+    /// A LoadModel of a name while another load of that name is still running.
+    #[error("model `{0}` is being loaded by another LoadModel; retry when it is done")]
+    LoadInProgress(String),
     /// A model's files: missing, corrupt, or not acceptable.
     #[error("{message}")]
     ModelFiles { code: ErrorCode, message: String },
@@ -77,6 +80,7 @@ impl From<ServerError> for Status {
             ServerError::InvalidArgument { .. } | ServerError::Template(_) => Code::InvalidArgument,
             ServerError::ModelNotFound(_) => Code::NotFound,
             ServerError::ModelExists(_) => Code::AlreadyExists,
+            ServerError::LoadInProgress(_) => Code::Aborted,
             ServerError::ModelFiles { code, .. } | ServerError::Plugin { code, .. } => {
                 abi_code(*code)
             }

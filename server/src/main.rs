@@ -84,6 +84,25 @@ struct Args {
     /// then end the rest with UNAVAILABLE.
     #[arg(long, default_value_t = 10.0)]
     shutdown_grace: f64,
+    /// Where GPU plugins keep compiled kernels and autotune results across runs: a model's
+    /// first load on a machine compiles and tunes (minutes on CUDA), later loads in any process
+    /// reuse them. Default: $XDG_CACHE_HOME/llm-serve/kernels, else
+    /// ~/.cache/llm-serve/kernels. `none`: compile and tune in every process.
+    #[arg(long, value_name = "DIR")]
+    kernel_cache: Option<String>,
+}
+
+/// `--kernel-cache`: the directory, the default one, or none.
+fn kernel_cache_dir(arg: Option<&str>) -> Option<PathBuf> {
+    match arg {
+        Some("none") => None,
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => std::env::var_os("XDG_CACHE_HOME")
+            .filter(|d| !d.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|d| d.join("llm-serve").join("kernels")),
+    }
 }
 
 fn parse_load(s: &str) -> Result<(String, PathBuf), String> {
@@ -140,6 +159,7 @@ async fn run(args: Args) -> Result<(), String> {
         sched,
         metrics.clone(),
         &args.model_roots,
+        kernel_cache_dir(args.kernel_cache.as_deref()),
     )?);
     registry.init_health().await;
 

@@ -82,6 +82,8 @@ pub struct Registry {
     pub metrics: Arc<Metrics>,
     /// Directories LoadModel may read from (canonical); empty = anywhere.
     model_roots: Vec<PathBuf>,
+    /// Passed to GPU plugins: where compiled kernels and autotune results persist.
+    kernel_cache: Option<PathBuf>,
 }
 
 /// Model names: what can safely appear in URLs, metrics labels and health service names.
@@ -113,6 +115,7 @@ impl Registry {
         sched: SchedulerConfig,
         metrics: Arc<Metrics>,
         model_roots: &[PathBuf],
+        kernel_cache: Option<PathBuf>,
     ) -> std::result::Result<Registry, String> {
         let model_roots = model_roots
             .iter()
@@ -129,6 +132,7 @@ impl Registry {
             sched,
             metrics,
             model_roots,
+            kernel_cache,
         })
     }
 
@@ -252,6 +256,30 @@ impl Registry {
         TransitionGuard { registry: self, id }
     }
 
+    /// [`Registry::begin`] for a load, unless the name is being loaded already: two loads of
+    /// one name would both read and upload the weights, and the later one would swap out the
+    /// earlier as soon as it is ready. The check and the listing are one step under the lock.
+    fn begin_load(
+        &self,
+        info: ModelInfo,
+        progress: Arc<hub::Progress>,
+    ) -> Result<TransitionGuard<'_>> {
+        let mut transitions = self.transitions.write().expect("registry lock");
+        if transitions
+            .iter()
+            .any(|t| t.info.name == info.name && t.info.state == "loading")
+        {
+            return Err(ServerError::LoadInProgress(info.name));
+        }
+        let id = NEXT_TRANSITION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        transitions.push(Transition {
+            id,
+            info,
+            progress: Some(progress),
+        });
+        Ok(TransitionGuard { registry: self, id })
+    }
+
     fn end(&self, id: u64) {
         self.transitions
             .write()
@@ -283,7 +311,7 @@ impl Registry {
         }
         let t0 = Instant::now();
         let progress = Arc::new(hub::Progress::default());
-        let loading = self.begin(
+        let loading = self.begin_load(
             ModelInfo {
                 name: spec.name.clone(),
                 source: spec.source.display().to_string(),
@@ -292,8 +320,8 @@ impl Registry {
                 quantization: spec.quantization.clone(),
                 ..Default::default()
             },
-            Some(progress.clone()),
-        );
+            progress.clone(),
+        )?;
         let this = self.clone();
         let name = spec.name.clone();
         let loaded = tokio::task::spawn_blocking(move || this.load_blocking(spec, progress)).await;
@@ -369,6 +397,7 @@ impl Registry {
             llm_abi::load_request::DEVICE: spec.device,
             llm_abi::load_request::QUANTIZATION: spec.quantization,
             llm_abi::load_request::MAX_CONTEXT: spec.max_context,
+            llm_abi::load_request::KERNEL_CACHE: self.kernel_cache,
         }))?;
         let pi = model.info()?;
         if let Some(phases) = pi.get("load_ms") {

@@ -1,8 +1,8 @@
 //! Model internals and lifecycle through the real server, plugins and CLI: `llm describe` prints
 //! the module tree and footprint exactly as transformers 4.48.3 does (real configs, before any
 //! load; tiny fixtures, loaded), hub ids load from an HF cache laid out as hf-hub lays it, a
-//! LoadModel of a served name swaps it under traffic without mixing models, and load/unload
-//! cycles do not grow the server's memory.
+//! LoadModel of a served name swaps it under traffic without mixing models, a second LoadModel
+//! of a name still loading is refused, and load/unload cycles do not grow the server's memory.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -387,6 +387,79 @@ async fn hot_swap_under_traffic() {
         assert!(Instant::now() < deadline, "old model not freed: {models:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A LoadModel of a name whose load is still running is ABORTED at once, naming the model,
+/// whatever its source; the running load completes and the name is served once, from it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_of_a_name_being_loaded_is_aborted() {
+    let server = Server::start(&[]);
+    let smol = default_model();
+    let first = {
+        let url = server.url();
+        let source = smol.display().to_string();
+        tokio::spawn(async move {
+            llm_proto::v1::llm_service_client::LlmServiceClient::connect(url)
+                .await
+                .unwrap()
+                .load_model(LoadModelRequest {
+                    name: "m".into(),
+                    source,
+                    device: "cpu".into(),
+                    ..Default::default()
+                })
+                .await
+        })
+    };
+    // Wait until ListModels shows the first load in progress.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let models = server
+            .client()
+            .await
+            .list_models(ListModelsRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .models;
+        if models.iter().any(|m| m.name == "m" && m.state == "loading") {
+            break;
+        }
+        assert!(
+            !models.iter().any(|m| m.name == "m"),
+            "the load finished before it was seen loading: {models:?}"
+        );
+        assert!(Instant::now() < deadline, "no load in progress: {models:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for source in [smol.clone(), fixtures().join("tiny/llama/bf16")] {
+        let err = server
+            .client()
+            .await
+            .load_model(LoadModelRequest {
+                name: "m".into(),
+                source: source.display().to_string(),
+                device: "cpu".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::Aborted, "{err:?}");
+        assert!(err.message().contains("`m`"), "{err:?}");
+    }
+    first.await.unwrap().expect("the first load");
+    let models = server
+        .client()
+        .await
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models;
+    let ms: Vec<_> = models.iter().filter(|m| m.name == "m").collect();
+    assert_eq!(ms.len(), 1, "{models:?}");
+    assert_eq!(ms[0].state, "ready");
+    assert_eq!(ms[0].source, smol.display().to_string());
 }
 
 fn rss_kb(pid: u32) -> u64 {

@@ -264,6 +264,9 @@ pub mod load_request {
     pub const QUANTIZATION: &str = "quantization";
     /// Upper bound on positions per sequence the KV cache must hold (0 = the model's own).
     pub const MAX_CONTEXT: &str = "max_context";
+    /// Directory (or null) where a GPU plugin keeps compiled kernels and autotune results
+    /// across processes.
+    pub const KERNEL_CACHE: &str = "kernel_cache";
 }
 
 /// The JSON the server sends to `describe`.

@@ -199,11 +199,12 @@ impl<B: LlmBackend> Attention<B> {
                 )
             }
         };
-        // [rows, heads * d] -> [heads, rows, d]
-        let heads = |t: Tensor<B, 2>, h: usize| t.reshape([rows, h, c.head_dim]).swap_dims(0, 1);
-        let q = ctx.rope.apply(heads(q, c.num_heads));
-        let k = ctx.rope.apply(heads(k, c.num_kv_heads));
-        let v = heads(v, c.num_kv_heads);
+        // [rows, heads * d] -> [heads, rows, d], rope applied to q and k.
+        let q = B::rope(q, c.num_heads, &ctx.rope);
+        let k = B::rope(k, c.num_kv_heads, &ctx.rope);
+        let v = v
+            .reshape([rows, c.num_kv_heads, c.head_dim])
+            .swap_dims(0, 1);
         let mut outs: Vec<Tensor<B, 2>> = ctx
             .segments
             .iter()

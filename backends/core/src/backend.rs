@@ -1,14 +1,17 @@
-//! The backends models run on, and the one place where they differ: how a linear layer is
-//! computed. Model code is generic over [`LlmBackend`] (a Burn backend plus these two
-//! constructors), so architectures never mention a device.
+//! The backends models run on, and the places where they differ: how a linear layer is
+//! computed, and the few per-layer steps a backend may fuse into one kernel (RMSNorm, rotary
+//! embedding, gated activation; Burn ops by default). Model code is generic over
+//! [`LlmBackend`], so architectures never mention a device.
 
 use burn_ndarray::NdArray;
 use burn_tensor::backend::Backend;
 use burn_tensor::Tensor;
 
+use crate::config::Activation;
 use crate::host_linear::HostLinear;
 use crate::linear::Linear;
 use crate::nf4::Nf4Weight;
+use crate::rope::RopeTables;
 
 pub trait LlmBackend: Backend {
     /// Name of the compute dtype, for model info ("f32", "bf16").
@@ -41,6 +44,22 @@ pub trait LlmBackend: Backend {
     /// Run `f` with `stream` as the calling thread's device stream.
     fn on_stream<T>(_stream: u64, f: impl FnOnce() -> T) -> T {
         f()
+    }
+    /// RMSNorm of each row of `x` `[rows, hidden]` scaled by `weight` `[hidden]` (HF
+    /// `LlamaRMSNorm.forward`). Burn ops (seven kernels on a GPU) unless a backend fuses it.
+    fn rms_norm(x: Tensor<Self, 2>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        crate::norm::rms_norm_ops(x, weight, eps)
+    }
+    /// Rotary embedding of `x` `[rows, heads * head_dim]` (a projection's output), row `r` at
+    /// the position of `tables` row `r` -> `[heads, rows, head_dim]` (HF
+    /// `apply_rotary_pos_emb`, rotate-half layout).
+    fn rope(x: Tensor<Self, 2>, heads: usize, tables: &RopeTables<Self>) -> Tensor<Self, 3> {
+        let [rows, width] = x.dims();
+        tables.apply(x.reshape([rows, heads, width / heads]).swap_dims(0, 1))
+    }
+    /// `act(gate) * up` (HF `act_fn(gate_proj(x)) * up_proj(x)`), both `[rows, intermediate]`.
+    fn gated_act(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, act: Activation) -> Tensor<Self, 2> {
+        crate::mlp::gated_act_ops(gate, up, act)
     }
 }
 

@@ -22,8 +22,10 @@ use burn_cubecl::CubeBackend;
 use burn_tensor::{DType, Shape, Tensor, TensorPrimitive};
 
 use crate::backend::LlmBackend;
+use crate::config::Activation;
 use crate::linear::{DenseLinear, Linear};
 use crate::nf4::{Nf4Weight, BLOCKSIZE};
+use crate::rope::RopeTables;
 
 /// Burn's CUDA backend without fusion (custom kernels take its tensors directly), bf16 floats.
 pub type CudaBf16 = CubeBackend<CudaRuntime, half::bf16, i32, u8>;
@@ -46,7 +48,7 @@ pub static GEMV_TOKENS: std::sync::atomic::AtomicUsize = std::sync::atomic::Atom
 /// Most planes (warps) per GEMV cube.
 const MAX_PLANES: usize = 8;
 
-pub use kernels::{nf4_dequantize, nf4_gemv};
+pub use kernels::{gated_act, nf4_dequantize, nf4_gemv, rms_norm, rope};
 
 /// The CubeCL kernels (their `Tensor` is CubeCL's, not Burn's).
 mod kernels {
@@ -230,6 +232,111 @@ mod kernels {
             out[w] = v;
         }
     }
+
+    /// RMSNorm of one row per cube (HF `LlamaRMSNorm.forward`): the sum of squares in f32
+    /// over the cube's units, reduced over planes and then the cube; `x * rsqrt(mean + eps)`
+    /// rounded to `F` (HF's `.to(input_dtype)`), then times the weight, rounded again.
+    /// `x`, `out` `[rows, hidden]` contiguous, `w` `[hidden]`. Cube dim `(32, planes)`.
+    #[cube(launch_unchecked)]
+    pub fn rms_norm<F: Float>(
+        x: &Tensor<F>,
+        w: &Tensor<F>,
+        out: &mut Tensor<F>,
+        hidden: u32,
+        eps: f32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let mut partial = SharedMemory::<f32>::new(MAX_PLANES);
+        let h = hidden as usize;
+        let base = CUBE_POS_X as usize * h;
+        let mut acc = f32::new(0.0);
+        let mut i = UNIT_POS as usize;
+        while i < h {
+            let v = f32::cast_from(x[base + i]);
+            acc += v * v;
+            i += CUBE_DIM as usize;
+        }
+        let s = plane_sum(acc);
+        if UNIT_POS_X == 0 {
+            partial[UNIT_POS_Y as usize] = s;
+        }
+        sync_cube();
+        let mut total = f32::new(0.0);
+        for p in 0..CUBE_DIM_Y as usize {
+            total += partial[p];
+        }
+        let inv = (total / f32::cast_from(hidden) + eps).inverse_sqrt();
+        let mut i = UNIT_POS as usize;
+        while i < h {
+            let normed = F::cast_from(f32::cast_from(x[base + i]) * inv);
+            out[base + i] = F::cast_from(f32::cast_from(w[i]) * f32::cast_from(normed));
+            i += CUBE_DIM as usize;
+        }
+    }
+
+    /// Rotary embedding, one unit per (row, head, i < d/2) writing elements `i` and `i + d/2`:
+    /// `x * cos + rotate_half(x) * sin` with `rotate_half(x) = cat(-x2, x1)`, each product and
+    /// the sum rounded to `F` as HF's bf16 ops are. `x` `[rows, heads, d]` contiguous, `cos`,
+    /// `sin` `[rows, d]`, `out` `[heads, rows, d]` (the layout attention takes).
+    #[cube(launch_unchecked)]
+    pub fn rope<F: Float>(
+        x: &Tensor<F>,
+        cos: &Tensor<F>,
+        sin: &Tensor<F>,
+        out: &mut Tensor<F>,
+        rows: u32,
+        heads: u32,
+        d: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let rows = rows as usize;
+        let heads = heads as usize;
+        let d = d as usize;
+        let half = d / 2;
+        let idx = ABSOLUTE_POS;
+        if idx < rows * heads * half {
+            let i = idx % half;
+            let h = idx / half % heads;
+            let r = idx / half / heads;
+            let src = (r * heads + h) * d;
+            let dst = (h * rows + r) * d;
+            let x1 = x[src + i];
+            let x2 = x[src + i + half];
+            let t = r * d + i;
+            let a = x1 * cos[t];
+            let b = -x2 * sin[t];
+            out[dst + i] = a + b;
+            let a = x2 * cos[t + half];
+            let b = x1 * sin[t + half];
+            out[dst + i + half] = a + b;
+        }
+    }
+
+    /// `act(gate) * up`, one unit per element: the activation in f32, rounded to `F` (as
+    /// PyTorch's bf16 SiLU / GELU-tanh), then the product, rounded. `gelu`: GELU with the tanh
+    /// approximation, else SiLU. All three `[n]` contiguous.
+    #[cube(launch_unchecked)]
+    pub fn gated_act<F: Float>(
+        gate: &Tensor<F>,
+        up: &Tensor<F>,
+        out: &mut Tensor<F>,
+        n: u32,
+        #[comptime] gelu: bool,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let i = ABSOLUTE_POS;
+        if i < n as usize {
+            let g = f32::cast_from(gate[i]);
+            // SiLU: x / (1 + e^-x)
+            let mut a = g / (f32::new(1.0) + (-g).exp());
+            if gelu {
+                // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+                let inner = f32::new(0.797_884_6) * (g + f32::new(0.044_715) * g * g * g);
+                a = f32::new(0.5) * g * (f32::new(1.0) + inner.tanh());
+            }
+            out[i] = F::cast_from(f32::cast_from(F::cast_from(a)) * f32::cast_from(up[i]));
+        }
+    }
 }
 
 /// An NF4 weight on the GPU.
@@ -408,6 +515,41 @@ impl Linear<CudaBf16> for CudaNf4Linear {
     }
 }
 
+/// Point CubeCL's caches of compiled kernels (PTX) and autotune results at `dir`, once per
+/// plugin (each plugin links its own CubeCL, whose configuration is read once, at first use).
+/// Without them every process compiles each kernel with NVRTC and benchmarks each matmul and
+/// attention candidate again: ~100 s per load on an H200 whatever the model, plus stalls at
+/// each new shape. With them that is paid once per machine.
+///
+/// The directory gets a subdirectory per plugin build (package version and a hash of this
+/// file, which holds our own kernels), so a rebuilt kernel never meets a stale PTX entry of the
+/// same kernel id. CubeCL's own kernels change only with its version, which the lock file pins.
+/// A `cubecl.toml` in the working directory still applies for everything else (logging,
+/// autotune level); `None` leaves CubeCL's defaults untouched.
+pub fn use_kernel_cache(dir: Option<&std::path::Path>) {
+    use cubecl::config::cache::CacheConfig;
+    use cubecl::config::{CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Some(dir) = dir else { return };
+        if CubeClRuntimeConfig::storage().lock().is_some() {
+            // Already read (a load ran before): it cannot change for this process.
+            return;
+        }
+        let build = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            include_str!("cuda.rs").hash(&mut h);
+            format!("{}-{:016x}", env!("CARGO_PKG_VERSION"), h.finish())
+        };
+        let dir = dir.join(build);
+        let mut config = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        config.compilation.cache = Some(CacheConfig::File(dir.clone()));
+        config.autotune.cache = CacheConfig::File(dir);
+        CubeClRuntimeConfig::set(config);
+    });
+}
+
 /// The driver's (free, total) memory of device `spec` ("cuda" / "cuda:N").
 pub fn device_memory(spec: &str) -> Option<(Option<u64>, Option<u64>)> {
     let ordinal = match spec {
@@ -447,4 +589,95 @@ impl LlmBackend for CudaBf16 {
     ) -> Box<dyn Linear<Self>> {
         Box::new(CudaNf4Linear::new(weight, bias, device))
     }
+    fn rms_norm(x: Tensor<Self, 2>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        let [rows, hidden] = x.dims();
+        let x = into_contiguous(x.into_primitive().tensor());
+        let w = into_contiguous(weight.clone().into_primitive().tensor());
+        let out = empty_like(&x, vec![rows, hidden]);
+        let planes = (hidden / 32 / 4).clamp(1, MAX_PLANES) as u32;
+        // SAFETY: cube `r < rows` reads row `r` of `x` and writes row `r` of `out` (both
+        // `[rows, hidden]` contiguous) and reads `w[0..hidden]`; at most MAX_PLANES planes
+        // write `partial`.
+        unsafe {
+            rms_norm::launch_unchecked::<CudaRuntime>(
+                &x.client.clone(),
+                CubeCount::Static(rows as u32, 1, 1),
+                CubeDim::new_2d(32, planes),
+                x.clone().into_tensor_arg(),
+                w.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                hidden as u32,
+                eps as f32,
+                x.dtype.into(),
+            );
+        }
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+    fn rope(x: Tensor<Self, 2>, heads: usize, tables: &RopeTables<Self>) -> Tensor<Self, 3> {
+        let [rows, width] = x.dims();
+        let d = width / heads;
+        let x = into_contiguous(x.into_primitive().tensor());
+        let cos = into_contiguous(tables.cos.clone().into_primitive().tensor());
+        let sin = into_contiguous(tables.sin.clone().into_primitive().tensor());
+        let table = cos.meta.shape();
+        assert!(
+            table[0] == rows && table[1] == d,
+            "rope tables: {table:?}, want [{rows}, {d}]"
+        );
+        let out = empty_like(&x, vec![heads, rows, d]);
+        let units = (rows * heads * d / 2) as u32;
+        // SAFETY: unit `u < rows * heads * d / 2` reads elements of row `r < rows` of `x`
+        // (`[rows, heads * d]` contiguous), `cos`/`sin` (`[rows, d]`, checked) and writes two
+        // elements of `out` (`[heads, rows, d]`).
+        unsafe {
+            rope::launch_unchecked::<CudaRuntime>(
+                &x.client.clone(),
+                CubeCount::Static(units.div_ceil(256), 1, 1),
+                CubeDim::new_1d(256),
+                x.clone().into_tensor_arg(),
+                cos.into_tensor_arg(),
+                sin.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                rows as u32,
+                heads as u32,
+                d as u32,
+                x.dtype.into(),
+            );
+        }
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+    fn gated_act(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, act: Activation) -> Tensor<Self, 2> {
+        let dims = gate.dims();
+        assert_eq!(dims, up.dims(), "gate and up shapes");
+        let gate = into_contiguous(gate.into_primitive().tensor());
+        let up = into_contiguous(up.into_primitive().tensor());
+        let out = empty_like(&gate, dims.to_vec());
+        let n = (dims[0] * dims[1]) as u32;
+        // SAFETY: unit `i < n` reads element `i` of `gate` and `up` and writes element `i` of
+        // `out`, all `n` elements contiguous.
+        unsafe {
+            gated_act::launch_unchecked::<CudaRuntime>(
+                &gate.client.clone(),
+                CubeCount::Static(n.div_ceil(256), 1, 1),
+                CubeDim::new_1d(256),
+                gate.clone().into_tensor_arg(),
+                up.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                n,
+                act == Activation::GeluTanh,
+                gate.dtype.into(),
+            );
+        }
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+/// An uninitialised contiguous tensor of `shape` on `like`'s device, in its dtype.
+fn empty_like(like: &CubeTensor<CudaRuntime>, shape: Vec<usize>) -> CubeTensor<CudaRuntime> {
+    empty_device_dtype(
+        like.client.clone(),
+        like.device.clone(),
+        Shape::from(shape),
+        like.dtype,
+    )
 }

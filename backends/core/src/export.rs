@@ -56,6 +56,9 @@ pub struct LoadOptions {
     /// 0 = the model's own context length.
     #[serde(default)]
     pub max_context: usize,
+    /// Where compiled kernels and autotune results persist across processes (CUDA only).
+    #[serde(default)]
+    pub kernel_cache: Option<PathBuf>,
 }
 
 fn default_device() -> String {
@@ -204,6 +207,7 @@ pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEng
         #[cfg(feature = "cuda")]
         spec if crate::cuda::parse_device(spec).is_some() => {
             let device = crate::cuda::parse_device(spec).expect("checked");
+            crate::cuda::use_kernel_cache(opts.kernel_cache.as_deref());
             build::<A, crate::cuda::CudaBf16>(&source, device, quantization, &opts)
         }
         other => Err(unknown_device(other)),
@@ -221,6 +225,7 @@ fn build<A: Architecture, B: LlmBackend>(
         device: device.clone(),
         quantization,
         source: source.describe(),
+        timers: Default::default(),
     };
     let t0 = std::time::Instant::now();
     // Weights go to the pool's persistent part (one exact-size slice each): they live as long
@@ -251,7 +256,7 @@ fn build<A: Architecture, B: LlmBackend>(
         "device": opts.device,
         "dtype": B::DTYPE,
         "quantization": quantization.name(),
-        "load_ms": {"weights": weights_ms, "warm_up": warm_up_ms},
+        "load_ms": {"weights": weights_ms, "warm_up": warm_up_ms, "of_weights": ctx.timers.to_json()},
     });
     Ok(Box::new(Engine::new(model, info)))
 }

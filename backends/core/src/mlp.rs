@@ -3,6 +3,7 @@
 
 use crate::backend::LlmBackend;
 use burn_tensor::activation::{gelu_approximate, silu};
+use burn_tensor::backend::Backend;
 use burn_tensor::Tensor;
 
 use crate::config::Activation;
@@ -85,11 +86,7 @@ impl<B: LlmBackend> GatedMlp<B> {
                 (gu.clone().narrow(1, 0, i), gu.narrow(1, i, i))
             }
         };
-        let gate = match self.act {
-            Activation::Silu => silu(gate),
-            Activation::GeluTanh => gelu_approximate(gate),
-        };
-        self.down_proj.forward(gate * up)
+        self.down_proj.forward(B::gated_act(gate, up, self.act))
     }
 
     /// The projections with their checkpoint names under `prefix` (e.g. `model.layers.0.mlp`).
@@ -117,4 +114,17 @@ impl<B: LlmBackend> GatedMlp<B> {
         };
         gu + self.down_proj.num_params()
     }
+}
+
+/// `act(gate) * up` as Burn ops.
+pub fn gated_act_ops<B: Backend>(
+    gate: Tensor<B, 2>,
+    up: Tensor<B, 2>,
+    act: Activation,
+) -> Tensor<B, 2> {
+    let gate = match act {
+        Activation::Silu => silu(gate),
+        Activation::GeluTanh => gelu_approximate(gate),
+    };
+    gate * up
 }

@@ -460,14 +460,89 @@ fn block_absmax(v: &[f32]) -> f32 {
     v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
 }
 
-/// kQuantizeBlockwise over consecutive blocks: `w` (whole blocks but maybe a short last one)
-/// into `packed` (`w.len() / 2` bytes) and `absmax` (one per block).
-fn quantize_blocks(w: &[f32], packed: &mut [u8], absmax: &mut [f32]) {
-    for ((block, bytes), absmax) in w
-        .chunks(BLOCKSIZE)
-        .zip(packed.chunks_mut(BLOCKSIZE / 2))
+/// Float weights to quantize: f32 values, or a stored tensor's little-endian bytes, converted
+/// to f32 a block at a time while quantizing (an 8B checkpoint is 16 GB of bf16: converting it
+/// whole first would write 28 GB of f32 on one core before any quantizing starts).
+#[derive(Clone, Copy)]
+pub enum FloatSource<'a> {
+    F32(&'a [f32]),
+    /// `dtype` is F32, F16 or BF16.
+    Stored {
+        dtype: StoredDtype,
+        bytes: &'a [u8],
+    },
+}
+
+impl FloatSource<'_> {
+    /// A stored tensor's bytes, if its dtype is a float one.
+    pub fn stored(dtype: StoredDtype, bytes: &[u8]) -> Option<FloatSource<'_>> {
+        matches!(
+            dtype,
+            StoredDtype::F32 | StoredDtype::F16 | StoredDtype::BF16
+        )
+        .then_some(FloatSource::Stored { dtype, bytes })
+    }
+
+    pub fn len(&self) -> usize {
+        match *self {
+            FloatSource::F32(w) => w.len(),
+            FloatSource::Stored { dtype, bytes } => bytes.len() / Self::width(dtype),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn width(dtype: StoredDtype) -> usize {
+        if dtype == StoredDtype::F32 {
+            4
+        } else {
+            2
+        }
+    }
+
+    /// Values `start..start + out.len()` as f32 (exact: every stored float dtype widens to f32).
+    fn read(&self, start: usize, out: &mut [f32]) {
+        match *self {
+            FloatSource::F32(w) => out.copy_from_slice(&w[start..start + out.len()]),
+            FloatSource::Stored { dtype, bytes } => {
+                let width = Self::width(dtype);
+                let bytes = &bytes[start * width..(start + out.len()) * width];
+                match dtype {
+                    StoredDtype::F32 => {
+                        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                        }
+                    }
+                    StoredDtype::F16 => {
+                        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                            *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+                        }
+                    }
+                    _ => {
+                        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                            *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// kQuantizeBlockwise over consecutive blocks: weights `first_block * BLOCKSIZE..` of `w`
+/// (whole blocks but maybe a short last one) into `packed` (two weights a byte) and `absmax`
+/// (one per block).
+fn quantize_blocks(w: FloatSource, first_block: usize, packed: &mut [u8], absmax: &mut [f32]) {
+    let mut buf = [0f32; BLOCKSIZE];
+    for (i, (bytes, absmax)) in packed
+        .chunks_mut(BLOCKSIZE / 2)
         .zip(absmax.iter_mut())
+        .enumerate()
     {
+        let block = &mut buf[..bytes.len() * 2];
+        w.read((first_block + i) * BLOCKSIZE, block);
         let a = block_absmax(block);
         *absmax = a;
         // bnb stores 1/absmax and multiplies.
@@ -476,6 +551,34 @@ fn quantize_blocks(w: &[f32], packed: &mut [u8], absmax: &mut [f32]) {
             let hi = quantize_nf4(pair[0] * scale);
             let lo = quantize_nf4(pair[1] * scale);
             *byte = (hi << 4) | lo;
+        }
+    }
+}
+
+/// Split `n` items over the host's cores, at least `min` per thread: the chunk length.
+fn per_thread(n: usize, min: usize) -> usize {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    n.div_ceil(threads).max(min)
+}
+
+/// The second quantization of consecutive nested blocks: `absmax - mean` in blocks of
+/// [`NESTED_BLOCKSIZE`] to 8-bit codes of bnb's dynamic map, one f32 absmax per block.
+fn double_quantize(absmax: &[f32], mean: f32, codes: &mut [u8], nested: &mut [f32]) {
+    let mut centered = [0f32; NESTED_BLOCKSIZE];
+    for ((block, codes), nested) in absmax
+        .chunks(NESTED_BLOCKSIZE)
+        .zip(codes.chunks_mut(NESTED_BLOCKSIZE))
+        .zip(nested.iter_mut())
+    {
+        let centered = &mut centered[..block.len()];
+        for (c, &a) in centered.iter_mut().zip(block) {
+            *c = a - mean;
+        }
+        let a = block_absmax(centered);
+        *nested = a;
+        let scale = 1.0f32 / a;
+        for (code, &v) in codes.iter_mut().zip(centered.iter()) {
+            *code = quantize_dynamic(&DYNAMIC_CODE, v * scale);
         }
     }
 }
@@ -490,40 +593,58 @@ impl Nf4Weight {
         double_quant: bool,
         dtype: WeightDtype,
     ) -> Nf4Weight {
+        Self::quantize_from(
+            FloatSource::F32(w),
+            out_features,
+            in_features,
+            double_quant,
+            dtype,
+        )
+    }
+
+    /// [`Nf4Weight::quantize`] reading the weights from `w` (f32 or stored bytes).
+    pub fn quantize_from(
+        w: FloatSource,
+        out_features: usize,
+        in_features: usize,
+        double_quant: bool,
+        dtype: WeightDtype,
+    ) -> Nf4Weight {
         assert_eq!(w.len(), out_features * in_features);
         assert!(w.len().is_multiple_of(2), "odd number of weights");
         let mut packed = vec![0u8; w.len() / 2];
         let mut absmax = vec![0f32; w.len().div_ceil(BLOCKSIZE)];
         // Blocks are independent: split them over the host's cores (an 8B model has 7e9
-        // weights; one core takes minutes). Each thread writes its own blocks' bytes and absmax.
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let blocks_per_thread = absmax.len().div_ceil(threads).max(1024);
+        // weights; one core takes minutes). Each thread reads its own blocks' source bytes and
+        // writes their packed bytes and absmax.
+        let blocks_per_thread = per_thread(absmax.len(), 1024);
         std::thread::scope(|scope| {
-            for ((w, packed), absmax) in w
-                .chunks(blocks_per_thread * BLOCKSIZE)
-                .zip(packed.chunks_mut(blocks_per_thread * BLOCKSIZE / 2))
+            for (i, (packed, absmax)) in packed
+                .chunks_mut(blocks_per_thread * BLOCKSIZE / 2)
                 .zip(absmax.chunks_mut(blocks_per_thread))
+                .enumerate()
             {
-                scope.spawn(move || quantize_blocks(w, packed, absmax));
+                scope.spawn(move || quantize_blocks(w, i * blocks_per_thread, packed, absmax));
             }
         });
         let absmax = if double_quant {
             // offset = absmax.mean() (f32 result of a sum; computed in f64 here: bnb's GPU
             // reduction order differs in the last bit now and then, which can move a code by one).
             let mean = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32;
-            let centered: Vec<f32> = absmax.iter().map(|&a| a - mean).collect();
-            let mut codes = Vec::with_capacity(centered.len());
-            let mut nested_absmax = Vec::new();
-            for block in centered.chunks(NESTED_BLOCKSIZE) {
-                let a = block_absmax(block);
-                nested_absmax.push(a);
-                let scale = 1.0f32 / a;
-                codes.extend(
-                    block
-                        .iter()
-                        .map(|&v| quantize_dynamic(&DYNAMIC_CODE, v * scale)),
-                );
-            }
+            let mut codes = vec![0u8; absmax.len()];
+            let mut nested_absmax = vec![0f32; absmax.len().div_ceil(NESTED_BLOCKSIZE)];
+            // Nested blocks are independent too (an 8B model has 1.1e8 absmax values, each a
+            // binary search of the dynamic map).
+            let nested_per_thread = per_thread(nested_absmax.len(), 64);
+            std::thread::scope(|scope| {
+                for ((absmax, codes), nested) in absmax
+                    .chunks(nested_per_thread * NESTED_BLOCKSIZE)
+                    .zip(codes.chunks_mut(nested_per_thread * NESTED_BLOCKSIZE))
+                    .zip(nested_absmax.chunks_mut(nested_per_thread))
+                {
+                    scope.spawn(move || double_quantize(absmax, mean, codes, nested));
+                }
+            });
             Absmax::Double {
                 codes,
                 nested_absmax,
@@ -750,6 +871,65 @@ mod tests {
 
     fn f32s(store: &SafetensorsDir, name: &str) -> Vec<f32> {
         store.f32(name).unwrap().data
+    }
+
+    /// Stored bytes quantized block by block on all cores give the same codes and absmax as the
+    /// f32 values quantized on one thread (the split over threads, and the conversion per block,
+    /// change nothing). 2.4M weights: several threads' worth of blocks and of nested blocks.
+    #[test]
+    fn quantizing_stored_bytes_on_all_cores_equals_one_thread_on_f32() {
+        let (out, inp) = (1024, 2304);
+        // A deterministic spread of magnitudes (LCG), blocks with very different absmax.
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let values: Vec<f32> = (0..out * inp)
+            .map(|i| {
+                state = state
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let u = (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+                u * (1 + i / 64 % 7) as f32
+            })
+            .collect();
+        for dtype in [StoredDtype::BF16, StoredDtype::F16, StoredDtype::F32] {
+            let bytes: Vec<u8> = match dtype {
+                StoredDtype::BF16 => values
+                    .iter()
+                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                    .collect(),
+                StoredDtype::F16 => values
+                    .iter()
+                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                    .collect(),
+                _ => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+            };
+            let wd = WeightDtype::of(dtype);
+            let src = FloatSource::stored(dtype, &bytes).unwrap();
+            let got = Nf4Weight::quantize_from(src, out, inp, true, wd);
+            // One thread over the converted f32 values.
+            let mut f = vec![0f32; out * inp];
+            src.read(0, &mut f);
+            let mut packed = vec![0u8; f.len() / 2];
+            let mut absmax = vec![0f32; f.len() / BLOCKSIZE];
+            quantize_blocks(FloatSource::F32(&f), 0, &mut packed, &mut absmax);
+            let mean = (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len() as f64) as f32;
+            let mut codes = vec![0u8; absmax.len()];
+            let mut nested = vec![0f32; absmax.len() / NESTED_BLOCKSIZE];
+            double_quantize(&absmax, mean, &mut codes, &mut nested);
+            assert_eq!(got.packed, packed, "{dtype:?}: packed codes");
+            match &got.absmax {
+                Absmax::Double {
+                    codes: c,
+                    nested_absmax,
+                    offset,
+                    ..
+                } => {
+                    assert_eq!(*offset, mean);
+                    assert_eq!(*c, codes, "{dtype:?}: absmax codes");
+                    assert_eq!(*nested_absmax, nested, "{dtype:?}: nested absmax");
+                }
+                other => panic!("expected double quantization, got {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! RMSNorm (HF `LlamaRMSNorm`; Gemma's `(1 + w)` variant via `unit_offset`).
 
 use crate::backend::LlmBackend;
+use burn_tensor::backend::Backend;
 use burn_tensor::Tensor;
 
 use crate::error::Result;
@@ -31,14 +32,20 @@ impl<B: LlmBackend> RmsNorm<B> {
         Ok(RmsNorm { weight, eps })
     }
 
-    /// `x`: `[tokens, hidden]`. `x * rsqrt(mean(x^2) + eps) * w`, in f32 as HF computes it.
+    /// `x`: `[tokens, hidden]`. `x * rsqrt(mean(x^2) + eps) * w` ([`LlmBackend::rms_norm`]).
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
-        let var = x.clone().powi_scalar(2).mean_dim(1);
-        let x = x * var.add_scalar(self.eps).sqrt().recip();
-        x * self.weight.clone().unsqueeze_dim(0)
+        B::rms_norm(x, &self.weight, self.eps)
     }
 
     pub fn num_params(&self) -> usize {
         self.weight.dims()[0]
     }
+}
+
+/// RMSNorm as Burn ops: `x * rsqrt(mean(x^2) + eps) * w` in the backend's float type (f32 on
+/// the CPU, as HF computes it).
+pub fn rms_norm_ops<B: Backend>(x: Tensor<B, 2>, weight: &Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+    let var = x.clone().powi_scalar(2).mean_dim(1);
+    let x = x * var.add_scalar(eps).sqrt().recip();
+    x * weight.clone().unsqueeze_dim(0)
 }

@@ -69,12 +69,14 @@ pub fn load_on<A: Architecture, B: LlmBackend>(
         device,
         quantization,
         source: source.describe(),
+        timers: Default::default(),
     };
     let opts = LoadOptions {
         source: path.to_path_buf(),
         device: device_name.into(),
         quantization: quantization.name().into(),
         max_context: 0,
+        kernel_cache: None,
     };
     A::load::<B>(source.config(), &ctx, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }

@@ -3,14 +3,16 @@
 //! name remapping table exists outside the GGUF reader.
 
 use std::fmt::Display;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use crate::backend::LlmBackend;
 use burn_tensor::{Tensor, TensorData};
-use llm_formats::TensorStore;
+use llm_formats::{StoredDtype, TensorStore};
 
 use crate::error::{CoreError, Result};
 use crate::linear::Linear;
-use crate::nf4::{Nf4Weight, WeightDtype};
+use crate::nf4::{FloatSource, Nf4Weight, WeightDtype};
 
 /// How linear weights are held once loaded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +41,35 @@ pub struct LoadCtx<'a, B: LlmBackend> {
     pub quantization: Quantization,
     /// Names the source in error messages.
     pub source: String,
+    /// Where the load's time goes (reported with the model's info).
+    pub timers: LoadTimers,
+}
+
+/// Microseconds a load spent per kind of work, summed over tensors.
+#[derive(Debug, Default)]
+pub struct LoadTimers {
+    /// Reading float weights and quantizing them to NF4 (on all cores).
+    pub quantize_us: AtomicU64,
+    /// Building NF4 linears from quantized weights (device upload).
+    pub nf4_upload_us: AtomicU64,
+    /// Reading, converting and uploading float tensors (embeddings, lm_head, norms, biases).
+    pub float_us: AtomicU64,
+}
+
+impl LoadTimers {
+    fn add(counter: &AtomicU64, since: Instant) {
+        counter.fetch_add(since.elapsed().as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// Milliseconds per kind, for the model's info.
+    pub fn to_json(&self) -> serde_json::Value {
+        let ms = |c: &AtomicU64| c.load(Ordering::Relaxed) / 1000;
+        serde_json::json!({
+            "quantize": ms(&self.quantize_us),
+            "nf4_upload": ms(&self.nf4_upload_us),
+            "float_tensors": ms(&self.float_us),
+        })
+    }
 }
 
 impl<B: LlmBackend> LoadCtx<'_, B> {
@@ -100,26 +131,49 @@ impl<'a, B: LlmBackend> Weights<'a, B> {
         self.ctx
     }
 
-    /// Load `leaf` as f32 and check its shape.
+    /// Load `leaf` and check its shape. Float tensors go to the device in their stored dtype
+    /// and are converted there by Burn to the backend's float type (bf16 weights on a bf16
+    /// backend are uploaded as they are); other stored types are converted to f32 first.
     pub fn tensor<const D: usize>(&self, leaf: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
+        let t0 = Instant::now();
         let key = self.key(leaf);
-        if !self.ctx.store.contains(&key) {
+        let raw = self.raw(&key, &shape)?;
+        let data = match FloatSource::stored(raw.dtype, raw.data) {
+            Some(_) => stored_float_data(raw.dtype, raw.data, shape.to_vec()),
+            None => TensorData::new(self.ctx.store.f32(&key)?.data, shape.to_vec()),
+        };
+        let t = Tensor::from_data(data, &self.ctx.device);
+        LoadTimers::add(&self.ctx.timers.float_us, t0);
+        Ok(t)
+    }
+
+    /// The stored tensor `key`, its shape checked against the config's, and for float dtypes
+    /// its byte length against the shape.
+    fn raw(&self, key: &str, shape: &[usize]) -> Result<llm_formats::RawTensor<'a>> {
+        if !self.ctx.store.contains(key) {
             return Err(CoreError::invalid(format!(
                 "{}: tensor `{key}` is missing",
                 self.ctx.source
             )));
         }
-        let t = self.ctx.store.f32(&key)?;
-        if t.shape != shape {
+        let raw = self.ctx.store.raw(key)?;
+        if raw.shape != shape {
             return Err(CoreError::invalid(format!(
                 "{}: tensor `{key}` has shape {:?}, the config implies {:?}",
-                self.ctx.source, t.shape, shape
+                self.ctx.source, raw.shape, shape
             )));
         }
-        Ok(Tensor::from_data(
-            TensorData::new(t.data, shape.to_vec()),
-            &self.ctx.device,
-        ))
+        if let Some(src) = FloatSource::stored(raw.dtype, raw.data) {
+            let n: usize = shape.iter().product();
+            if src.len() != n {
+                return Err(CoreError::invalid(format!(
+                    "{}: tensor `{key}` holds {} values, its shape {shape:?} needs {n}",
+                    self.ctx.source,
+                    src.len()
+                )));
+            }
+        }
+        Ok(raw)
     }
 
     /// A linear layer `leaf.weight` `[out, in]` (+ `leaf.bias` `[out]` when `bias`), stored as the
@@ -165,30 +219,28 @@ impl<'a, B: LlmBackend> Weights<'a, B> {
                 Ok(self.ctx.dense_from(weight, bias))
             }
             Quantization::Nf4 => {
-                let t = self.host_f32(&key, &[out_features, in_features])?;
-                let dtype = WeightDtype::of(store.raw(&key)?.dtype);
-                let q = Nf4Weight::quantize(&t, out_features, in_features, true, dtype);
-                Ok(self.ctx.nf4(q, bias))
+                let t0 = Instant::now();
+                let shape = [out_features, in_features];
+                let raw = self.raw(&key, &shape)?;
+                let dtype = WeightDtype::of(raw.dtype);
+                let q = match FloatSource::stored(raw.dtype, raw.data) {
+                    // Converted block by block while quantizing, on all cores.
+                    Some(src) => {
+                        Nf4Weight::quantize_from(src, out_features, in_features, true, dtype)
+                    }
+                    // GGUF block types: dequantized (and un-permuted) by the reader first.
+                    None => {
+                        let t = store.f32(&key)?.data;
+                        Nf4Weight::quantize(&t, out_features, in_features, true, dtype)
+                    }
+                };
+                LoadTimers::add(&self.ctx.timers.quantize_us, t0);
+                let t1 = Instant::now();
+                let linear = self.ctx.nf4(q, bias);
+                LoadTimers::add(&self.ctx.timers.nf4_upload_us, t1);
+                Ok(linear)
             }
         }
-    }
-
-    /// A tensor's f32 data on the host, shape-checked.
-    fn host_f32(&self, key: &str, shape: &[usize]) -> Result<Vec<f32>> {
-        if !self.ctx.store.contains(key) {
-            return Err(CoreError::invalid(format!(
-                "{}: tensor `{key}` is missing",
-                self.ctx.source
-            )));
-        }
-        let t = self.ctx.store.f32(key)?;
-        if t.shape != shape {
-            return Err(CoreError::invalid(format!(
-                "{}: tensor `{key}` has shape {:?}, the config implies {:?}",
-                self.ctx.source, t.shape, shape
-            )));
-        }
-        Ok(t.data)
     }
 
     /// A linear layer without bias that is never quantized (lm_head, as bitsandbytes leaves it).
@@ -202,5 +254,33 @@ impl<'a, B: LlmBackend> Weights<'a, B> {
             .pp(leaf)
             .tensor("weight", [out_features, in_features])?;
         Ok(self.ctx.dense_from(weight, None))
+    }
+}
+
+/// A stored float tensor's bytes (`dtype` F32, F16 or BF16, little-endian) as Burn data of that
+/// dtype.
+fn stored_float_data(dtype: StoredDtype, bytes: &[u8], shape: Vec<usize>) -> TensorData {
+    match dtype {
+        StoredDtype::F32 => TensorData::new(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect::<Vec<_>>(),
+            shape,
+        ),
+        StoredDtype::F16 => TensorData::new(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
+                .collect::<Vec<_>>(),
+            shape,
+        ),
+        _ => TensorData::new(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
+                .collect::<Vec<_>>(),
+            shape,
+        ),
     }
 }

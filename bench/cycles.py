@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""Load/unload cycles on the GPU (bench/gpu.sh cycles): does a server process give the device
+memory back, every time?
+
+One `llm-server --device cuda` process. The driver's used-memory figure (nvidia-smi) before the
+server starts, then after each cycle of load / generate / unload: TINY_CYCLES (default 20) of
+the tiny Llama (NF4), then, while the run has time, the Llama-3.1-8B-shape checkpoint (random
+bf16, quantized to NF4 on load). The first unload creates the process's CUDA context and
+CubeCL's device state for good; every later cycle is compared with the figure after it.
+Prints one JSON object per figure.
+"""
+import json, os, subprocess, sys, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from full import CKPT, MODEL, ROOT, Server, log  # same directory
+from smoke import used_mb
+
+START = time.time()
+BUDGET = float(os.environ.get("FULL_TIMEOUT", "480"))
+
+
+def emit(metric, model, value, unit, **extra):
+    print(json.dumps({"metric": metric, "model": model, "value": value, "unit": unit, **extra}),
+          flush=True)
+
+
+def main():
+    base = used_mb()
+    tiny = os.path.join(ROOT, "tests/fixtures/tiny/llama/nf4")
+    with Server("/tmp/llm-kernels", "/tmp/server-cycles.log") as s:
+        after, loads = [], []
+        for i in range(int(os.environ.get("TINY_CYCLES", "20"))):
+            loads.append(round(s.load("t", tiny), 2))
+            s.llm("generate", "--model", "t", "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
+                  "--ids")
+            s.llm("unload", "t")
+            time.sleep(0.5)
+            after.append(used_mb() - base)
+            log(f"tiny cycle {i}: load {loads[-1]} s, {after[-1]} MB over the pre-start figure")
+        emit("tiny_cycles_mb_over_first_unload", "tiny-llama-nf4", after[-1] - after[0], "MB",
+             cycles_mb_over_prestart=after, load_s=loads,
+             note="driver used memory after each load/generate/unload of the tiny Llama")
+        if time.time() - START > BUDGET - 200:
+            return
+        if not os.path.exists(os.path.join(CKPT, "model.safetensors.index.json")):
+            subprocess.run([sys.executable,
+                            os.path.join(ROOT, "bench/peer/make_random_checkpoint.py"),
+                            os.path.join(ROOT, "tests/fixtures/configs", MODEL), CKPT],
+                           check=True, stdout=sys.stderr)
+        big, loads = [], []
+        while time.time() - START < BUDGET - 60:
+            loads.append(round(s.load("big", CKPT, "--quantization", "nf4"), 2))
+            s.llm("generate", "--model", "big", "--prompt-ids", "1,2,3", "--max-new-tokens", "8",
+                  "--ignore-eos", "--ids")
+            s.llm("unload", "big")
+            time.sleep(1)
+            big.append(used_mb() - base)
+            log(f"8B cycle {len(big)}: load {loads[-1]} s, {big[-1]} MB over the pre-start figure")
+        if big:
+            emit("big_cycles_mb_over_first_unload", MODEL, big[-1] - after[0], "MB",
+                 cycles_mb_over_prestart=big, load_s=loads,
+                 note="driver used memory after each 8B load/generate/unload, same process")
+
+
+if __name__ == "__main__":
+    main()
