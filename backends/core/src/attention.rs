@@ -253,6 +253,11 @@ impl<B: LlmBackend> Attention<B> {
             v: v.clone(),
         });
 
+        if s == 1 {
+            if let Some(out) = B::decode_attention(&q, &k, &v, &c) {
+                return out;
+            }
+        }
         // GQA: each kv head serves `groups` query heads (HF `repeat_kv`).
         let total = k.dims()[1];
         let groups = c.num_heads / c.num_kv_heads;

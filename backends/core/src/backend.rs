@@ -7,6 +7,7 @@ use burn_ndarray::NdArray;
 use burn_tensor::backend::Backend;
 use burn_tensor::Tensor;
 
+use crate::attention::AttentionConfig;
 use crate::config::Activation;
 use crate::host_linear::HostLinear;
 use crate::linear::Linear;
@@ -56,6 +57,19 @@ pub trait LlmBackend: Backend {
     fn rope(x: Tensor<Self, 2>, heads: usize, tables: &RopeTables<Self>) -> Tensor<Self, 3> {
         let [rows, width] = x.dims();
         tables.apply(x.reshape([rows, heads, width / heads]).swap_dims(0, 1))
+    }
+    /// Attention of a single new token over its sequence's whole cache (decode), in one
+    /// kernel: `q` `[heads, 1, d]` (rope applied), `k`/`v` `[kv_heads, t, d]` the cache with
+    /// this token's entry last -> `[1, heads * d]`. `None` (the default, and for shapes a
+    /// backend's kernel does not cover): the caller runs Burn's attention (GQA repeat, mask,
+    /// softmax, two matmuls).
+    fn decode_attention(
+        _q: &Tensor<Self, 3>,
+        _k: &Tensor<Self, 3>,
+        _v: &Tensor<Self, 3>,
+        _cfg: &AttentionConfig,
+    ) -> Option<Tensor<Self, 2>> {
+        None
     }
     /// `act(gate) * up` (HF `act_fn(gate_proj(x)) * up_proj(x)`), both `[rows, intermediate]`.
     fn gated_act(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, act: Activation) -> Tensor<Self, 2> {

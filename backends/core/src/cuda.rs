@@ -21,6 +21,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use burn_tensor::{DType, Shape, Tensor, TensorPrimitive};
 
+use crate::attention::AttentionConfig;
 use crate::backend::LlmBackend;
 use crate::config::Activation;
 use crate::linear::{DenseLinear, Linear};
@@ -48,7 +49,7 @@ pub static GEMV_TOKENS: std::sync::atomic::AtomicUsize = std::sync::atomic::Atom
 /// Most planes (warps) per GEMV cube.
 const MAX_PLANES: usize = 8;
 
-pub use kernels::{gated_act, nf4_dequantize, nf4_gemv, rms_norm, rope};
+pub use kernels::{decode_attention, gated_act, nf4_dequantize, nf4_gemv, rms_norm, rope};
 
 /// The CubeCL kernels (their `Tensor` is CubeCL's, not Burn's).
 mod kernels {
@@ -335,6 +336,103 @@ mod kernels {
                 a = f32::new(0.5) * g * (f32::new(1.0) + inner.tanh());
             }
             out[i] = F::cast_from(f32::cast_from(F::cast_from(a)) * f32::cast_from(up[i]));
+        }
+    }
+
+    /// Attention of one query row per head over a sequence's cached keys and values (decode),
+    /// in one pass ("flash decoding" within a cube): a cube per query head; its planes take
+    /// positions in turn, each plane's 32 units split the head dim (`per_unit` each), the
+    /// score `q . k_t` is a plane sum, and each plane keeps an online softmax (running max,
+    /// sum, weighted sum of `v`); the planes' partial results are merged in shared memory.
+    /// All in f32; the output rounded to `F` once. GQA: head `h` reads kv head `h / groups`
+    /// (no repeated K/V). Positions before `t_start` are outside the sliding window; `softcap`
+    /// > 0 applies `softcap * tanh(s / softcap)` to the scaled scores (Gemma-2).
+    /// `q` `[heads, d]`, `k`/`v` `[kv_heads, t_len, d]`, `out` `[heads, d]`, all contiguous,
+    /// `d = 32 * per_unit`. Cube dim `(32, planes)`.
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention<F: Float>(
+        q: &Tensor<F>,
+        k: &Tensor<F>,
+        v: &Tensor<F>,
+        out: &mut Tensor<F>,
+        t_len: u32,
+        t_start: u32,
+        groups: u32,
+        scale: f32,
+        softcap: f32,
+        #[comptime] per_unit: usize,
+        #[comptime] planes: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let d = per_unit * 32;
+        let head = CUBE_POS_X as usize;
+        let lane = UNIT_POS_X as usize;
+        let plane = UNIT_POS_Y as usize;
+        let col = lane * per_unit;
+        let mut qv = Array::<f32>::new(per_unit);
+        let mut acc = Array::<f32>::new(per_unit);
+        #[unroll]
+        for i in 0..per_unit {
+            qv[i] = f32::cast_from(q[head * d + col + i]);
+            acc[i] = f32::new(0.0);
+        }
+        // Finite start values: an empty plane merges with weight exp(-1e30 - max) = 0.
+        let mut m = f32::new(-1e30);
+        let mut l = f32::new(0.0);
+        let base = head / groups as usize * t_len as usize * d;
+        let mut t = t_start as usize + plane;
+        while t < t_len as usize {
+            let row = base + t * d + col;
+            let mut part = f32::new(0.0);
+            #[unroll]
+            for i in 0..per_unit {
+                part += qv[i] * f32::cast_from(k[row + i]);
+            }
+            let mut s = plane_sum(part) * scale;
+            if softcap > f32::new(0.0) {
+                s = softcap * (s / softcap).tanh();
+            }
+            let m_new = max(m, s);
+            let correction = (m - m_new).exp();
+            let p = (s - m_new).exp();
+            l = l * correction + p;
+            #[unroll]
+            for i in 0..per_unit {
+                acc[i] = acc[i] * correction + p * f32::cast_from(v[row + i]);
+            }
+            m = m_new;
+            t += planes;
+        }
+        let mut sm_m = SharedMemory::<f32>::new(planes);
+        let mut sm_l = SharedMemory::<f32>::new(planes);
+        let mut sm_acc = SharedMemory::<f32>::new(planes * d);
+        if lane == 0 {
+            sm_m[plane] = m;
+            sm_l[plane] = l;
+        }
+        #[unroll]
+        for i in 0..per_unit {
+            sm_acc[plane * d + col + i] = acc[i];
+        }
+        sync_cube();
+        if plane == 0 {
+            let mut mm = f32::new(-1e30);
+            for p in 0..planes {
+                mm = max(mm, sm_m[p]);
+            }
+            let mut ll = f32::new(0.0);
+            for p in 0..planes {
+                ll += sm_l[p] * (sm_m[p] - mm).exp();
+            }
+            #[unroll]
+            for i in 0..per_unit {
+                let mut a = f32::new(0.0);
+                for p in 0..planes {
+                    a += sm_acc[p * d + col + i] * (sm_m[p] - mm).exp();
+                }
+                out[head * d + col + i] = F::cast_from(a / ll);
+            }
         }
     }
 }
@@ -669,6 +767,49 @@ impl LlmBackend for CudaBf16 {
             );
         }
         Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+    fn decode_attention(
+        q: &Tensor<Self, 3>,
+        k: &Tensor<Self, 3>,
+        v: &Tensor<Self, 3>,
+        cfg: &AttentionConfig,
+    ) -> Option<Tensor<Self, 2>> {
+        let [heads, rows, d] = q.dims();
+        let [kv_heads, t_len, _] = k.dims();
+        // The kernel splits the head dim over a plane of 32 (head dims 32..256 in steps of 32).
+        if rows != 1 || !d.is_multiple_of(32) || d / 32 > 8 || heads % kv_heads != 0 {
+            return None;
+        }
+        let t_start = cfg.sliding_window.map_or(0, |w| t_len.saturating_sub(w));
+        let q = into_contiguous(q.clone().into_primitive().tensor());
+        let k = into_contiguous(k.clone().into_primitive().tensor());
+        let v = into_contiguous(v.clone().into_primitive().tensor());
+        let out = empty_like(&q, vec![1, heads * d]);
+        const PLANES: usize = 8;
+        // SAFETY: cube `h < heads` reads row `h` of `q` (`[heads, d]` contiguous), rows
+        // `t_start..t_len` of kv head `h / groups` of `k` and `v` (`[kv_heads, t_len, d]`
+        // contiguous, `heads = groups * kv_heads`), writes row `h` of `out`; shared memory is
+        // sized by the comptime plane count the cube is launched with.
+        unsafe {
+            decode_attention::launch_unchecked::<CudaRuntime>(
+                &q.client.clone(),
+                CubeCount::Static(heads as u32, 1, 1),
+                CubeDim::new_2d(32, PLANES as u32),
+                q.clone().into_tensor_arg(),
+                k.into_tensor_arg(),
+                v.into_tensor_arg(),
+                out.clone().into_tensor_arg(),
+                t_len as u32,
+                t_start as u32,
+                (heads / kv_heads) as u32,
+                cfg.scale as f32,
+                cfg.softcap.unwrap_or(0.0) as f32,
+                d / 32,
+                PLANES,
+                q.dtype.into(),
+            );
+        }
+        Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
     }
 }
 
