@@ -4,15 +4,15 @@ memory back, every time?
 
 One `llm-server --device cuda` process. The driver's used-memory figure (nvidia-smi) before the
 server starts, then after each cycle of load / generate / unload: TINY_CYCLES (default 20) of
-the tiny Llama (NF4), then, while the run has time, the Llama-3.1-8B-shape checkpoint (random
+the tiny Llama (NF4, 8 tokens each), then, while the run has time, the Llama-3.1-8B-shape checkpoint (random
 bf16, quantized to NF4 on load). The first unload creates the process's CUDA context and
 CubeCL's device state for good; every later cycle is compared with the figure after it.
 Prints one JSON object per figure.
 """
-import json, os, subprocess, sys, time
+import json, os, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from full import CKPT, MODEL, ROOT, Server, log  # same directory
+from full import CKPT, MODEL, ROOT, Server, ensure_checkpoint, log  # same directory
 from smoke import used_mb
 
 START = time.time()
@@ -30,11 +30,7 @@ def main():
     with Server("/tmp/llm-kernels", "/tmp/server-cycles.log") as s:
         after, loads = [], []
         for i in range(int(os.environ.get("TINY_CYCLES", "20"))):
-            loads.append(round(s.load("t", tiny), 2))
-            s.llm("generate", "--model", "t", "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
-                  "--ids")
-            s.llm("unload", "t")
-            time.sleep(0.5)
+            loads.append(round(s.cycle("t", tiny), 2))
             after.append(used_mb() - base)
             log(f"tiny cycle {i}: load {loads[-1]} s, {after[-1]} MB over the pre-start figure")
         emit("tiny_cycles_mb_over_first_unload", "tiny-llama-nf4", after[-1] - after[0], "MB",
@@ -42,18 +38,10 @@ def main():
              note="driver used memory after each load/generate/unload of the tiny Llama")
         if time.time() - START > BUDGET - 200:
             return
-        if not os.path.exists(os.path.join(CKPT, "model.safetensors.index.json")):
-            subprocess.run([sys.executable,
-                            os.path.join(ROOT, "bench/peer/make_random_checkpoint.py"),
-                            os.path.join(ROOT, "tests/fixtures/configs", MODEL), CKPT],
-                           check=True, stdout=sys.stderr)
+        ensure_checkpoint()
         big, loads = [], []
         while time.time() - START < BUDGET - 60:
-            loads.append(round(s.load("big", CKPT, "--quantization", "nf4"), 2))
-            s.llm("generate", "--model", "big", "--prompt-ids", "1,2,3", "--max-new-tokens", "8",
-                  "--ignore-eos", "--ids")
-            s.llm("unload", "big")
-            time.sleep(1)
+            loads.append(round(s.cycle("big", CKPT, "--quantization", "nf4"), 2))
             big.append(used_mb() - base)
             log(f"8B cycle {len(big)}: load {loads[-1]} s, {big[-1]} MB over the pre-start figure")
         if big:

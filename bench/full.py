@@ -39,13 +39,18 @@ def emit(metric, value, unit, peer=None, peer_value=None, **extra):
                       "peer": peer, "peer_value": peer_value, **extra}), flush=True)
 
 
-def main():
+def ensure_checkpoint():
+    """The random 8B checkpoint in the hub's layout, made once per machine."""
     if not os.path.exists(os.path.join(CKPT, "model.safetensors.index.json")):
         t = time.time()
         subprocess.run([sys.executable, os.path.join(ROOT, "bench/peer/make_random_checkpoint.py"),
                         os.path.join(ROOT, "tests/fixtures/configs", MODEL), CKPT], check=True,
                        stdout=sys.stderr)
         log(f"checkpoint in {time.time() - t:.0f} s")
+
+
+def main():
+    ensure_checkpoint()
     peer = {}
     if os.environ.get("SKIP_PEER") != "1":
         r = subprocess.run([sys.executable, os.path.join(ROOT, "bench/peer/bench_hf.py"), CKPT,
@@ -99,11 +104,7 @@ def main():
         for i in range(int(os.environ.get("CYCLES", "3"))):
             if time.time() - START > BUDGET - 70:
                 break
-            t = s.load("big", CKPT, "--quantization", "nf4")
-            s.llm("generate", "--model", "big", "--prompt-ids", prompt, "--max-new-tokens", "8",
-                  "--ignore-eos", "--ids")
-            s.llm("unload", "big")
-            time.sleep(1)
+            t = s.cycle("big", CKPT, "--quantization", "nf4")
             after.append(used_mb() - pre)
             log(f"cycle {i}: load {t:.1f} s, {after[-1]} MB over the pre-load value")
         if after:
@@ -181,6 +182,15 @@ class Server:
         last = text[max(0, text.rindex("plugin load phases") - 400):]
         get = lambda key: int(re.findall(r'"%s":(\d+)' % key, last)[-1])
         return {"weights": get("weights"), "warm_up": get("warm_up")}
+
+    def cycle(self, name, source, *extra):
+        """Load, generate 8 tokens (EOS ignored), unload: the load's seconds."""
+        t = self.load(name, source, *extra)
+        self.llm("generate", "--model", name, "--prompt-ids", "1,2,3", "--max-new-tokens", "8",
+                 "--ignore-eos", "--ids")
+        self.llm("unload", name)
+        time.sleep(1)
+        return t
 
     def generate(self, model, prompt_ids, new=NEW):
         g = self.llm("generate", "--model", model, "--prompt-ids", prompt_ids,

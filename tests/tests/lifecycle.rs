@@ -11,7 +11,7 @@ use llm_e2e::*;
 use llm_proto::v1::describe_model_request::Target;
 use llm_proto::v1::{
     generate_request, DescribeModelRequest, DescribeModelResponse, GenerateRequest,
-    GenerationParams, ListModelsRequest, LoadModelRequest, TokenIds, UnloadModelRequest,
+    GenerationParams, ListModelsRequest, LoadModelRequest, ModelInfo, TokenIds, UnloadModelRequest,
 };
 use tonic::Code;
 
@@ -78,6 +78,32 @@ async fn load(server: &Server, name: &str, source: &Path, quantization: &str) {
         })
         .await
         .unwrap_or_else(|s| panic!("load {name} from {}: {s:?}", source.display()));
+}
+
+/// LoadModel of `name` from `source`, everything else the server's defaults.
+async fn try_load(server: &Server, name: &str, source: &str) -> Result<(), tonic::Status> {
+    server
+        .client()
+        .await
+        .load_model(LoadModelRequest {
+            name: name.into(),
+            source: source.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+/// ListModels.
+async fn list(server: &Server) -> Vec<ModelInfo> {
+    server
+        .client()
+        .await
+        .list_models(ListModelsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .models
 }
 
 /// `llm describe --source` of the five real configs, NF4 and bf16, before anything is loaded:
@@ -208,14 +234,8 @@ async fn describe_loaded_tiny_models() {
                 .memory
                 .unwrap();
             assert_eq!(held.weights, planned.weights, "{name}: held vs planned");
-            let listed = server
-                .client()
+            let listed = list(&server)
                 .await
-                .list_models(ListModelsRequest {})
-                .await
-                .unwrap()
-                .into_inner()
-                .models
                 .into_iter()
                 .find(|m| m.name == name)
                 .unwrap();
@@ -276,14 +296,7 @@ async fn hub_id_loads_from_the_hf_cache() {
     let d = describe(&server, Target::Source("tiny-org/tiny-llama".into()), "nf4").await;
     assert_eq!(d.module_tree, printout("tiny-llama", "nf4"));
     // A repo the cache does not have, offline: NOT_FOUND naming it.
-    let err = server
-        .client()
-        .await
-        .load_model(LoadModelRequest {
-            name: "missing".into(),
-            source: "tiny-org/not-there".into(),
-            ..Default::default()
-        })
+    let err = try_load(&server, "missing", "tiny-org/not-there")
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
@@ -356,29 +369,14 @@ async fn hot_swap_under_traffic() {
         assert_eq!(ids, want_new, "stream {i} (submitted after the swap)");
     }
     // Same source again: ALREADY_EXISTS, nothing swapped.
-    let again = server
-        .client()
-        .await
-        .load_model(LoadModelRequest {
-            name: "m".into(),
-            source: new_dir.display().to_string(),
-            device: "cpu".into(),
-            ..Default::default()
-        })
+    let again = try_load(&server, "m", &new_dir.display().to_string())
         .await
         .unwrap_err();
     assert_eq!(again.code(), Code::AlreadyExists, "{again:?}");
     // The old model leaves the listing once drained.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let models = server
-            .client()
-            .await
-            .list_models(ListModelsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .models;
+        let models = list(&server).await;
         let ms: Vec<_> = models.iter().filter(|m| m.name == "m").collect();
         if ms.len() == 1 && ms[0].state == "ready" {
             assert_eq!(ms[0].architecture, "qwen2");
@@ -414,14 +412,7 @@ async fn a_load_of_a_name_being_loaded_is_aborted() {
     // Wait until ListModels shows the first load in progress.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let models = server
-            .client()
-            .await
-            .list_models(ListModelsRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .models;
+        let models = list(&server).await;
         if models.iter().any(|m| m.name == "m" && m.state == "loading") {
             break;
         }
@@ -433,29 +424,14 @@ async fn a_load_of_a_name_being_loaded_is_aborted() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     for source in [smol.clone(), fixtures().join("tiny/llama/bf16")] {
-        let err = server
-            .client()
-            .await
-            .load_model(LoadModelRequest {
-                name: "m".into(),
-                source: source.display().to_string(),
-                device: "cpu".into(),
-                ..Default::default()
-            })
+        let err = try_load(&server, "m", &source.display().to_string())
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::Aborted, "{err:?}");
         assert!(err.message().contains("`m`"), "{err:?}");
     }
     first.await.unwrap().expect("the first load");
-    let models = server
-        .client()
-        .await
-        .list_models(ListModelsRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .models;
+    let models = list(&server).await;
     let ms: Vec<_> = models.iter().filter(|m| m.name == "m").collect();
     assert_eq!(ms.len(), 1, "{models:?}");
     assert_eq!(ms[0].state, "ready");
@@ -522,14 +498,7 @@ async fn load_unload_cycles_do_not_grow_memory() {
 async fn load_refuses_a_plan_that_does_not_fit() {
     let server = Server::start(&["--max-batch", "1000000"]);
     let tiny = fixtures().join("tiny/llama/bf16");
-    let err = server
-        .client()
-        .await
-        .load_model(LoadModelRequest {
-            name: "huge".into(),
-            source: tiny.display().to_string(),
-            ..Default::default()
-        })
+    let err = try_load(&server, "huge", &tiny.display().to_string())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
