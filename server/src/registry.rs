@@ -248,11 +248,18 @@ impl Registry {
     /// List a load or unload in progress until the returned guard drops (also when the
     /// handler's future is dropped: a client that gives up mid-download leaves no stale row).
     fn begin(&self, info: ModelInfo, progress: Option<Arc<hub::Progress>>) -> TransitionGuard<'_> {
+        let mut transitions = self.transitions.write().expect("registry lock");
+        self.push_transition(&mut transitions, info, progress)
+    }
+
+    fn push_transition(
+        &self,
+        transitions: &mut Vec<Transition>,
+        info: ModelInfo,
+        progress: Option<Arc<hub::Progress>>,
+    ) -> TransitionGuard<'_> {
         let id = NEXT_TRANSITION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.transitions
-            .write()
-            .expect("registry lock")
-            .push(Transition { id, info, progress });
+        transitions.push(Transition { id, info, progress });
         TransitionGuard { registry: self, id }
     }
 
@@ -271,13 +278,7 @@ impl Registry {
         {
             return Err(ServerError::LoadInProgress(info.name));
         }
-        let id = NEXT_TRANSITION.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        transitions.push(Transition {
-            id,
-            info,
-            progress: Some(progress),
-        });
-        Ok(TransitionGuard { registry: self, id })
+        Ok(self.push_transition(&mut transitions, info, Some(progress)))
     }
 
     fn end(&self, id: u64) {

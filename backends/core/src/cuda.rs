@@ -561,7 +561,7 @@ impl CudaNf4Linear {
                 DType::BF16.into(),
             );
         }
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+        from_cube(out)
     }
 }
 
@@ -576,7 +576,7 @@ impl CudaNf4Linear {
             Shape::from(vec![tokens, self.out_features]),
             x.dtype,
         );
-        Tensor::from_primitive(TensorPrimitive::Float(self.gemv_into(x, out)))
+        from_cube(self.gemv_into(x, out))
     }
 
     /// `x W^T` by dequantizing to bf16 and a dense matmul.
@@ -689,8 +689,8 @@ impl LlmBackend for CudaBf16 {
     }
     fn rms_norm(x: Tensor<Self, 2>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
         let [rows, hidden] = x.dims();
-        let x = into_contiguous(x.into_primitive().tensor());
-        let w = into_contiguous(weight.clone().into_primitive().tensor());
+        let x = contiguous_owned(x);
+        let w = contiguous(weight);
         let out = empty_like(&x, vec![rows, hidden]);
         let planes = (hidden / 32 / 4).clamp(1, MAX_PLANES) as u32;
         // SAFETY: cube `r < rows` reads row `r` of `x` and writes row `r` of `out` (both
@@ -709,14 +709,14 @@ impl LlmBackend for CudaBf16 {
                 x.dtype.into(),
             );
         }
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+        from_cube(out)
     }
     fn rope(x: Tensor<Self, 2>, heads: usize, tables: &RopeTables<Self>) -> Tensor<Self, 3> {
         let [rows, width] = x.dims();
         let d = width / heads;
-        let x = into_contiguous(x.into_primitive().tensor());
-        let cos = into_contiguous(tables.cos.clone().into_primitive().tensor());
-        let sin = into_contiguous(tables.sin.clone().into_primitive().tensor());
+        let x = contiguous_owned(x);
+        let cos = contiguous(&tables.cos);
+        let sin = contiguous(&tables.sin);
         let table = cos.meta.shape();
         assert!(
             table[0] == rows && table[1] == d,
@@ -742,13 +742,13 @@ impl LlmBackend for CudaBf16 {
                 x.dtype.into(),
             );
         }
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+        from_cube(out)
     }
     fn gated_act(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, act: Activation) -> Tensor<Self, 2> {
         let dims = gate.dims();
         assert_eq!(dims, up.dims(), "gate and up shapes");
-        let gate = into_contiguous(gate.into_primitive().tensor());
-        let up = into_contiguous(up.into_primitive().tensor());
+        let gate = contiguous_owned(gate);
+        let up = contiguous_owned(up);
         let out = empty_like(&gate, dims.to_vec());
         let n = (dims[0] * dims[1]) as u32;
         // SAFETY: unit `i < n` reads element `i` of `gate` and `up` and writes element `i` of
@@ -766,7 +766,7 @@ impl LlmBackend for CudaBf16 {
                 gate.dtype.into(),
             );
         }
-        Tensor::from_primitive(TensorPrimitive::Float(out))
+        from_cube(out)
     }
     fn decode_attention(
         q: &Tensor<Self, 3>,
@@ -781,9 +781,9 @@ impl LlmBackend for CudaBf16 {
             return None;
         }
         let t_start = cfg.sliding_window.map_or(0, |w| t_len.saturating_sub(w));
-        let q = into_contiguous(q.clone().into_primitive().tensor());
-        let k = into_contiguous(k.clone().into_primitive().tensor());
-        let v = into_contiguous(v.clone().into_primitive().tensor());
+        let q = contiguous(q);
+        let k = contiguous(k);
+        let v = contiguous(v);
         let out = empty_like(&q, vec![1, heads * d]);
         const PLANES: usize = 8;
         // SAFETY: cube `h < heads` reads row `h` of `q` (`[heads, d]` contiguous), rows
@@ -809,8 +809,24 @@ impl LlmBackend for CudaBf16 {
                 q.dtype.into(),
             );
         }
-        Some(Tensor::from_primitive(TensorPrimitive::Float(out)))
+        Some(from_cube(out))
     }
+}
+
+/// A Burn tensor's CubeCL tensor, contiguous (a copy only if it was a strided view), for the
+/// kernels here, which index their inputs as dense row-major arrays.
+fn contiguous_owned<const D: usize>(t: Tensor<CudaBf16, D>) -> CubeTensor<CudaRuntime> {
+    into_contiguous(t.into_primitive().tensor())
+}
+
+/// [`contiguous_owned`] of a borrowed tensor (a handle clone, no data copy).
+fn contiguous<const D: usize>(t: &Tensor<CudaBf16, D>) -> CubeTensor<CudaRuntime> {
+    contiguous_owned(t.clone())
+}
+
+/// A kernel's output as a Burn tensor.
+fn from_cube<const D: usize>(t: CubeTensor<CudaRuntime>) -> Tensor<CudaBf16, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
 /// An uninitialised contiguous tensor of `shape` on `like`'s device, in its dtype.

@@ -476,17 +476,15 @@ pub enum FloatSource<'a> {
 impl FloatSource<'_> {
     /// A stored tensor's bytes, if its dtype is a float one.
     pub fn stored(dtype: StoredDtype, bytes: &[u8]) -> Option<FloatSource<'_>> {
-        matches!(
-            dtype,
-            StoredDtype::F32 | StoredDtype::F16 | StoredDtype::BF16
-        )
-        .then_some(FloatSource::Stored { dtype, bytes })
+        dtype
+            .float_width()
+            .map(|_| FloatSource::Stored { dtype, bytes })
     }
 
     pub fn len(&self) -> usize {
         match *self {
             FloatSource::F32(w) => w.len(),
-            FloatSource::Stored { dtype, bytes } => bytes.len() / Self::width(dtype),
+            FloatSource::Stored { dtype, bytes } => bytes.len() / width(dtype),
         }
     }
 
@@ -494,41 +492,21 @@ impl FloatSource<'_> {
         self.len() == 0
     }
 
-    fn width(dtype: StoredDtype) -> usize {
-        if dtype == StoredDtype::F32 {
-            4
-        } else {
-            2
-        }
-    }
-
     /// Values `start..start + out.len()` as f32 (exact: every stored float dtype widens to f32).
     fn read(&self, start: usize, out: &mut [f32]) {
         match *self {
             FloatSource::F32(w) => out.copy_from_slice(&w[start..start + out.len()]),
             FloatSource::Stored { dtype, bytes } => {
-                let width = Self::width(dtype);
-                let bytes = &bytes[start * width..(start + out.len()) * width];
-                match dtype {
-                    StoredDtype::F32 => {
-                        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
-                            *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                        }
-                    }
-                    StoredDtype::F16 => {
-                        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                            *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
-                        }
-                    }
-                    _ => {
-                        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-                            *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
-                        }
-                    }
-                }
+                let w = width(dtype);
+                llm_formats::floats_into(dtype, &bytes[start * w..(start + out.len()) * w], out)
             }
         }
     }
+}
+
+/// Bytes per value of a [`FloatSource::Stored`] dtype (a float one, checked at construction).
+fn width(dtype: StoredDtype) -> usize {
+    dtype.float_width().expect("a float dtype")
 }
 
 /// kQuantizeBlockwise over consecutive blocks: weights `first_block * BLOCKSIZE..` of `w`

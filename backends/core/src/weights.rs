@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use crate::backend::LlmBackend;
-use burn_tensor::{Tensor, TensorData};
+use burn_tensor::{DType, Tensor, TensorData};
 use llm_formats::{StoredDtype, TensorStore};
 
 use crate::error::{CoreError, Result};
@@ -138,7 +138,7 @@ impl<'a, B: LlmBackend> Weights<'a, B> {
         let t0 = Instant::now();
         let key = self.key(leaf);
         let raw = self.raw(&key, &shape)?;
-        let data = match FloatSource::stored(raw.dtype, raw.data) {
+        let data = match raw.dtype.float_width() {
             Some(_) => stored_float_data(raw.dtype, raw.data, shape.to_vec()),
             None => TensorData::new(self.ctx.store.f32(&key)?.data, shape.to_vec()),
         };
@@ -163,13 +163,13 @@ impl<'a, B: LlmBackend> Weights<'a, B> {
                 self.ctx.source, raw.shape, shape
             )));
         }
-        if let Some(src) = FloatSource::stored(raw.dtype, raw.data) {
+        if let Some(width) = raw.dtype.float_width() {
             let n: usize = shape.iter().product();
-            if src.len() != n {
+            if raw.data.len() / width != n {
                 return Err(CoreError::invalid(format!(
                     "{}: tensor `{key}` holds {} values, its shape {shape:?} needs {n}",
                     self.ctx.source,
-                    src.len()
+                    raw.data.len() / width
                 )));
             }
         }
@@ -257,30 +257,13 @@ impl<'a, B: LlmBackend> Weights<'a, B> {
     }
 }
 
-/// A stored float tensor's bytes (`dtype` F32, F16 or BF16, little-endian) as Burn data of that
-/// dtype.
+/// A stored float tensor's bytes (`dtype` F32, F16 or BF16) as Burn data of that dtype, as
+/// they are: little-endian, as the host (x86-64, aarch64) is.
 fn stored_float_data(dtype: StoredDtype, bytes: &[u8], shape: Vec<usize>) -> TensorData {
-    match dtype {
-        StoredDtype::F32 => TensorData::new(
-            bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect::<Vec<_>>(),
-            shape,
-        ),
-        StoredDtype::F16 => TensorData::new(
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]))
-                .collect::<Vec<_>>(),
-            shape,
-        ),
-        _ => TensorData::new(
-            bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]))
-                .collect::<Vec<_>>(),
-            shape,
-        ),
-    }
+    let dtype = match dtype {
+        StoredDtype::F32 => DType::F32,
+        StoredDtype::F16 => DType::F16,
+        _ => DType::BF16,
+    };
+    TensorData::from_bytes_vec(bytes.to_vec(), shape, dtype)
 }

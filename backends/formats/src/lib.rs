@@ -49,6 +49,40 @@ pub enum StoredDtype {
     Ggml(u32),
 }
 
+impl StoredDtype {
+    /// Bytes per value of a float dtype (F32, F16, BF16); None for the others.
+    pub fn float_width(self) -> Option<usize> {
+        match self {
+            StoredDtype::F32 => Some(4),
+            StoredDtype::F16 | StoredDtype::BF16 => Some(2),
+            _ => None,
+        }
+    }
+}
+
+/// Little-endian stored floats of a float dtype (see [`StoredDtype::float_width`]) widened to
+/// f32 into `out` (exact), one value per `out` element.
+pub fn floats_into(dtype: StoredDtype, bytes: &[u8], out: &mut [f32]) {
+    match dtype {
+        StoredDtype::F32 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        StoredDtype::F16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::f16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        StoredDtype::BF16 => {
+            for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+                *o = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+            }
+        }
+        other => panic!("floats_into: {other:?} is not a float dtype"),
+    }
+}
+
 /// A tensor converted to f32, row-major, with its HF shape.
 #[derive(Debug, Clone)]
 pub struct F32Tensor {

@@ -186,25 +186,14 @@ fn stored_dtype(d: Dtype) -> Option<StoredDtype> {
 
 /// Convert little-endian stored floats to f32.
 pub fn to_f32(dtype: StoredDtype, bytes: &[u8], what: &str) -> Result<Vec<f32>> {
-    Ok(match dtype {
-        StoredDtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        StoredDtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        StoredDtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => {
-            return Err(FormatError::Unsupported(format!(
-                "{what}: dtype {other:?} cannot be used as a float weight"
-            )))
-        }
-    })
+    let width = dtype.float_width().ok_or_else(|| {
+        FormatError::Unsupported(format!(
+            "{what}: dtype {dtype:?} cannot be used as a float weight"
+        ))
+    })?;
+    let mut out = vec![0f32; bytes.len() / width];
+    crate::floats_into(dtype, bytes, &mut out);
+    Ok(out)
 }
 
 impl TensorStore for SafetensorsDir {
