@@ -11,6 +11,7 @@
 use std::time::Instant;
 
 use burn_tensor::{Tensor, TensorData, TensorPrimitive};
+use llm_core::attention::LayerKv;
 use llm_core::cuda::{CudaBf16, CudaNf4Linear};
 use llm_core::host_linear::HostLinear;
 use llm_core::nf4::{Nf4Weight, WeightDtype};
@@ -162,6 +163,9 @@ fn kernel(device: &Device) {
                                        "fraction_of_copy": weight_bytes / (dev * 1e-6) / 1e9 / copy_gbs}),
                 );
             }
+            if b == 1 || (b == 16 && k == 4096 && n == 14336) {
+                gemv_sweep(device, &gpu, &xg, &want, &shape, b, weight_bytes, copy_gbs);
+            }
             // The peer in the same run: Burn's dense bf16 matmul with the [N,K] weight transposed.
             let dev = device_us(device, 50, || {
                 let _ = xg.clone().matmul(wd.clone().transpose());
@@ -174,6 +178,68 @@ fn kernel(device: &Device) {
                 serde_json::json!({"batch": b,
                  "weight_GBps": (2 * n * k) as f64 / (dev * 1e-6) / 1e9}),
             );
+        }
+    }
+}
+
+/// The GEMV under each launch configuration (rows per cube, planes, steps loaded ahead),
+/// each checked against the CPU reference on a poisoned output, then timed.
+#[allow(clippy::too_many_arguments)]
+fn gemv_sweep(
+    device: &Device,
+    gpu: &CudaNf4Linear,
+    xg: &Tensor<CudaBf16, 2>,
+    want: &[f32],
+    shape: &str,
+    batch: usize,
+    weight_bytes: f64,
+    copy_gbs: f64,
+) {
+    use llm_core::cuda::GemvConfig;
+    let n = gpu.out_features();
+    // Each (rows, unroll, planes) is its own compiled kernel: 48 in all.
+    let (rows, unrolls, planes_list): (&[usize], &[usize], &[usize]) = if batch == 1 {
+        (&[2, 4, 8], &[1, 2, 4], &[1, 2, 4, 8])
+    } else {
+        (&[1, 2], &[1, 2], &[2, 4, 8])
+    };
+    for &r in rows {
+        for &unroll in unrolls {
+            for &planes in planes_list {
+                let cfg = GemvConfig {
+                    rows: r,
+                    planes,
+                    unroll,
+                };
+                let run = || {
+                    let out = Tensor::<CudaBf16, 2>::full([batch, n], f32::NAN, device)
+                        .into_primitive()
+                        .tensor();
+                    gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out, cfg)
+                };
+                let got = to_vec(Tensor::<CudaBf16, 2>::from_primitive(
+                    TensorPrimitive::Float(run()),
+                ));
+                let err = rel_l2(&got, want);
+                let out = Tensor::<CudaBf16, 2>::empty([batch, n], device)
+                    .into_primitive()
+                    .tensor();
+                let dev = device_us(device, 50, || {
+                    let _ =
+                        gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out.clone(), cfg);
+                });
+                emit(
+                    "nf4_gemv_sweep",
+                    shape,
+                    dev,
+                    "us",
+                    serde_json::json!({"batch": batch, "rows": r, "planes": planes, "unroll": unroll,
+                                       "default": cfg == GemvConfig::for_shape(batch, gpu.in_features()),
+                                       "rel_err": err, "pass": err < 1e-2,
+                                       "weight_GBps": weight_bytes / (dev * 1e-6) / 1e9,
+                                       "fraction_of_copy": weight_bytes / (dev * 1e-6) / 1e9 / copy_gbs}),
+                );
+            }
         }
     }
 }
@@ -224,6 +290,23 @@ fn fused(device: &Device) {
         let _ = llm_core::norm::rms_norm_ops(xg.clone(), &wg, 1e-5);
     });
     report("fused_rms_norm", got, want, f, o);
+
+    // Residual add + RMSNorm: both outputs (the sum and its norm) compared.
+    let (rc, rg) = pair(&bf16(rows * hidden, 8, 1.0), [rows, hidden]);
+    let (xc, _) = pair(&bf16(rows * hidden, 1, 1.0), [rows, hidden]);
+    let (sum_c, norm_c) = Cpu::add_rms_norm(xc, rc, &wc, 1e-5);
+    let (sum_g, norm_g) = CudaBf16::add_rms_norm(xg.clone(), rg.clone(), &wg, 1e-5);
+    let (mut got, mut want) = (to_vec(sum_g), to_vec(sum_c));
+    got.extend(to_vec(norm_g));
+    want.extend(to_vec(norm_c));
+    let f = wall_us(device, 200, || {
+        let _ = CudaBf16::add_rms_norm(xg.clone(), rg.clone(), &wg, 1e-5);
+    });
+    let o = wall_us(device, 200, || {
+        let sum = xg.clone() + rg.clone();
+        let _ = llm_core::norm::rms_norm_ops(sum, &wg, 1e-5);
+    });
+    report("fused_add_rms_norm", got, want, f, o);
 
     let (heads, d) = (32, 128);
     let (xc, xg) = pair(&bf16(rows * heads * d, 3, 1.0), [rows, heads * d]);
@@ -319,10 +402,22 @@ fn fused_attention(device: &Device) {
         let qg = Tensor::<CudaBf16, 3>::from_data(TensorData::new(q, [heads, 1, d]), device);
         let kg = Tensor::<CudaBf16, 3>::from_data(TensorData::new(k, [kv_heads, t, d]), device);
         let vg = Tensor::<CudaBf16, 3>::from_data(TensorData::new(v, [kv_heads, t, d]), device);
-        let got = CudaBf16::decode_attention(&qg, &kg, &vg, &cfg).expect("a covered shape");
+        // The cache as the model holds it: room past `t` (poisoned with NaN: a kernel that
+        // reads past the filled positions, or strides by `t` instead of the capacity, shows).
+        let cap = t + 29;
+        let room = |x: &Tensor<CudaBf16, 3>| {
+            Tensor::<CudaBf16, 3>::full([kv_heads, cap, d], f32::NAN, device)
+                .slice_assign([0..kv_heads, 0..t, 0..d], x.clone())
+        };
+        let cache = LayerKv {
+            k: room(&kg),
+            v: room(&vg),
+            len: t,
+        };
+        let got = CudaBf16::decode_attention(&qg, &cache, &cfg).expect("a covered shape");
         let err = rel_l2(&to_vec(got), &want);
         let fused = wall_us(device, 200, || {
-            let _ = CudaBf16::decode_attention(&qg, &kg, &vg, &cfg);
+            let _ = CudaBf16::decode_attention(&qg, &cache, &cfg);
         });
         let repeat = |x: Tensor<CudaBf16, 3>| {
             x.unsqueeze_dim::<4>(1)
@@ -353,6 +448,113 @@ fn fused_attention(device: &Device) {
                                "pass": err < 1e-2, "burn_ops_wall_us": ops, "timing": "wall"}),
         );
     }
+}
+
+/// The in-place KV-cache append (k's rope in the same kernel) against the Burn-op path on the
+/// CPU (rope, then concatenation), Llama-3.1-8B shapes (8 kv heads, d 128): a 200-row prefill
+/// chunk, then 100 single-row decode appends (the cache grows past its first capacity on the
+/// way), every filled position compared. Wall time of one decode append against the Burn-op
+/// path on the GPU.
+fn fused_kv_append(device: &Device) {
+    const KV_ROOM: usize = 16;
+    use llm_core::attention::kv_append_ops;
+    use llm_core::backend::LlmBackend;
+    use llm_core::rope::RopeTables;
+    let cpu: <Cpu as burn_tensor::backend::BackendTypes>::Device = Default::default();
+    let (kv_heads, d, prefill, steps) = (8, 128, 200, 100);
+    let total = prefill + steps;
+    let round = |n: usize, seed: u64, scale: f32| {
+        let mut v = randn(n, seed, scale);
+        bf16_round(&mut v);
+        v
+    };
+    let (k, v) = (
+        round(total * kv_heads * d, 21, 1.0),
+        round(total * kv_heads * d, 22, 1.0),
+    );
+    let (cos, sin) = (round(total * d, 23, 0.5), round(total * d, 24, 0.5));
+    let rows2 = |x: &[f32], r0: usize, n: usize, w: usize| x[r0 * w..(r0 + n) * w].to_vec();
+    let mut cpu_cache: Option<LayerKv<Cpu>> = None;
+    let mut gpu_cache: Option<LayerKv<CudaBf16>> = None;
+    let mut r0 = 0;
+    for n in std::iter::once(prefill).chain(std::iter::repeat_n(1, steps)) {
+        let w = kv_heads * d;
+        let kc = Tensor::<Cpu, 2>::from_data(TensorData::new(rows2(&k, r0, n, w), [n, w]), &cpu);
+        let vc = Tensor::<Cpu, 2>::from_data(TensorData::new(rows2(&v, r0, n, w), [n, w]), &cpu);
+        let kg =
+            Tensor::<CudaBf16, 2>::from_data(TensorData::new(rows2(&k, r0, n, w), [n, w]), device);
+        let vg =
+            Tensor::<CudaBf16, 2>::from_data(TensorData::new(rows2(&v, r0, n, w), [n, w]), device);
+        let table = |x: &[f32]| TensorData::new(rows2(x, r0, n, d), [n, d]);
+        let tc = RopeTables {
+            cos: Tensor::from_data(table(&cos), &cpu),
+            sin: Tensor::from_data(table(&sin), &cpu),
+        };
+        let tg = RopeTables {
+            cos: Tensor::from_data(table(&cos), device),
+            sin: Tensor::from_data(table(&sin), device),
+        };
+        cpu_cache = Some(kv_append_ops(cpu_cache.take(), kc, vc, kv_heads, &tc));
+        gpu_cache = Some(CudaBf16::kv_append(gpu_cache.take(), kg, vg, kv_heads, &tg));
+        r0 += n;
+    }
+    let (c, g) = (cpu_cache.expect("appended"), gpu_cache.expect("appended"));
+    let err = rel_l2(&to_vec(g.keys()), &to_vec(c.keys()))
+        .max(rel_l2(&to_vec(g.values()), &to_vec(c.values())));
+    let step = |n: usize| {
+        let w = kv_heads * d;
+        (
+            Tensor::<CudaBf16, 2>::from_data(TensorData::new(rows2(&k, 0, n, w), [n, w]), device),
+            Tensor::<CudaBf16, 2>::from_data(TensorData::new(rows2(&v, 0, n, w), [n, w]), device),
+            RopeTables {
+                cos: Tensor::<CudaBf16, 2>::from_data(
+                    TensorData::new(rows2(&cos, 0, n, d), [n, d]),
+                    device,
+                ),
+                sin: Tensor::<CudaBf16, 2>::from_data(
+                    TensorData::new(rows2(&sin, 0, n, d), [n, d]),
+                    device,
+                ),
+            },
+        )
+    };
+    let (k1, v1, t1) = step(1);
+    // Each timed call appends one row at position `total` of a cache with room to spare:
+    // in place for the kernel (its length is set back after each call, so it never grows),
+    // a new concatenated tensor for the Burn ops.
+    let capacity = g.capacity();
+    let (kr, vr, tr) = step(KV_ROOM);
+    let room = std::cell::RefCell::new(Some(CudaBf16::kv_append(Some(g), kr, vr, kv_heads, &tr)));
+    let fused = wall_us(device, 200, || {
+        let mut c = room.borrow_mut().take().expect("cache");
+        c.len = total;
+        *room.borrow_mut() = Some(CudaBf16::kv_append(
+            Some(c),
+            k1.clone(),
+            v1.clone(),
+            kv_heads,
+            &t1,
+        ));
+    });
+    let mut grown = room.borrow_mut().take().expect("cache");
+    grown.len = total;
+    let ops = wall_us(device, 200, || {
+        let past = LayerKv {
+            k: grown.keys(),
+            v: grown.values(),
+            len: total,
+        };
+        let _ = kv_append_ops(Some(past), k1.clone(), v1.clone(), kv_heads, &t1);
+    });
+    emit(
+        "fused_kv_append",
+        "llama",
+        fused,
+        "us",
+        serde_json::json!({"kv_heads": kv_heads, "head_dim": d, "positions": total,
+                           "capacity_after_appends": capacity, "rel_err": err, "pass": err < 1e-2,
+                           "burn_ops_wall_us": ops, "timing": "wall"}),
+    );
 }
 
 fn tiny_one<A: Architecture>(arch: &str, device: &Device) {
@@ -399,6 +601,7 @@ fn main() {
     if what == "fused" || what == "kernel" || what == "all" {
         fused(&device);
         fused_attention(&device);
+        fused_kv_append(&device);
     }
     if what == "kernel" || what == "all" {
         kernel(&device);

@@ -37,10 +37,36 @@ pub enum QkvProj<B: LlmBackend> {
     },
 }
 
-/// One layer's cached keys and values: `[kv_heads, positions, head_dim]` each.
+/// One layer's cached keys (rope applied) and values: `[kv_heads, capacity, head_dim]` each,
+/// positions `0..len` filled. The capacity is `len` where a backend appends by concatenation
+/// (the default); a backend that writes in place keeps room for the next tokens.
 pub struct LayerKv<B: LlmBackend> {
     pub k: Tensor<B, 3>,
     pub v: Tensor<B, 3>,
+    /// Positions filled.
+    pub len: usize,
+}
+
+impl<B: LlmBackend> LayerKv<B> {
+    /// `[kv_heads, len, head_dim]`.
+    pub fn keys(&self) -> Tensor<B, 3> {
+        self.filled(&self.k)
+    }
+    /// `[kv_heads, len, head_dim]`.
+    pub fn values(&self) -> Tensor<B, 3> {
+        self.filled(&self.v)
+    }
+    /// Positions with room allocated.
+    pub fn capacity(&self) -> usize {
+        self.k.dims()[1]
+    }
+    fn filled(&self, t: &Tensor<B, 3>) -> Tensor<B, 3> {
+        if self.capacity() == self.len {
+            t.clone()
+        } else {
+            t.clone().narrow(1, 0, self.len)
+        }
+    }
 }
 
 /// A sequence's KV cache over all layers.
@@ -56,6 +82,30 @@ impl<B: LlmBackend> KvCache<B> {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
         }
+    }
+}
+
+/// [`LlmBackend::kv_append`] as Burn ops: rope on `k`, then each of `k`, `v` concatenated to
+/// the past (a new tensor of exactly `len` positions).
+pub fn kv_append_ops<B: LlmBackend>(
+    past: Option<LayerKv<B>>,
+    k: Tensor<B, 2>,
+    v: Tensor<B, 2>,
+    kv_heads: usize,
+    tables: &RopeTables<B>,
+) -> LayerKv<B> {
+    let [rows, width] = v.dims();
+    let k = B::rope(k, kv_heads, tables);
+    let v = v
+        .reshape([rows, kv_heads, width / kv_heads])
+        .swap_dims(0, 1);
+    match past {
+        Some(p) => LayerKv {
+            k: Tensor::cat(vec![p.keys(), k], 1),
+            v: Tensor::cat(vec![p.values(), v], 1),
+            len: p.len + rows,
+        },
+        None => LayerKv { k, v, len: rows },
     }
 }
 
@@ -169,8 +219,9 @@ impl<B: LlmBackend> Attention<B> {
     }
 
     /// `x`: `[rows, hidden]` -> `[rows, hidden]` for the batch `ctx` describes; appends each
-    /// sequence's k/v to its cache in `kv` (one per segment). The projections and rope run on
-    /// all rows at once; attention runs per sequence, over its own cache.
+    /// sequence's k/v to its cache in `kv` (one per segment). The projections and q's rope
+    /// run on all rows at once; the cache append (k's rope included) and attention run per
+    /// sequence, over its own cache.
     pub fn forward(
         &self,
         x: Tensor<B, 2>,
@@ -178,7 +229,6 @@ impl<B: LlmBackend> Attention<B> {
         kv: &mut [&mut Option<LayerKv<B>>],
     ) -> Tensor<B, 2> {
         let c = self.cfg;
-        let rows = ctx.rows();
         let (q, k, v) = match &self.qkv {
             QkvProj::Separate {
                 q_proj,
@@ -199,25 +249,37 @@ impl<B: LlmBackend> Attention<B> {
                 )
             }
         };
-        // [rows, heads * d] -> [heads, rows, d], rope applied to q and k.
+        // [rows, heads * d] -> [heads, rows, d], rope applied.
         let q = B::rope(q, c.num_heads, &ctx.rope);
-        let k = B::rope(k, c.num_kv_heads, &ctx.rope);
-        let v = v
-            .reshape([rows, c.num_kv_heads, c.head_dim])
-            .swap_dims(0, 1);
+        let single = ctx.segments.len() == 1;
         let mut outs: Vec<Tensor<B, 2>> = ctx
             .segments
             .iter()
             .zip(kv.iter_mut())
             .map(|(seg, kv)| {
-                let part = |t: &Tensor<B, 3>| {
-                    if ctx.segments.len() == 1 {
+                let part = |t: &Tensor<B, 2>| {
+                    if single {
                         t.clone()
                     } else {
-                        t.clone().narrow(1, seg.offset, seg.len)
+                        t.clone().narrow(0, seg.offset, seg.len)
                     }
                 };
-                self.attend(part(&q), part(&k), part(&v), seg, kv, &ctx.device)
+                let narrowed;
+                let tables = if single {
+                    &ctx.rope
+                } else {
+                    narrowed = ctx.rope.rows(seg.offset, seg.len);
+                    &narrowed
+                };
+                let layer = B::kv_append(kv.take(), part(&k), part(&v), c.num_kv_heads, tables);
+                let q = if single {
+                    q.clone()
+                } else {
+                    q.clone().narrow(1, seg.offset, seg.len)
+                };
+                let out = self.attend(q, &layer, seg, &ctx.device);
+                **kv = Some(layer);
+                out
             })
             .collect();
         let out = if outs.len() == 1 {
@@ -228,38 +290,25 @@ impl<B: LlmBackend> Attention<B> {
         self.o_proj.forward(out)
     }
 
-    /// One sequence: `q` `[heads, len, d]`, `k`/`v` `[kv_heads, len, d]` (rope applied) ->
-    /// `[len, heads * d]`, appending `k`/`v` to `kv`.
+    /// One sequence: `q` `[heads, len, d]` (rope applied) over its cache `kv`, this chunk's
+    /// entries already appended -> `[len, heads * d]`.
     fn attend(
         &self,
         q: Tensor<B, 3>,
-        k: Tensor<B, 3>,
-        v: Tensor<B, 3>,
+        kv: &LayerKv<B>,
         seg: &Segment,
-        kv: &mut Option<LayerKv<B>>,
         device: &B::Device,
     ) -> Tensor<B, 2> {
         let c = self.cfg;
         let s = seg.len;
-        let (k, v) = match kv.take() {
-            Some(past) => (
-                Tensor::cat(vec![past.k, k], 1),
-                Tensor::cat(vec![past.v, v], 1),
-            ),
-            None => (k, v),
-        };
-        *kv = Some(LayerKv {
-            k: k.clone(),
-            v: v.clone(),
-        });
-
         if s == 1 {
-            if let Some(out) = B::decode_attention(&q, &k, &v, &c) {
+            if let Some(out) = B::decode_attention(&q, kv, &c) {
                 return out;
             }
         }
+        let (k, v) = (kv.keys(), kv.values());
         // GQA: each kv head serves `groups` query heads (HF `repeat_kv`).
-        let total = k.dims()[1];
+        let total = kv.len;
         let groups = c.num_heads / c.num_kv_heads;
         let repeat = |t: Tensor<B, 3>| -> Tensor<B, 4> {
             if groups == 1 {

@@ -7,7 +7,7 @@ use burn_ndarray::NdArray;
 use burn_tensor::backend::Backend;
 use burn_tensor::Tensor;
 
-use crate::attention::AttentionConfig;
+use crate::attention::{AttentionConfig, LayerKv};
 use crate::config::Activation;
 use crate::host_linear::HostLinear;
 use crate::linear::Linear;
@@ -51,6 +51,18 @@ pub trait LlmBackend: Backend {
     fn rms_norm(x: Tensor<Self, 2>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
         crate::norm::rms_norm_ops(x, weight, eps)
     }
+    /// The residual add and the next RMSNorm in one step: `(x + delta, rms_norm(x + delta))`,
+    /// the sum rounded to the compute dtype first as HF's `residual + hidden_states` is.
+    /// All `[rows, hidden]`.
+    fn add_rms_norm(
+        x: Tensor<Self, 2>,
+        delta: Tensor<Self, 2>,
+        weight: &Tensor<Self, 1>,
+        eps: f64,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        let sum = x + delta;
+        (sum.clone(), Self::rms_norm(sum, weight, eps))
+    }
     /// Rotary embedding of `x` `[rows, heads * head_dim]` (a projection's output), row `r` at
     /// the position of `tables` row `r` -> `[heads, rows, head_dim]` (HF
     /// `apply_rotary_pos_emb`, rotate-half layout).
@@ -58,15 +70,27 @@ pub trait LlmBackend: Backend {
         let [rows, width] = x.dims();
         tables.apply(x.reshape([rows, heads, width / heads]).swap_dims(0, 1))
     }
+    /// Append one sequence's chunk to its cache of one layer: `k`, `v` `[rows, kv_heads * d]`
+    /// (the projections' outputs; rope not yet applied to `k`), rows at positions
+    /// `past.len..`, rope `tables` `[rows, d]`. The default ropes `k` and concatenates: a new
+    /// cache tensor every step (four copies on a GPU); a backend may write in place.
+    fn kv_append(
+        past: Option<LayerKv<Self>>,
+        k: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        kv_heads: usize,
+        tables: &RopeTables<Self>,
+    ) -> LayerKv<Self> {
+        crate::attention::kv_append_ops(past, k, v, kv_heads, tables)
+    }
     /// Attention of a single new token over its sequence's whole cache (decode), in one
-    /// kernel: `q` `[heads, 1, d]` (rope applied), `k`/`v` `[kv_heads, t, d]` the cache with
-    /// this token's entry last -> `[1, heads * d]`. `None` (the default, and for shapes a
-    /// backend's kernel does not cover): the caller runs Burn's attention (GQA repeat, mask,
-    /// softmax, two matmuls).
+    /// kernel: `q` `[heads, 1, d]` (rope applied), `kv` the layer's cache with this token's
+    /// entry last -> `[1, heads * d]`. `None` (the default, and for shapes a backend's kernel
+    /// does not cover): the caller runs Burn's attention (GQA repeat, mask, softmax, two
+    /// matmuls).
     fn decode_attention(
         _q: &Tensor<Self, 3>,
-        _k: &Tensor<Self, 3>,
-        _v: &Tensor<Self, 3>,
+        _kv: &LayerKv<Self>,
         _cfg: &AttentionConfig,
     ) -> Option<Tensor<Self, 2>> {
         None

@@ -21,7 +21,7 @@ use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use burn_tensor::{DType, Shape, Tensor, TensorPrimitive};
 
-use crate::attention::AttentionConfig;
+use crate::attention::{AttentionConfig, LayerKv};
 use crate::backend::LlmBackend;
 use crate::config::Activation;
 use crate::linear::{DenseLinear, Linear};
@@ -49,9 +49,17 @@ pub static GEMV_TOKENS: std::sync::atomic::AtomicUsize = std::sync::atomic::Atom
 /// Most planes (warps) per GEMV cube.
 const MAX_PLANES: usize = 8;
 
-pub use kernels::{decode_attention, gated_act, nf4_dequantize, nf4_gemv, rms_norm, rope};
+pub use kernels::{
+    add_rms_norm, decode_attention, gated_act, kv_append, nf4_dequantize, nf4_gemv, rms_norm, rope,
+};
 
-/// The CubeCL kernels (their `Tensor` is CubeCL's, not Burn's).
+/// KV-cache capacity grows in multiples of this many positions.
+const KV_CHUNK: usize = 128;
+
+/// The CubeCL kernels. Every buffer is a flat `Array` (launched as an `ArrayArg`): a CubeCL
+/// `Tensor` argument carries its shape and strides to the device, which costs a buffer
+/// allocation and a host-to-device copy on every launch; these kernels take their few sizes
+/// as scalars instead.
 mod kernels {
     use super::MAX_PLANES;
     use burn_cubecl::cubecl;
@@ -101,15 +109,16 @@ mod kernels {
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub fn nf4_gemv<F: Float, NX: Size, NQ4: Size>(
-        x: &Tensor<Vector<F, NX>>,
-        packed: &Tensor<Vector<u32, NQ4>>,
-        absmax: &Tensor<f32>,
-        code: &Tensor<f32>,
-        out: &mut Tensor<F>,
+        x: &Array<Vector<F, NX>>,
+        packed: &Array<Vector<u32, NQ4>>,
+        absmax: &Array<f32>,
+        code: &Array<f32>,
+        out: &mut Array<F>,
         n: u32,
         k: u32,
         #[comptime] tokens: usize,
         #[comptime] rows: usize,
+        #[comptime] unroll: usize,
         #[define(F)] _dtype: StorageType,
     ) {
         let mut lut = SharedMemory::<f32>::new(16usize);
@@ -128,60 +137,75 @@ mod kernels {
         for i in 0..rows * tokens {
             acc[i] = f32::new(0.0);
         }
+        // Each pass issues the loads of `unroll` steps (per row: a 16-byte code vector and its
+        // absmax) before any math, so several loads per unit are in flight. Steps past the
+        // end (last pass) read the last step again with an absmax of 0: they add nothing.
+        let stride = CUBE_DIM as usize;
         let mut s = UNIT_POS as usize;
         while s < steps {
-            let mut q = Array::<Vector<u32, NQ4>>::new(rows);
-            let mut a = Array::<f32>::new(rows);
+            let mut q = Array::<Vector<u32, NQ4>>::new(rows * unroll);
+            let mut a = Array::<f32>::new(rows * unroll);
             #[unroll]
-            for r in 0..rows {
-                // Rows past `n` (last cube) read the last row; their sums are not written.
-                let row = select(row0 + r < n_us, row0 + r, n_us - 1);
-                q[r] = packed[row * steps + s];
-                a[r] = absmax[(row * steps + s) / 2];
+            for u in 0..unroll {
+                let su = s + u * stride;
+                let sc = select(su < steps, su, steps - 1);
+                #[unroll]
+                for r in 0..rows {
+                    // Rows past `n` (last cube) read the last row; their sums are not written.
+                    let row = select(row0 + r < n_us, row0 + r, n_us - 1);
+                    q[u * rows + r] = packed[row * steps + sc];
+                    a[u * rows + r] =
+                        select(su < steps, absmax[(row * steps + sc) / 2], f32::new(0.0));
+                }
             }
-            if tokens == 1 {
-                let mut xf = Array::<f32>::new(32usize);
-                #[unroll]
-                for j in 0..4usize {
-                    let xv = x[s * 4 + j];
+            #[unroll]
+            for u in 0..unroll {
+                let su = s + u * stride;
+                let sc = select(su < steps, su, steps - 1);
+                if tokens == 1 {
+                    let mut xf = Array::<f32>::new(32usize);
                     #[unroll]
-                    for i in 0..8usize {
-                        xf[j * 8 + i] = f32::cast_from(xv[i]);
-                    }
-                }
-                #[unroll]
-                for r in 0..rows {
-                    let mut part = f32::new(0.0);
-                    #[unroll]
-                    for i in 0..32usize {
-                        part += code_at(q[r], &lut, i) * xf[i];
-                    }
-                    acc[r] += part * a[r];
-                }
-            } else {
-                #[unroll]
-                for r in 0..rows {
-                    let mut c = Array::<f32>::new(32usize);
-                    #[unroll]
-                    for i in 0..32usize {
-                        c[i] = code_at(q[r], &lut, i);
+                    for j in 0..4usize {
+                        let xv = x[sc * 4 + j];
+                        #[unroll]
+                        for i in 0..8usize {
+                            xf[j * 8 + i] = f32::cast_from(xv[i]);
+                        }
                     }
                     #[unroll]
-                    for t in 0..tokens {
+                    for r in 0..rows {
                         let mut part = f32::new(0.0);
                         #[unroll]
-                        for j in 0..4usize {
-                            let xv = x[t * xrow + s * 4 + j];
-                            #[unroll]
-                            for i in 0..8usize {
-                                part += c[j * 8 + i] * f32::cast_from(xv[i]);
-                            }
+                        for i in 0..32usize {
+                            part += code_at(q[u * rows + r], &lut, i) * xf[i];
                         }
-                        acc[r * tokens + t] += part * a[r];
+                        acc[r] += part * a[u * rows + r];
+                    }
+                } else {
+                    #[unroll]
+                    for r in 0..rows {
+                        let mut c = Array::<f32>::new(32usize);
+                        #[unroll]
+                        for i in 0..32usize {
+                            c[i] = code_at(q[u * rows + r], &lut, i);
+                        }
+                        #[unroll]
+                        for t in 0..tokens {
+                            let mut part = f32::new(0.0);
+                            #[unroll]
+                            for j in 0..4usize {
+                                let xv = x[t * xrow + sc * 4 + j];
+                                #[unroll]
+                                for i in 0..8usize {
+                                    part += c[j * 8 + i] * f32::cast_from(xv[i]);
+                                }
+                            }
+                            acc[r * tokens + t] += part * a[u * rows + r];
+                        }
                     }
                 }
             }
-            s += CUBE_DIM as usize;
+            s += stride * unroll;
         }
         #[unroll]
         for i in 0..rows * tokens {
@@ -208,10 +232,10 @@ mod kernels {
     /// as one 16-byte vector.
     #[cube(launch_unchecked)]
     pub fn nf4_dequantize<F: Float, NO: Size>(
-        packed: &Tensor<u32>,
-        absmax: &Tensor<f32>,
-        code: &Tensor<f32>,
-        out: &mut Tensor<Vector<F, NO>>,
+        packed: &Array<u32>,
+        absmax: &Array<f32>,
+        code: &Array<f32>,
+        out: &mut Array<Vector<F, NO>>,
         words: u32,
         #[define(F)] _dtype: StorageType,
     ) {
@@ -240,14 +264,13 @@ mod kernels {
     /// `x`, `out` `[rows, hidden]` contiguous, `w` `[hidden]`. Cube dim `(32, planes)`.
     #[cube(launch_unchecked)]
     pub fn rms_norm<F: Float>(
-        x: &Tensor<F>,
-        w: &Tensor<F>,
-        out: &mut Tensor<F>,
+        x: &Array<F>,
+        w: &Array<F>,
+        out: &mut Array<F>,
         hidden: u32,
         eps: f32,
         #[define(F)] _dtype: StorageType,
     ) {
-        let mut partial = SharedMemory::<f32>::new(MAX_PLANES);
         let h = hidden as usize;
         let base = CUBE_POS_X as usize * h;
         let mut acc = f32::new(0.0);
@@ -257,6 +280,43 @@ mod kernels {
             acc += v * v;
             i += CUBE_DIM as usize;
         }
+        let inv = rms_inverse(acc, hidden, eps);
+        scale_rows(x, w, out, base, h, inv);
+    }
+
+    /// [`rms_norm`] of `x + r`, the sum (rounded to `F`, as HF's bf16 residual add) also
+    /// written to `sum`. The second pass reads back `sum` at the indices the same unit wrote.
+    #[cube(launch_unchecked)]
+    pub fn add_rms_norm<F: Float>(
+        x: &Array<F>,
+        r: &Array<F>,
+        w: &Array<F>,
+        sum: &mut Array<F>,
+        out: &mut Array<F>,
+        hidden: u32,
+        eps: f32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let h = hidden as usize;
+        let base = CUBE_POS_X as usize * h;
+        let mut acc = f32::new(0.0);
+        let mut i = UNIT_POS as usize;
+        while i < h {
+            let s = F::cast_from(f32::cast_from(x[base + i]) + f32::cast_from(r[base + i]));
+            sum[base + i] = s;
+            let v = f32::cast_from(s);
+            acc += v * v;
+            i += CUBE_DIM as usize;
+        }
+        let inv = rms_inverse(acc, hidden, eps);
+        scale_rows(sum, w, out, base, h, inv);
+    }
+
+    /// `rsqrt(mean + eps)` from each unit's partial sum of squares: reduced over each plane,
+    /// then over the cube's planes in shared memory.
+    #[cube]
+    fn rms_inverse(acc: f32, hidden: u32, eps: f32) -> f32 {
+        let mut partial = SharedMemory::<f32>::new(MAX_PLANES);
         let s = plane_sum(acc);
         if UNIT_POS_X == 0 {
             partial[UNIT_POS_Y as usize] = s;
@@ -266,7 +326,19 @@ mod kernels {
         for p in 0..CUBE_DIM_Y as usize {
             total += partial[p];
         }
-        let inv = (total / f32::cast_from(hidden) + eps).inverse_sqrt();
+        (total / f32::cast_from(hidden) + eps).inverse_sqrt()
+    }
+
+    /// `out = w * F(x * inv)` over one row (each unit the indices it summed).
+    #[cube]
+    fn scale_rows<F: Float>(
+        x: &Array<F>,
+        w: &Array<F>,
+        out: &mut Array<F>,
+        base: usize,
+        h: usize,
+        inv: f32,
+    ) {
         let mut i = UNIT_POS as usize;
         while i < h {
             let normed = F::cast_from(f32::cast_from(x[base + i]) * inv);
@@ -281,10 +353,10 @@ mod kernels {
     /// `sin` `[rows, d]`, `out` `[heads, rows, d]` (the layout attention takes).
     #[cube(launch_unchecked)]
     pub fn rope<F: Float>(
-        x: &Tensor<F>,
-        cos: &Tensor<F>,
-        sin: &Tensor<F>,
-        out: &mut Tensor<F>,
+        x: &Array<F>,
+        cos: &Array<F>,
+        sin: &Array<F>,
+        out: &mut Array<F>,
         rows: u32,
         heads: u32,
         d: u32,
@@ -299,17 +371,79 @@ mod kernels {
             let i = idx % half;
             let h = idx / half % heads;
             let r = idx / half / heads;
+            rotate_half_into(
+                x,
+                cos,
+                sin,
+                out,
+                (r * heads + h) * d,
+                (h * rows + r) * d,
+                r * d,
+                i,
+                half,
+            );
+        }
+    }
+
+    /// Elements `i` and `i + half` of one head of one row: `x` from `src`, `cos`/`sin` row
+    /// from `t`, written to `out` at `dst`.
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn rotate_half_into<F: Float>(
+        x: &Array<F>,
+        cos: &Array<F>,
+        sin: &Array<F>,
+        out: &mut Array<F>,
+        src: usize,
+        dst: usize,
+        t: usize,
+        i: usize,
+        half: usize,
+    ) {
+        let x1 = x[src + i];
+        let x2 = x[src + i + half];
+        let a = x1 * cos[t + i];
+        let b = -x2 * sin[t + i];
+        out[dst + i] = a + b;
+        let a = x2 * cos[t + i + half];
+        let b = x1 * sin[t + i + half];
+        out[dst + i + half] = a + b;
+    }
+
+    /// A KV-cache append in place: rope on `k` and both written at positions
+    /// `start..start + rows` of the caches, one unit per (row, head, i < d/2) as in [`rope`].
+    /// `k`, `v` `[rows, heads, d]` contiguous (the projections' outputs), `cos`, `sin`
+    /// `[rows, d]`, `k_cache`, `v_cache` `[heads, cap, d]`.
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_append<F: Float>(
+        k: &Array<F>,
+        v: &Array<F>,
+        cos: &Array<F>,
+        sin: &Array<F>,
+        k_cache: &mut Array<F>,
+        v_cache: &mut Array<F>,
+        rows: u32,
+        heads: u32,
+        d: u32,
+        cap: u32,
+        start: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let rows = rows as usize;
+        let heads = heads as usize;
+        let d = d as usize;
+        let half = d / 2;
+        let idx = ABSOLUTE_POS;
+        if idx < rows * heads * half {
+            let i = idx % half;
+            let h = idx / half % heads;
+            let r = idx / half / heads;
             let src = (r * heads + h) * d;
-            let dst = (h * rows + r) * d;
-            let x1 = x[src + i];
-            let x2 = x[src + i + half];
-            let t = r * d + i;
-            let a = x1 * cos[t];
-            let b = -x2 * sin[t];
-            out[dst + i] = a + b;
-            let a = x2 * cos[t + half];
-            let b = x1 * sin[t + half];
-            out[dst + i + half] = a + b;
+            let dst = (h * cap as usize + start as usize + r) * d;
+            rotate_half_into(k, cos, sin, k_cache, src, dst, r * d, i, half);
+            v_cache[dst + i] = v[src + i];
+            v_cache[dst + i + half] = v[src + i + half];
         }
     }
 
@@ -318,9 +452,9 @@ mod kernels {
     /// approximation, else SiLU. All three `[n]` contiguous.
     #[cube(launch_unchecked)]
     pub fn gated_act<F: Float>(
-        gate: &Tensor<F>,
-        up: &Tensor<F>,
-        out: &mut Tensor<F>,
+        gate: &Array<F>,
+        up: &Array<F>,
+        out: &mut Array<F>,
         n: u32,
         #[comptime] gelu: bool,
         #[define(F)] _dtype: StorageType,
@@ -347,16 +481,17 @@ mod kernels {
     /// All in f32; the output rounded to `F` once. GQA: head `h` reads kv head `h / groups`
     /// (no repeated K/V). Positions before `t_start` are outside the sliding window; `softcap`
     /// > 0 applies `softcap * tanh(s / softcap)` to the scaled scores (Gemma-2).
-    /// `q` `[heads, d]`, `k`/`v` `[kv_heads, t_len, d]`, `out` `[heads, d]`, all contiguous,
-    /// `d = 32 * per_unit`. Cube dim `(32, planes)`.
+    /// `q` `[heads, d]`, `k`/`v` `[kv_heads, cap, d]` with positions `0..t_len` filled,
+    /// `out` `[heads, d]`, all contiguous, `d = 32 * per_unit`. Cube dim `(32, planes)`.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub fn decode_attention<F: Float>(
-        q: &Tensor<F>,
-        k: &Tensor<F>,
-        v: &Tensor<F>,
-        out: &mut Tensor<F>,
+        q: &Array<F>,
+        k: &Array<F>,
+        v: &Array<F>,
+        out: &mut Array<F>,
         t_len: u32,
+        cap: u32,
         t_start: u32,
         groups: u32,
         scale: f32,
@@ -380,7 +515,7 @@ mod kernels {
         // Finite start values: an empty plane merges with weight exp(-1e30 - max) = 0.
         let mut m = f32::new(-1e30);
         let mut l = f32::new(0.0);
-        let base = head / groups as usize * t_len as usize * d;
+        let base = head / groups as usize * cap as usize * d;
         let mut t = t_start as usize + plane;
         while t < t_len as usize {
             let row = base + t * d + col;
@@ -433,6 +568,29 @@ mod kernels {
                 }
                 out[head * d + col + i] = F::cast_from(a / ll);
             }
+        }
+    }
+}
+
+/// How [`nf4_gemv`] is launched: output rows per cube, planes (warps) per cube, and steps
+/// (16-byte code vectors per row) each unit loads before its math.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GemvConfig {
+    pub rows: usize,
+    pub planes: usize,
+    pub unroll: usize,
+}
+
+impl GemvConfig {
+    /// One token: 4 rows per cube share each converted `x`; more tokens: 1 row per cube, the
+    /// looked-up codes shared over the tokens (see the kernel's doc). Enough planes that each
+    /// unit has at least one 32-weight step of every row per pass.
+    pub fn for_shape(tokens: usize, k: usize) -> GemvConfig {
+        let (rows, unroll) = if tokens == 1 { (4, 2) } else { (1, 1) };
+        GemvConfig {
+            rows,
+            planes: (k / 32 / 32 / unroll).clamp(1, MAX_PLANES),
+            unroll,
         }
     }
 }
@@ -490,44 +648,55 @@ impl CudaNf4Linear {
         }
     }
 
-    /// The fused GEMV into a caller-provided output `[tokens, out]` (tests poison it first).
+    /// The fused GEMV into a caller-provided output `[tokens, out]` (tests poison it first),
+    /// with [`GemvConfig::for_shape`].
     pub fn gemv_into(
         &self,
         x: CubeTensor<CudaRuntime>,
         out: CubeTensor<CudaRuntime>,
     ) -> CubeTensor<CudaRuntime> {
         let tokens = x.meta.shape()[0];
+        let cfg = GemvConfig::for_shape(tokens, self.in_features);
+        self.gemv_into_with(x, out, cfg)
+    }
+
+    /// [`Self::gemv_into`] with an explicit launch configuration (the bench sweeps them).
+    pub fn gemv_into_with(
+        &self,
+        x: CubeTensor<CudaRuntime>,
+        out: CubeTensor<CudaRuntime>,
+        cfg: GemvConfig,
+    ) -> CubeTensor<CudaRuntime> {
+        let tokens = x.meta.shape()[0];
         assert!((1..=GEMV_MAX_TOKENS).contains(&tokens));
+        assert!(cfg.rows >= 1 && cfg.unroll >= 1 && (1..=MAX_PLANES).contains(&cfg.planes));
         let x = into_contiguous(x);
         let client = x.client.clone();
         let n = self.out_features as u32;
         let k = self.in_features;
-        // One token: 4 rows per cube share each converted `x`; more tokens: 1 row per cube, the
-        // looked-up codes shared over the tokens (see the kernel's doc).
-        let rows = if tokens == 1 { 4 } else { 1 };
-        // Enough planes that each unit has at least one 32-weight step of every row.
-        let planes = (k / 32 / 32).clamp(1, MAX_PLANES) as u32;
         let dtype = x.dtype;
         // SAFETY: every index the kernel forms is in bounds for these shapes: `x` is
         // `[tokens, k]` contiguous, `packed`/`absmax` hold `n * k` weights (k a multiple of 64,
-        // checked at construction), rows past `n` are clamped on read and skipped on write, and
-        // `out` is `[tokens, n]` contiguous.
+        // checked at construction), steps past `k` and rows past `n` are clamped on read and
+        // add nothing / are skipped on write, `out` is `[tokens, n]` contiguous, and `partial`
+        // holds `MAX_PLANES * rows * tokens` sums (planes checked above).
         unsafe {
             nf4_gemv::launch_unchecked::<CudaRuntime>(
                 &client,
-                CubeCount::Static(n.div_ceil(rows as u32), 1, 1),
-                CubeDim::new_2d(32, planes),
+                CubeCount::Static(n.div_ceil(cfg.rows as u32), 1, 1),
+                CubeDim::new_2d(32, cfg.planes as u32),
                 8,
                 4,
-                x.into_tensor_arg(),
-                self.packed.clone().into_tensor_arg(),
-                self.absmax.clone().into_tensor_arg(),
-                self.code.clone().into_tensor_arg(),
-                out.clone().into_tensor_arg(),
+                x.into_array_arg(),
+                self.packed.clone().into_array_arg(),
+                self.absmax.clone().into_array_arg(),
+                self.code.clone().into_array_arg(),
+                out.clone().into_array_arg(),
                 n,
                 k as u32,
                 tokens,
-                rows,
+                cfg.rows,
+                cfg.unroll,
                 dtype.into(),
             );
         }
@@ -553,10 +722,10 @@ impl CudaNf4Linear {
                 CubeCount::Static(words.div_ceil(256), 1, 1),
                 CubeDim::new_1d(256),
                 8,
-                self.packed.clone().into_tensor_arg(),
-                self.absmax.clone().into_tensor_arg(),
-                self.code.clone().into_tensor_arg(),
-                out.clone().into_tensor_arg(),
+                self.packed.clone().into_array_arg(),
+                self.absmax.clone().into_array_arg(),
+                self.code.clone().into_array_arg(),
+                out.clone().into_array_arg(),
                 words,
                 DType::BF16.into(),
             );
@@ -701,15 +870,47 @@ impl LlmBackend for CudaBf16 {
                 &x.client.clone(),
                 CubeCount::Static(rows as u32, 1, 1),
                 CubeDim::new_2d(32, planes),
-                x.clone().into_tensor_arg(),
-                w.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
+                x.clone().into_array_arg(),
+                w.into_array_arg(),
+                out.clone().into_array_arg(),
                 hidden as u32,
                 eps as f32,
                 x.dtype.into(),
             );
         }
         from_cube(out)
+    }
+    fn add_rms_norm(
+        x: Tensor<Self, 2>,
+        delta: Tensor<Self, 2>,
+        weight: &Tensor<Self, 1>,
+        eps: f64,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        let [rows, hidden] = x.dims();
+        assert_eq!([rows, hidden], delta.dims(), "residual shapes");
+        let x = contiguous_owned(x);
+        let r = contiguous_owned(delta);
+        let w = contiguous(weight);
+        let sum = empty_like(&x, vec![rows, hidden]);
+        let out = empty_like(&x, vec![rows, hidden]);
+        let planes = (hidden / 32 / 4).clamp(1, MAX_PLANES) as u32;
+        // SAFETY: as `rms_norm`, with `r` read and `sum` written at the indices of `x`.
+        unsafe {
+            add_rms_norm::launch_unchecked::<CudaRuntime>(
+                &x.client.clone(),
+                CubeCount::Static(rows as u32, 1, 1),
+                CubeDim::new_2d(32, planes),
+                x.clone().into_array_arg(),
+                r.into_array_arg(),
+                w.into_array_arg(),
+                sum.clone().into_array_arg(),
+                out.clone().into_array_arg(),
+                hidden as u32,
+                eps as f32,
+                x.dtype.into(),
+            );
+        }
+        (from_cube(sum), from_cube(out))
     }
     fn rope(x: Tensor<Self, 2>, heads: usize, tables: &RopeTables<Self>) -> Tensor<Self, 3> {
         let [rows, width] = x.dims();
@@ -732,10 +933,10 @@ impl LlmBackend for CudaBf16 {
                 &x.client.clone(),
                 CubeCount::Static(units.div_ceil(256), 1, 1),
                 CubeDim::new_1d(256),
-                x.clone().into_tensor_arg(),
-                cos.into_tensor_arg(),
-                sin.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
+                x.clone().into_array_arg(),
+                cos.into_array_arg(),
+                sin.into_array_arg(),
+                out.clone().into_array_arg(),
                 rows as u32,
                 heads as u32,
                 d as u32,
@@ -758,9 +959,9 @@ impl LlmBackend for CudaBf16 {
                 &gate.client.clone(),
                 CubeCount::Static(n.div_ceil(256), 1, 1),
                 CubeDim::new_1d(256),
-                gate.clone().into_tensor_arg(),
-                up.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
+                gate.clone().into_array_arg(),
+                up.into_array_arg(),
+                out.clone().into_array_arg(),
                 n,
                 act == Activation::GeluTanh,
                 gate.dtype.into(),
@@ -768,38 +969,113 @@ impl LlmBackend for CudaBf16 {
         }
         from_cube(out)
     }
+    /// The cache grows by copying into a larger buffer (by half its size at least, in
+    /// [`KV_CHUNK`] steps); a decode step then writes its one position in place with k's rope
+    /// in the same kernel, where concatenation copied the whole cache twice per layer.
+    fn kv_append(
+        past: Option<LayerKv<Self>>,
+        k: Tensor<Self, 2>,
+        v: Tensor<Self, 2>,
+        kv_heads: usize,
+        tables: &RopeTables<Self>,
+    ) -> LayerKv<Self> {
+        let [rows, width] = k.dims();
+        let d = width / kv_heads;
+        let start = past.as_ref().map_or(0, |p| p.len);
+        let len = start + rows;
+        let (k_cache, v_cache) = match past {
+            Some(p) if p.capacity() >= len => (p.k, p.v),
+            past => {
+                let old = past.as_ref().map_or(0, |p| p.capacity());
+                let cap = len.max(old + old / 2).next_multiple_of(KV_CHUNK);
+                let device = k.device();
+                let grow = |filled: Option<Tensor<Self, 3>>| {
+                    let fresh = Tensor::<Self, 3>::empty([kv_heads, cap, d], &device);
+                    match filled {
+                        Some(t) => fresh.slice_assign([0..kv_heads, 0..start, 0..d], t),
+                        None => fresh,
+                    }
+                };
+                let (pk, pv) = match past {
+                    Some(p) => (Some(p.keys()), Some(p.values())),
+                    None => (None, None),
+                };
+                (grow(pk), grow(pv))
+            }
+        };
+        let cap = k_cache.dims()[1];
+        let cos = contiguous(&tables.cos);
+        let sin = contiguous(&tables.sin);
+        let table = cos.meta.shape();
+        assert!(
+            table[0] == rows && table[1] == d,
+            "rope tables: {table:?}, want [{rows}, {d}]"
+        );
+        let k = contiguous_owned(k);
+        let v = contiguous_owned(v);
+        let units = (rows * kv_heads * d / 2) as u32;
+        // SAFETY: unit `u < rows * kv_heads * d / 2` reads elements of row `r < rows` of `k`
+        // and `v` (`[rows, kv_heads * d]` contiguous) and of `cos`/`sin` (`[rows, d]`,
+        // checked), and writes positions `start + r < cap` of the caches (`[kv_heads, cap, d]`
+        // contiguous, `cap >= start + rows` by construction above).
+        unsafe {
+            kv_append::launch_unchecked::<CudaRuntime>(
+                &k.client.clone(),
+                CubeCount::Static(units.div_ceil(256), 1, 1),
+                CubeDim::new_1d(256),
+                k.clone().into_array_arg(),
+                v.into_array_arg(),
+                cos.into_array_arg(),
+                sin.into_array_arg(),
+                contiguous(&k_cache).into_array_arg(),
+                contiguous(&v_cache).into_array_arg(),
+                rows as u32,
+                kv_heads as u32,
+                d as u32,
+                cap as u32,
+                start as u32,
+                k.dtype.into(),
+            );
+        }
+        LayerKv {
+            k: k_cache,
+            v: v_cache,
+            len,
+        }
+    }
     fn decode_attention(
         q: &Tensor<Self, 3>,
-        k: &Tensor<Self, 3>,
-        v: &Tensor<Self, 3>,
+        kv: &LayerKv<Self>,
         cfg: &AttentionConfig,
     ) -> Option<Tensor<Self, 2>> {
         let [heads, rows, d] = q.dims();
-        let [kv_heads, t_len, _] = k.dims();
+        let [kv_heads, cap, _] = kv.k.dims();
+        let t_len = kv.len;
         // The kernel splits the head dim over a plane of 32 (head dims 32..256 in steps of 32).
         if rows != 1 || !d.is_multiple_of(32) || d / 32 > 8 || heads % kv_heads != 0 {
             return None;
         }
         let t_start = cfg.sliding_window.map_or(0, |w| t_len.saturating_sub(w));
         let q = contiguous(q);
-        let k = contiguous(k);
-        let v = contiguous(v);
+        let k = contiguous(&kv.k);
+        let v = contiguous(&kv.v);
         let out = empty_like(&q, vec![1, heads * d]);
         const PLANES: usize = 8;
         // SAFETY: cube `h < heads` reads row `h` of `q` (`[heads, d]` contiguous), rows
-        // `t_start..t_len` of kv head `h / groups` of `k` and `v` (`[kv_heads, t_len, d]`
-        // contiguous, `heads = groups * kv_heads`), writes row `h` of `out`; shared memory is
-        // sized by the comptime plane count the cube is launched with.
+        // `t_start..t_len` of kv head `h / groups` of `k` and `v` (`[kv_heads, cap, d]`
+        // contiguous, `t_len <= cap`, `heads = groups * kv_heads`), writes row `h` of `out`;
+        // shared memory is sized by the comptime plane count the cube is launched with.
         unsafe {
             decode_attention::launch_unchecked::<CudaRuntime>(
                 &q.client.clone(),
                 CubeCount::Static(heads as u32, 1, 1),
                 CubeDim::new_2d(32, PLANES as u32),
-                q.clone().into_tensor_arg(),
-                k.into_tensor_arg(),
-                v.into_tensor_arg(),
-                out.clone().into_tensor_arg(),
+                q.clone().into_array_arg(),
+                k.into_array_arg(),
+                v.into_array_arg(),
+                out.clone().into_array_arg(),
                 t_len as u32,
+                cap as u32,
                 t_start as u32,
                 (heads / kv_heads) as u32,
                 cfg.scale as f32,

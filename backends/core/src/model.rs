@@ -43,11 +43,11 @@ impl<B: LlmBackend> DecoderLayer<B> for PreNormLayer<B> {
         ctx: &ForwardCtx<B>,
         kv: &mut [&mut Option<LayerKv<B>>],
     ) -> Tensor<B, 2> {
-        let x = x.clone()
-            + self
-                .self_attn
-                .forward(self.input_layernorm.forward(x), ctx, kv);
-        x.clone() + self.mlp.forward(self.post_attention_layernorm.forward(x))
+        let attn = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), ctx, kv);
+        let (x, normed) = self.post_attention_layernorm.forward_residual(x, attn);
+        x + self.mlp.forward(normed)
     }
     fn num_params(&self) -> usize {
         self.input_layernorm.num_params()

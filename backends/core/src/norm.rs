@@ -37,6 +37,16 @@ impl<B: LlmBackend> RmsNorm<B> {
         B::rms_norm(x, &self.weight, self.eps)
     }
 
+    /// `(x + delta, forward(x + delta))`: a residual add and this norm after it
+    /// ([`LlmBackend::add_rms_norm`]).
+    pub fn forward_residual(
+        &self,
+        x: Tensor<B, 2>,
+        delta: Tensor<B, 2>,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        B::add_rms_norm(x, delta, &self.weight, self.eps)
+    }
+
     pub fn num_params(&self) -> usize {
         self.weight.dims()[0]
     }

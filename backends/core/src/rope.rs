@@ -123,6 +123,14 @@ impl Rope {
 }
 
 impl<B: Backend> RopeTables<B> {
+    /// Rows `offset..offset + len` (one sequence's share of a batch).
+    pub fn rows(&self, offset: usize, len: usize) -> RopeTables<B> {
+        RopeTables {
+            cos: self.cos.clone().narrow(0, offset, len),
+            sin: self.sin.clone().narrow(0, offset, len),
+        }
+    }
+
     /// `x`: `[heads, tokens, head_dim]`. `x * cos + rotate_half(x) * sin`,
     /// `rotate_half(x) = cat(-x2, x1)`.
     pub fn apply(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
