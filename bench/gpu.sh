@@ -2,7 +2,7 @@
 # GPU checks and benchmarks, run on the device machine in one call (see docs/benchmarks.md).
 # Expects what `bench/build-gpu.sh` builds here: .gpu/bundle.tar.xz (carried, not committed)
 # with llm-bench, llm-server, llm, libllama_backend.so, libqwen2_backend.so.
-#   bench/gpu.sh [tiny|kernel|fused|smoke|full|cycles|all]
+#   bench/gpu.sh [tiny|kernel|sweep|gemv|fused|smoke|full|cycles|all]
 # `full` (not part of `all`) also needs the bitsandbytes wheel in .gpu/ (bench/build-gpu.sh full).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -25,6 +25,18 @@ if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ]; then
   timeout 400 .gpu/llm-bench "$what" 2>"$OUT/bench.stderr" | tee "$OUT/bench.jsonl"
   echo "llm-bench exit: ${PIPESTATUS[0]}"
   tail -20 "$OUT/bench.stderr"
+fi
+if [ "$what" = sweep ]; then
+  timeout 400 .gpu/llm-bench sweep 2>"$OUT/sweep.stderr" | tee "$OUT/sweep.jsonl" | grep -v nf4_gemv_sweep
+  echo "llm-bench sweep exit: ${PIPESTATUS[0]}"
+fi
+if [ "$what" = gemv ]; then
+  # Each batch-1 GEMV launch timed by Nsight Compute (the kernel alone, clocks left alone).
+  timeout 300 ncu --clock-control none --kernel-name regex:nf4_gemv \
+    --metrics gpu__time_duration.sum,dram__bytes_read.sum --csv \
+    .gpu/llm-bench gemv >"$OUT/ncu-gemv.csv" 2>"$OUT/ncu-gemv.stderr"
+  echo "ncu exit: $?"
+  python3 bench/ncu_gemv.py "$OUT/ncu-gemv.csv" | tee "$OUT/gemv.jsonl"
 fi
 if [ "$what" = smoke ] || [ "$what" = all ]; then
   timeout 150 python3 bench/smoke.py 2>"$OUT/smoke.stderr" | tee "$OUT/smoke.jsonl"

@@ -93,15 +93,15 @@ fn wall_us(device: &Device, iters: usize, f: impl Fn()) -> f64 {
     t0.elapsed().as_secs_f64() / iters as f64 * 1e6
 }
 
-fn kernel(device: &Device) {
-    // Copy bandwidth: y = x * 1 over 1 GiB of bf16 (reads and writes 1 GiB each).
+/// `sweep`: with the launch-configuration sweep of the GEMV at batch 1 and 16.
+/// The card's copy bandwidth: y = x * 1 over 1 GiB of bf16 (reads and writes 1 GiB each).
+fn copy_bandwidth(device: &Device) -> f64 {
     let elems = 512 << 20;
     let x = Tensor::<CudaBf16, 1>::ones([elems], device);
     let us = device_us(device, 10, || {
         let _ = x.clone().mul_scalar(1.0);
     });
     let copy_gbs = (2.0 * 2.0 * elems as f64) / (us * 1e-6) / 1e9;
-    drop(x);
     emit(
         "copy_bandwidth",
         "-",
@@ -109,6 +109,11 @@ fn kernel(device: &Device) {
         "GB/s",
         serde_json::json!({"timing": "device"}),
     );
+    copy_gbs
+}
+
+fn kernel(device: &Device, sweep: bool) {
+    let copy_gbs = copy_bandwidth(device);
 
     for (k, n) in [(4096usize, 4096usize), (4096, 14336), (14336, 4096)] {
         let shape = format!("{n}x{k}");
@@ -163,7 +168,7 @@ fn kernel(device: &Device) {
                                        "fraction_of_copy": weight_bytes / (dev * 1e-6) / 1e9 / copy_gbs}),
                 );
             }
-            if b == 1 || (b == 16 && k == 4096 && n == 14336) {
+            if sweep && (b == 1 || (b == 16 && k == 4096 && n == 14336)) {
                 gemv_sweep(device, &gpu, &xg, &want, &shape, b, weight_bytes, copy_gbs);
             }
             // The peer in the same run: Burn's dense bf16 matmul with the [N,K] weight transposed.
@@ -179,6 +184,34 @@ fn kernel(device: &Device) {
                  "weight_GBps": (2 * n * k) as f64 / (dev * 1e-6) / 1e9}),
             );
         }
+    }
+}
+
+/// The batch-1 GEMV with its default configuration, 20 launches per shape and nothing else on
+/// the GPU, for Nsight Compute to time each launch (`bench/gpu.sh gemv`): the kernel's own
+/// duration, which the back-to-back timings of `kernel` cannot separate from the host's
+/// launch rate when the kernel is short.
+fn gemv_for_ncu(device: &Device) {
+    copy_bandwidth(device);
+    for (k, n) in [(4096usize, 4096usize), (4096, 14336), (14336, 4096)] {
+        let w = randn(n * k, (n * 31 + k) as u64, 0.04);
+        let q = Nf4Weight::quantize(&w, n, k, true, WeightDtype::BF16);
+        let gpu = CudaNf4Linear::new(q, None, device);
+        let xg = Tensor::<CudaBf16, 2>::from_data(
+            TensorData::new(randn(k, 7 + n as u64, 1.0), [1, k]),
+            device,
+        );
+        for _ in 0..20 {
+            let _ = gpu.forward_gemv(xg.clone());
+        }
+        sync(device);
+        emit(
+            "gemv_for_ncu",
+            &format!("{n}x{k}"),
+            20.0,
+            "launches",
+            serde_json::json!({"weight_bytes": n * k / 2 + 4 * n * k / 64}),
+        );
     }
 }
 
@@ -557,6 +590,84 @@ fn fused_kv_append(device: &Device) {
     );
 }
 
+/// q/k/v in one GEMV launch and gate/up with the activation in one launch, against the CPU
+/// reference (host NF4 linears, f32; Burn-op activation) on Llama-3.1-8B shapes at 1 and 4
+/// token rows; wall time per call against the separate launches they replace.
+fn fused_projections(device: &Device) {
+    use llm_core::backend::LlmBackend;
+    use llm_core::config::Activation;
+    let cpu: <Cpu as burn_tensor::backend::BackendTypes>::Device = Default::default();
+    let (hidden, kv, inter) = (4096, 1024, 14336);
+    let layer = |n: usize, k: usize, seed: u64| {
+        let w = randn(n * k, seed, 0.04);
+        let q = Nf4Weight::quantize(&w, n, k, true, WeightDtype::BF16);
+        (
+            HostLinear::<Cpu>::nf4(q.clone(), None, cpu),
+            CudaNf4Linear::new(q, None, device),
+        )
+    };
+    let (qc, qg) = layer(hidden, hidden, 31);
+    let (kc, kg) = layer(kv, hidden, 32);
+    let (vc, vg) = layer(kv, hidden, 33);
+    let (gc, gg) = layer(inter, hidden, 34);
+    let (uc, ug) = layer(inter, hidden, 35);
+    for rows in [1usize, 4] {
+        let mut xs = randn(rows * hidden, 36 + rows as u64, 1.0);
+        bf16_round(&mut xs);
+        let xc = Tensor::<Cpu, 2>::from_data(TensorData::new(xs.clone(), [rows, hidden]), &cpu);
+        let xg = Tensor::<CudaBf16, 2>::from_data(TensorData::new(xs, [rows, hidden]), device);
+
+        let got = CudaBf16::linears_stacked(&xg, &[&qg, &kg, &vg]).expect("stacked q/k/v");
+        let mut err = 0f64;
+        for (g, c) in got.into_iter().zip([&qc, &kc, &vc]) {
+            err = err.max(rel_l2(&to_vec(g), &to_vec(c.forward(xc.clone()))));
+        }
+        let fused = wall_us(device, 200, || {
+            let _ = CudaBf16::linears_stacked(&xg, &[&qg, &kg, &vg]);
+        });
+        let apart = wall_us(device, 200, || {
+            for l in [&qg, &kg, &vg] {
+                let _ = l.forward(xg.clone());
+            }
+        });
+        emit(
+            "fused_qkv_gemv",
+            "llama",
+            fused,
+            "us",
+            serde_json::json!({"rows": rows, "rel_err": err, "pass": err < 1e-2,
+                               "separate_wall_us": apart, "timing": "wall"}),
+        );
+
+        for (name, act) in [
+            ("fused_gate_up_silu", Activation::Silu),
+            ("fused_gate_up_gelu_tanh", Activation::GeluTanh),
+        ] {
+            let want = to_vec(llm_core::mlp::gated_act_ops(
+                gc.forward(xc.clone()),
+                uc.forward(xc.clone()),
+                act,
+            ));
+            let got = CudaBf16::gated_linears(&xg, &gg, &ug, act).expect("gated gate/up");
+            let err = rel_l2(&to_vec(got), &want);
+            let fused = wall_us(device, 200, || {
+                let _ = CudaBf16::gated_linears(&xg, &gg, &ug, act);
+            });
+            let apart = wall_us(device, 200, || {
+                let _ = CudaBf16::gated_act(gg.forward(xg.clone()), ug.forward(xg.clone()), act);
+            });
+            emit(
+                name,
+                "llama",
+                fused,
+                "us",
+                serde_json::json!({"rows": rows, "rel_err": err, "pass": err < 1e-2,
+                                   "separate_wall_us": apart, "timing": "wall"}),
+            );
+        }
+    }
+}
+
 fn tiny_one<A: Architecture>(arch: &str, device: &Device) {
     let r = TinyReference::open(arch);
     let input = r.ids("input_ids");
@@ -602,8 +713,12 @@ fn main() {
         fused(&device);
         fused_attention(&device);
         fused_kv_append(&device);
+        fused_projections(&device);
     }
-    if what == "kernel" || what == "all" {
-        kernel(&device);
+    if what == "kernel" || what == "sweep" || what == "all" {
+        kernel(&device, what == "sweep");
+    }
+    if what == "gemv" {
+        gemv_for_ncu(&device);
     }
 }

@@ -234,11 +234,19 @@ impl<B: LlmBackend> Attention<B> {
                 q_proj,
                 k_proj,
                 v_proj,
-            } => (
-                q_proj.forward(x.clone()),
-                k_proj.forward(x.clone()),
-                v_proj.forward(x),
-            ),
+            } => match B::linears_stacked(&x, &[q_proj.as_ref(), k_proj.as_ref(), v_proj.as_ref()])
+            {
+                Some(mut qkv) => {
+                    let v = qkv.pop().expect("v");
+                    let k = qkv.pop().expect("k");
+                    (qkv.pop().expect("q"), k, v)
+                }
+                None => (
+                    q_proj.forward(x.clone()),
+                    k_proj.forward(x.clone()),
+                    v_proj.forward(x),
+                ),
+            },
             QkvProj::Fused { qkv_proj } => {
                 let qkv = qkv_proj.forward(x);
                 let (qd, kd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);

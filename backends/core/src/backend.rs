@@ -95,6 +95,25 @@ pub trait LlmBackend: Backend {
     ) -> Option<Tensor<Self, 2>> {
         None
     }
+    /// `x` through each of `linears` (q/k/v: the same input, no bias) in one step, outputs in
+    /// order. `None` (the default, and where a backend cannot): the caller runs each.
+    fn linears_stacked(
+        _x: &Tensor<Self, 2>,
+        _linears: &[&dyn Linear<Self>],
+    ) -> Option<Vec<Tensor<Self, 2>>> {
+        None
+    }
+    /// `act(gate(x)) * up(x)` in one step (HF `LlamaMLP`'s first half). `None` (the default,
+    /// and where a backend cannot): the caller runs the projections and
+    /// [`LlmBackend::gated_act`].
+    fn gated_linears(
+        _x: &Tensor<Self, 2>,
+        _gate: &dyn Linear<Self>,
+        _up: &dyn Linear<Self>,
+        _act: Activation,
+    ) -> Option<Tensor<Self, 2>> {
+        None
+    }
     /// `act(gate) * up` (HF `act_fn(gate_proj(x)) * up_proj(x)`), both `[rows, intermediate]`.
     fn gated_act(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, act: Activation) -> Tensor<Self, 2> {
         crate::mlp::gated_act_ops(gate, up, act)

@@ -89,7 +89,8 @@ mod kernels {
         }
     }
 
-    /// `out[t, row] = sum_k x[t, k] * code[q(row, k)] * absmax[(row * k_dim + k) / 64]`.
+    /// `out[t, row] = sum_k x[t, k] * code[q(row, k)] * absmax[(row * k_dim + k) / 64]`, for
+    /// up to three weights of the same input at once.
     ///
     /// A cube owns `rows` output rows and splits their `k` range over all its units (split-K):
     /// a unit takes one 16-byte vector of packed codes per row per step (32 weights, half an
@@ -97,54 +98,85 @@ mod kernels {
     /// (L1-resident: `x` is at most 16 x 28 KiB). Consecutive units read consecutive vectors, so
     /// a plane reads 512 contiguous bytes of a row per step and each weight byte is read once.
     /// The code book sits in shared memory, 16 f32 in 16 distinct banks: lookups never conflict.
+    /// Each pass issues the loads of `unroll` steps before any math, so several loads per unit
+    /// are in flight.
     ///
     /// Two loop orders, by instruction count per weight and token: with one token, `x` is
     /// converted once and reused over `rows` rows (lookup + FMA per weight); with more tokens,
     /// each row's codes are looked up once and reused over the tokens (FMA + convert per token).
     /// Partial sums are reduced over each plane, then over the cube's planes in shared memory.
     ///
-    /// Shapes: `x` `[tokens, k / 8]` of `Vector<F, 8>`, `packed` `[n * k / 32]` of
-    /// `Vector<u32, 4>`, `absmax` `[n * k / 64]`, `out` `[tokens, n]`. Cube dim `(32, planes)`,
-    /// `planes <= MAX_PLANES`; cube count `ceil(n / rows)`.
+    /// Several weights, one launch (decode runs a few hundred launches per token, and each
+    /// costs host time): stacked (q, k, v; `gated` false): cubes of weight 0 first, then 1
+    /// from cube `cut1`, then 2 from cube `cut2`, and `out` holds each weight's
+    /// `[tokens, n_i]` one after the other, weight `i` from element `base_i` (`base_0` = 0). With `gated` (two weights of equal `n`: gate, up),
+    /// every cube computes the same rows of both and writes `act(gate) * up` `[tokens, n0]`,
+    /// rounded as [`gated_act`] rounds. Weights a launch does not use are bound to weight 0.
+    ///
+    /// Shapes: `x` `[tokens, k / 8]` of `Vector<F, 8>`, `packed_i` `[n_i * k / 32]` of
+    /// `Vector<u32, 4>`, `absmax_i` `[n_i * k / 64]`. Cube dim `(32, planes)`,
+    /// `planes <= MAX_PLANES`; cube count: the sum of `ceil(n_i / rows)` over the stacked
+    /// weights (every one but the last a multiple of `rows`), `ceil(n0 / rows)` gated.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub fn nf4_gemv<F: Float, NX: Size, NQ4: Size>(
         x: &Array<Vector<F, NX>>,
-        packed: &Array<Vector<u32, NQ4>>,
-        absmax: &Array<f32>,
+        packed0: &Array<Vector<u32, NQ4>>,
+        absmax0: &Array<f32>,
+        packed1: &Array<Vector<u32, NQ4>>,
+        absmax1: &Array<f32>,
+        packed2: &Array<Vector<u32, NQ4>>,
+        absmax2: &Array<f32>,
         code: &Array<f32>,
         out: &mut Array<F>,
-        n: u32,
+        n0: u32,
+        n1: u32,
+        n2: u32,
+        cut1: u32,
+        cut2: u32,
+        base1: u32,
+        base2: u32,
         k: u32,
         #[comptime] tokens: usize,
         #[comptime] rows: usize,
         #[comptime] unroll: usize,
+        #[comptime] gated: bool,
+        #[comptime] gelu: bool,
         #[define(F)] _dtype: StorageType,
     ) {
+        // Weights per row: 2 gated (gate and up of the same row), else 1.
+        let lanes = comptime!(if gated { 2usize } else { 1usize });
+        let width = comptime!(rows * lanes * tokens);
         let mut lut = SharedMemory::<f32>::new(16usize);
-        let mut partial = SharedMemory::<f32>::new(MAX_PLANES * rows * tokens);
+        let mut partial = SharedMemory::<f32>::new(comptime!(MAX_PLANES * rows * lanes * tokens));
         if UNIT_POS < 16 {
             lut[UNIT_POS as usize] = code[UNIT_POS as usize];
         }
         sync_cube();
 
-        let n_us = n as usize;
-        let row0 = CUBE_POS_X as usize * rows;
+        // The weight this cube's rows belong to: stacked weight 1 from cube `cut1`, 2 from
+        // `cut2` (both past the last cube when not stacked).
+        let cube = CUBE_POS_X as usize;
+        let in1 = CUBE_POS_X >= cut1;
+        let in2 = CUBE_POS_X >= cut2;
+        let n_us = select(in2, n2, select(in1, n1, n0)) as usize;
+        let first_cube = select(in2, cut2, select(in1, cut1, u32::new(0))) as usize;
+        let out_base = select(in2, base2, select(in1, base1, u32::new(0))) as usize;
+        let row0 = (cube - first_cube) * rows;
         let steps = k as usize / 32;
         let xrow = k as usize / 8;
-        let mut acc = Array::<f32>::new(rows * tokens);
+        let mut acc = Array::<f32>::new(width);
         #[unroll]
-        for i in 0..rows * tokens {
+        for i in 0..width {
             acc[i] = f32::new(0.0);
         }
-        // Each pass issues the loads of `unroll` steps (per row: a 16-byte code vector and its
-        // absmax) before any math, so several loads per unit are in flight. Steps past the
-        // end (last pass) read the last step again with an absmax of 0: they add nothing.
+        // Steps past the end (last pass) read the last step again with an absmax of 0: they
+        // add nothing.
         let stride = CUBE_DIM as usize;
         let mut s = UNIT_POS as usize;
         while s < steps {
-            let mut q = Array::<Vector<u32, NQ4>>::new(rows * unroll);
-            let mut a = Array::<f32>::new(rows * unroll);
+            let mut q = Array::<Vector<u32, NQ4>>::new(comptime!(rows * unroll * lanes));
+            let mut a = Array::<f32>::new(comptime!(rows * unroll * lanes));
             #[unroll]
             for u in 0..unroll {
                 let su = s + u * stride;
@@ -153,16 +185,33 @@ mod kernels {
                 for r in 0..rows {
                     // Rows past `n` (last cube) read the last row; their sums are not written.
                     let row = select(row0 + r < n_us, row0 + r, n_us - 1);
-                    q[u * rows + r] = packed[row * steps + sc];
-                    a[u * rows + r] =
-                        select(su < steps, absmax[(row * steps + sc) / 2], f32::new(0.0));
+                    let idx = row * steps + sc;
+                    let slot = (u * rows + r) * lanes;
+                    if comptime!(gated) {
+                        q[slot] = packed0[idx];
+                        a[slot] = select(su < steps, absmax0[idx / 2], f32::new(0.0));
+                        q[slot + 1] = packed1[idx];
+                        a[slot + 1] = select(su < steps, absmax1[idx / 2], f32::new(0.0));
+                    } else {
+                        // Uniform over the cube: no divergence.
+                        if in2 {
+                            q[slot] = packed2[idx];
+                            a[slot] = select(su < steps, absmax2[idx / 2], f32::new(0.0));
+                        } else if in1 {
+                            q[slot] = packed1[idx];
+                            a[slot] = select(su < steps, absmax1[idx / 2], f32::new(0.0));
+                        } else {
+                            q[slot] = packed0[idx];
+                            a[slot] = select(su < steps, absmax0[idx / 2], f32::new(0.0));
+                        }
+                    }
                 }
             }
             #[unroll]
             for u in 0..unroll {
                 let su = s + u * stride;
                 let sc = select(su < steps, su, steps - 1);
-                if tokens == 1 {
+                if comptime!(tokens == 1) {
                     let mut xf = Array::<f32>::new(32usize);
                     #[unroll]
                     for j in 0..4usize {
@@ -173,34 +222,34 @@ mod kernels {
                         }
                     }
                     #[unroll]
-                    for r in 0..rows {
-                        let mut part = f32::new(0.0);
+                    for w in 0..rows * lanes {
+                        let mut dot = f32::new(0.0);
                         #[unroll]
                         for i in 0..32usize {
-                            part += code_at(q[u * rows + r], &lut, i) * xf[i];
+                            dot += code_at(q[u * rows * lanes + w], &lut, i) * xf[i];
                         }
-                        acc[r] += part * a[u * rows + r];
+                        acc[w] += dot * a[u * rows * lanes + w];
                     }
                 } else {
                     #[unroll]
-                    for r in 0..rows {
+                    for w in 0..rows * lanes {
                         let mut c = Array::<f32>::new(32usize);
                         #[unroll]
                         for i in 0..32usize {
-                            c[i] = code_at(q[u * rows + r], &lut, i);
+                            c[i] = code_at(q[u * rows * lanes + w], &lut, i);
                         }
                         #[unroll]
                         for t in 0..tokens {
-                            let mut part = f32::new(0.0);
+                            let mut dot = f32::new(0.0);
                             #[unroll]
                             for j in 0..4usize {
                                 let xv = x[t * xrow + sc * 4 + j];
                                 #[unroll]
                                 for i in 0..8usize {
-                                    part += c[j * 8 + i] * f32::cast_from(xv[i]);
+                                    dot += c[j * 8 + i] * f32::cast_from(xv[i]);
                                 }
                             }
-                            acc[r * tokens + t] += part * a[u * rows + r];
+                            acc[w * tokens + t] += dot * a[u * rows * lanes + w];
                         }
                     }
                 }
@@ -208,24 +257,57 @@ mod kernels {
             s += stride * unroll;
         }
         #[unroll]
-        for i in 0..rows * tokens {
+        for i in 0..width {
             let v = plane_sum(acc[i]);
             if UNIT_POS_X == 0 {
-                partial[UNIT_POS_Y as usize * rows * tokens + i] = v;
+                partial[UNIT_POS_Y as usize * width + i] = v;
             }
         }
         sync_cube();
+        // Unit `i < rows * tokens` finishes row `i / tokens` of token `i % tokens`.
         let i = UNIT_POS as usize;
         if i < rows * tokens {
-            let mut total = f32::new(0.0);
-            for p in 0..CUBE_DIM_Y as usize {
-                total += partial[p * rows * tokens + i];
-            }
-            let row = row0 + i / tokens;
+            let r = i / tokens;
+            let t = i % tokens;
+            let row = row0 + r;
             if row < n_us {
-                out[(i % tokens) * n_us + row] = F::cast_from(total);
+                let mut total = f32::new(0.0);
+                let mut second = f32::new(0.0);
+                for p in 0..CUBE_DIM_Y as usize {
+                    total += partial[p * width + r * lanes * tokens + t];
+                    if comptime!(gated) {
+                        second += partial[p * width + (r * lanes + 1) * tokens + t];
+                    }
+                }
+                if comptime!(gated) {
+                    out[t * n_us + row] = gate_times_up::<F>(total, second, gelu);
+                } else {
+                    out[out_base + t * n_us + row] = F::cast_from(total);
+                }
             }
         }
+    }
+
+    /// `act(gate) * up` from f32 sums, rounded as HF's bf16 ops round: each projection to `F`,
+    /// the activation (f32 inside) to `F`, the product to `F`.
+    #[cube]
+    fn gate_times_up<F: Float>(gate: f32, up: f32, #[comptime] gelu: bool) -> F {
+        let g = f32::cast_from(F::cast_from(gate));
+        let a = activation(g, gelu);
+        F::cast_from(f32::cast_from(F::cast_from(a)) * f32::cast_from(F::cast_from(up)))
+    }
+
+    /// SiLU, or GELU with the tanh approximation, in f32.
+    #[cube]
+    fn activation(g: f32, #[comptime] gelu: bool) -> f32 {
+        // SiLU: x / (1 + e^-x)
+        let mut a = g / (f32::new(1.0) + (-g).exp());
+        if gelu {
+            // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
+            let inner = f32::new(0.797_884_6) * (g + f32::new(0.044_715) * g * g * g);
+            a = f32::new(0.5) * g * (f32::new(1.0) + inner.tanh());
+        }
+        a
     }
 
     /// Dequantize to `out` (`[n, k]`, row-major): one packed word (8 weights) per unit, written
@@ -461,14 +543,7 @@ mod kernels {
     ) {
         let i = ABSOLUTE_POS;
         if i < n as usize {
-            let g = f32::cast_from(gate[i]);
-            // SiLU: x / (1 + e^-x)
-            let mut a = g / (f32::new(1.0) + (-g).exp());
-            if gelu {
-                // 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3)))
-                let inner = f32::new(0.797_884_6) * (g + f32::new(0.044_715) * g * g * g);
-                a = f32::new(0.5) * g * (f32::new(1.0) + inner.tanh());
-            }
+            let a = activation(f32::cast_from(gate[i]), gelu);
             out[i] = F::cast_from(f32::cast_from(F::cast_from(a)) * f32::cast_from(up[i]));
         }
     }
@@ -582,16 +657,115 @@ pub struct GemvConfig {
 }
 
 impl GemvConfig {
-    /// One token: 4 rows per cube share each converted `x`; more tokens: 1 row per cube, the
-    /// looked-up codes shared over the tokens (see the kernel's doc). Enough planes that each
-    /// unit has at least one 32-weight step of every row per pass.
+    /// One token: 4 rows per cube share each converted `x`, about 64 steps per unit's row.
+    /// More tokens: 2 rows per cube, the looked-up codes shared over the tokens (see the
+    /// kernel's doc), 2 planes. From the launch-configuration sweep of `llm-bench kernel` on an
+    /// H200 (docs/benchmarks.md, run 11): at batch 1 the configurations within 10% of each
+    /// other; at batch 16 this one 166 us against 298 us for 1 row per cube on 4096x14336.
     pub fn for_shape(tokens: usize, k: usize) -> GemvConfig {
-        let (rows, unroll) = if tokens == 1 { (4, 2) } else { (1, 1) };
-        GemvConfig {
-            rows,
-            planes: (k / 32 / 32 / unroll).clamp(1, MAX_PLANES),
-            unroll,
+        if tokens == 1 {
+            GemvConfig {
+                rows: 4,
+                planes: (k / 32 / 64).clamp(1, MAX_PLANES),
+                unroll: 1,
+            }
+        } else {
+            GemvConfig {
+                rows: 2,
+                planes: 2,
+                unroll: 1,
+            }
         }
+    }
+}
+
+/// One [`nf4_gemv`] launch over `weights` (1 to 3, same `in_features` and code book): stacked
+/// into `out`, weight `i`'s `[tokens, n_i]` from element `bases[i]`, or `gated`
+/// (`[gate, up]`: `act(gate) * up` into `out` `[tokens, n]`).
+fn launch_gemv(
+    x: CubeTensor<CudaRuntime>,
+    weights: &[&CudaNf4Linear],
+    out: CubeTensor<CudaRuntime>,
+    bases: [usize; 3],
+    cfg: GemvConfig,
+    gated: Option<Activation>,
+) {
+    let tokens = x.meta.shape()[0];
+    assert!((1..=GEMV_MAX_TOKENS).contains(&tokens));
+    assert!(cfg.rows >= 1 && cfg.unroll >= 1 && (1..=MAX_PLANES).contains(&cfg.planes));
+    assert!((1..=3).contains(&weights.len()));
+    let w0 = weights[0];
+    let k = w0.in_features;
+    for w in weights {
+        assert!(
+            w.in_features == k && w.code_host == w0.code_host,
+            "stacked NF4 weights differ"
+        );
+    }
+    let n: Vec<usize> = weights.iter().map(|w| w.out_features).collect();
+    let cubes_of = |n: usize| n.div_ceil(cfg.rows);
+    // Where stacked weights 1 and 2 start (cube index); past the end when absent or gated.
+    let mut cuts = [u32::MAX; 2];
+    let cubes = match gated {
+        Some(_) => {
+            assert!(weights.len() == 2 && n[0] == n[1], "gate and up shapes");
+            cubes_of(n[0])
+        }
+        None => {
+            // Every stacked weight but the last fills its cubes exactly.
+            assert!(n[..n.len() - 1].iter().all(|n| n.is_multiple_of(cfg.rows)));
+            let mut first = 0;
+            for (i, &n) in n.iter().enumerate() {
+                if i > 0 {
+                    cuts[i - 1] = first as u32;
+                }
+                first += cubes_of(n);
+            }
+            first
+        }
+    };
+    let pick = |i: usize| weights.get(i).copied().unwrap_or(w0);
+    let x = into_contiguous(x);
+    let client = x.client.clone();
+    let dtype = x.dtype;
+    // SAFETY: every index the kernel forms is in bounds for these shapes: `x` is
+    // `[tokens, k]` contiguous, each `packed_i`/`absmax_i` holds `n_i * k` weights (k a
+    // multiple of 64, checked at construction), steps past `k` and rows past `n_i` are clamped
+    // on read and add nothing / are skipped on write, a cube's stacked part is found from the
+    // cube counts above, `out` holds `bases[i] + tokens * n_i` elements for each stacked
+    // weight (blocks not overlapping) or `tokens * n0` (gated), and `partial` holds
+    // `MAX_PLANES * rows * lanes * tokens` sums (planes checked).
+    unsafe {
+        nf4_gemv::launch_unchecked::<CudaRuntime>(
+            &client,
+            CubeCount::Static(cubes as u32, 1, 1),
+            CubeDim::new_2d(32, cfg.planes as u32),
+            8,
+            4,
+            x.into_array_arg(),
+            pick(0).packed.clone().into_array_arg(),
+            pick(0).absmax.clone().into_array_arg(),
+            pick(1).packed.clone().into_array_arg(),
+            pick(1).absmax.clone().into_array_arg(),
+            pick(2).packed.clone().into_array_arg(),
+            pick(2).absmax.clone().into_array_arg(),
+            w0.code.clone().into_array_arg(),
+            out.into_array_arg(),
+            n[0] as u32,
+            pick(1).out_features as u32,
+            pick(2).out_features as u32,
+            cuts[0],
+            cuts[1],
+            bases[1] as u32,
+            bases[2] as u32,
+            k as u32,
+            tokens,
+            cfg.rows,
+            cfg.unroll,
+            gated.is_some(),
+            gated == Some(Activation::GeluTanh),
+            dtype.into(),
+        );
     }
 }
 
@@ -603,6 +777,8 @@ pub struct CudaNf4Linear {
     bias: Option<Tensor<CudaBf16, 1>>,
     out_features: usize,
     in_features: usize,
+    /// The code book as uploaded (weights launched together must share it).
+    code_host: [f32; 16],
     /// What the checkpoint stores for this weight (PyTorch parameter count, footprint).
     packed_len: usize,
     stored_bytes: usize,
@@ -643,6 +819,7 @@ impl CudaNf4Linear {
             bias,
             out_features: weight.out_features,
             in_features: weight.in_features,
+            code_host: weight.code,
             packed_len: weight.packed.len(),
             stored_bytes: weight.stored_bytes(),
         }
@@ -667,39 +844,7 @@ impl CudaNf4Linear {
         out: CubeTensor<CudaRuntime>,
         cfg: GemvConfig,
     ) -> CubeTensor<CudaRuntime> {
-        let tokens = x.meta.shape()[0];
-        assert!((1..=GEMV_MAX_TOKENS).contains(&tokens));
-        assert!(cfg.rows >= 1 && cfg.unroll >= 1 && (1..=MAX_PLANES).contains(&cfg.planes));
-        let x = into_contiguous(x);
-        let client = x.client.clone();
-        let n = self.out_features as u32;
-        let k = self.in_features;
-        let dtype = x.dtype;
-        // SAFETY: every index the kernel forms is in bounds for these shapes: `x` is
-        // `[tokens, k]` contiguous, `packed`/`absmax` hold `n * k` weights (k a multiple of 64,
-        // checked at construction), steps past `k` and rows past `n` are clamped on read and
-        // add nothing / are skipped on write, `out` is `[tokens, n]` contiguous, and `partial`
-        // holds `MAX_PLANES * rows * tokens` sums (planes checked above).
-        unsafe {
-            nf4_gemv::launch_unchecked::<CudaRuntime>(
-                &client,
-                CubeCount::Static(n.div_ceil(cfg.rows as u32), 1, 1),
-                CubeDim::new_2d(32, cfg.planes as u32),
-                8,
-                4,
-                x.into_array_arg(),
-                self.packed.clone().into_array_arg(),
-                self.absmax.clone().into_array_arg(),
-                self.code.clone().into_array_arg(),
-                out.clone().into_array_arg(),
-                n,
-                k as u32,
-                tokens,
-                cfg.rows,
-                cfg.unroll,
-                dtype.into(),
-            );
-        }
+        launch_gemv(x, &[self], out.clone(), [0; 3], cfg, None);
         out
     }
 
@@ -780,6 +925,30 @@ impl Linear<CudaBf16> for CudaNf4Linear {
     fn nf4_bytes(&self) -> Option<usize> {
         Some(self.stored_bytes)
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
+}
+
+/// `linears` as NF4 layers one [`nf4_gemv`] launch can take for `x`: each a
+/// [`CudaNf4Linear`] without bias, the same input width and code book, `x` few enough rows for
+/// the GEMV. `None` otherwise (the caller runs each layer).
+fn nf4_group<'a>(
+    x: &Tensor<CudaBf16, 2>,
+    linears: &[&'a dyn Linear<CudaBf16>],
+) -> Option<Vec<&'a CudaNf4Linear>> {
+    let [tokens, k] = x.dims();
+    if tokens > GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) || linears.len() > 3 {
+        return None;
+    }
+    let group: Vec<&CudaNf4Linear> = linears
+        .iter()
+        .map(|l| l.as_any().downcast_ref::<CudaNf4Linear>())
+        .collect::<Option<_>>()?;
+    let same = |w: &&CudaNf4Linear| {
+        w.bias.is_none() && w.in_features == k && w.code_host == group[0].code_host
+    };
+    group.iter().all(same).then_some(group)
 }
 
 /// Point CubeCL's caches of compiled kernels (PTX) and autotune results at `dir`, once per
@@ -855,6 +1024,83 @@ impl LlmBackend for CudaBf16 {
         device: &Self::Device,
     ) -> Box<dyn Linear<Self>> {
         Box::new(CudaNf4Linear::new(weight, bias, device))
+    }
+    /// One GEMV launch for all of q/k/v (3 launches -> 1 per layer at decode). The outputs
+    /// are blocks of one buffer, each aligned as CubeCL aligns sub-buffers, handed out as
+    /// contiguous tensors.
+    fn linears_stacked(
+        x: &Tensor<Self, 2>,
+        linears: &[&dyn Linear<Self>],
+    ) -> Option<Vec<Tensor<Self, 2>>> {
+        let group = nf4_group(x, linears)?;
+        let [tokens, k] = x.dims();
+        let cfg = GemvConfig::for_shape(tokens, k);
+        let last = group.len() - 1;
+        if !group[..last]
+            .iter()
+            .all(|w| w.out_features.is_multiple_of(cfg.rows))
+        {
+            return None;
+        }
+        let x = contiguous(x);
+        let elem = x.dtype.size();
+        let align = x.client.properties().memory.alignment as usize;
+        let mut bases = [0usize; 3];
+        let mut end = 0;
+        for (i, w) in group.iter().enumerate() {
+            bases[i] = end;
+            end += (tokens * w.out_features * elem).next_multiple_of(align) / elem;
+        }
+        let out = empty_like(&x, vec![end]);
+        launch_gemv(x, &group, out.clone(), bases, cfg, None);
+        let total = (end * elem) as u64;
+        Some(
+            group
+                .iter()
+                .zip(bases)
+                .map(|(w, base)| {
+                    let bytes = (tokens * w.out_features * elem) as u64;
+                    let start = (base * elem) as u64;
+                    let handle = out
+                        .handle
+                        .clone()
+                        .offset_start(start)
+                        .offset_end(total - start - bytes);
+                    from_cube(CubeTensor::new_contiguous(
+                        out.client.clone(),
+                        out.device.clone(),
+                        Shape::from(vec![tokens, w.out_features]),
+                        handle,
+                        out.dtype,
+                    ))
+                })
+                .collect(),
+        )
+    }
+    /// Gate and up in one GEMV launch with the activation and product in its epilogue
+    /// (3 launches -> 1 per layer at decode).
+    fn gated_linears(
+        x: &Tensor<Self, 2>,
+        gate: &dyn Linear<Self>,
+        up: &dyn Linear<Self>,
+        act: Activation,
+    ) -> Option<Tensor<Self, 2>> {
+        let group = nf4_group(x, &[gate, up])?;
+        if group[0].out_features != group[1].out_features {
+            return None;
+        }
+        let [tokens, k] = x.dims();
+        let x = contiguous(x);
+        let out = empty_like(&x, vec![tokens, group[0].out_features]);
+        launch_gemv(
+            x,
+            &group,
+            out.clone(),
+            [0; 3],
+            GemvConfig::for_shape(tokens, k),
+            Some(act),
+        );
+        Some(from_cube(out))
     }
     fn rms_norm(x: Tensor<Self, 2>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
         let [rows, hidden] = x.dims();

@@ -290,6 +290,9 @@ impl<B: Backend> Linear<B> for HostLinear<B> {
     fn out_features(&self) -> usize {
         self.out_features
     }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn num_params(&self) -> usize {
         // PyTorch counts a Params4bit by its packed storage: out*in/2 elements.
         let w = match &self.weight {

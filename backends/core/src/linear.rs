@@ -16,6 +16,9 @@ pub trait Linear<B: Backend>: Send + Sync {
     fn nf4_bytes(&self) -> Option<usize> {
         None
     }
+    /// The concrete layer, for a backend that launches several of its own layers together
+    /// ([`crate::backend::LlmBackend::linears_stacked`]).
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// A float linear layer. The weight stays `[out, in]` as the checkpoint stores it and is used
@@ -51,5 +54,8 @@ impl<B: Backend> Linear<B> for DenseLinear<B> {
     fn num_params(&self) -> usize {
         let [o, i] = self.weight.dims();
         o * i + self.bias.as_ref().map_or(0, |b| b.dims()[0])
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

@@ -78,6 +78,10 @@ impl<B: LlmBackend> GatedMlp<B> {
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         let (gate, up) = match &self.gate_up {
             GateUp::Separate { gate_proj, up_proj } => {
+                let (g, u) = (gate_proj.as_ref(), up_proj.as_ref());
+                if let Some(h) = B::gated_linears(&x, g, u, self.act) {
+                    return self.down_proj.forward(h);
+                }
                 (gate_proj.forward(x.clone()), up_proj.forward(x))
             }
             GateUp::Fused { gate_up_proj } => {
