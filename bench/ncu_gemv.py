@@ -20,8 +20,9 @@ for row in csv.DictReader(io.StringIO(table)):
         continue
     value = float(row["Metric Value"].replace(",", ""))
     unit = row.get("Metric Unit", "")
-    scale = {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3, "byte": 1, "Kbyte": 1e3,
-             "Mbyte": 1e6, "Gbyte": 1e9}.get(unit, 1.0)
+    scale = {"ns": 1e-3, "nsecond": 1e-3, "us": 1.0, "usecond": 1.0, "ms": 1e3,
+             "msecond": 1e3, "B": 1, "byte": 1, "KB": 1e3, "Kbyte": 1e3, "MB": 1e6,
+             "Mbyte": 1e6, "GB": 1e9, "Gbyte": 1e9}[unit]
     launches.setdefault(int(row["ID"]), {})[row["Metric Name"]] = value * scale
 ids = sorted(launches)
 for i, shape in enumerate(shapes):

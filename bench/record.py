@@ -13,7 +13,7 @@ out_dir, commit = sys.argv[1], sys.argv[2]
 date = sys.argv[3] if len(sys.argv) > 3 else datetime.date.today().isoformat()
 card = open(os.path.join(out_dir, "gpu.txt")).read().split(",")[0].strip()
 rows = []
-for name in ("bench.jsonl", "fused.jsonl", "smoke.jsonl", "full.jsonl", "cycles.jsonl"):
+for name in ("bench.jsonl", "fused.jsonl", "gemv.jsonl", "smoke.jsonl", "full.jsonl", "cycles.jsonl"):
     path = os.path.join(out_dir, name)
     if os.path.exists(path):
         rows += [json.loads(l) for l in open(path) if l.startswith("{")]

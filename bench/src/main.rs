@@ -682,19 +682,29 @@ fn tiny_one<A: Architecture>(arch: &str, device: &Device) {
         let logits = to_vec(model.forward(&input, &mut cache, true));
         let err = rel_l2(&logits, &r.floats(key).1);
         // Decode with the KV cache too (single-token steps go through the NF4 GEMV).
-        let mut cache = KvCache::new(model.num_layers());
-        let _ = model.forward(&input[..input.len() - 1], &mut cache, false);
-        let last = to_vec(model.forward(&input[input.len() - 1..], &mut cache, false));
+        let decode_step = || {
+            let mut cache = KvCache::new(model.num_layers());
+            let _ = model.forward(&input[..input.len() - 1], &mut cache, false);
+            to_vec(model.forward(&input[input.len() - 1..], &mut cache, false))
+        };
         let vocab = r.floats(key).0[1];
         let want_last = &r.floats(key).1[(input.len() - 1) * vocab..input.len() * vocab];
-        let err_decode = rel_l2(&last, want_last);
+        let err_decode = rel_l2(&decode_step(), want_last);
+        // The same step with each NF4 projection launched on its own (no q/k/v stacking, no
+        // activation in the gate/up GEMV), to tell the fusion's rounding from the rest.
+        use std::sync::atomic::Ordering::Relaxed;
+        llm_core::cuda::FUSED_PROJECTIONS.store(false, Relaxed);
+        let err_separate = rel_l2(&decode_step(), want_last);
+        llm_core::cuda::FUSED_PROJECTIONS.store(true, Relaxed);
         emit(
             "tiny_cuda_rel_err",
             &format!("tiny-{arch}"),
             err,
             "rel_l2",
             serde_json::json!({"weights": dir, "quantization": quant.name(), "reference": key,
-                               "decode_step_rel_err": err_decode, "pass": err < 5e-2 && err_decode < 5e-2}),
+                               "decode_step_rel_err": err_decode,
+                               "decode_step_rel_err_separate_projections": err_separate,
+                               "pass": err < 5e-2 && err_decode < 5e-2}),
         );
     }
 }
@@ -703,11 +713,24 @@ fn main() {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     let device = llm_core::cuda::parse_device("cuda").unwrap();
     if what == "tiny" || what == "all" {
-        tiny_one::<llama_backend::Llama>("llama", &device);
-        tiny_one::<phi3_backend::Phi3>("phi3", &device);
-        tiny_one::<gemma2_backend::Gemma2>("gemma2", &device);
-        tiny_one::<qwen2_backend::Qwen2>("qwen2", &device);
-        tiny_one::<mixtral_backend::Mixtral>("mixtral", &device);
+        // `llm-bench tiny ARCH` runs one architecture.
+        let only = std::env::args().nth(2);
+        let run = |arch: &str| only.as_deref().is_none_or(|o| o == arch);
+        if run("llama") {
+            tiny_one::<llama_backend::Llama>("llama", &device);
+        }
+        if run("phi3") {
+            tiny_one::<phi3_backend::Phi3>("phi3", &device);
+        }
+        if run("gemma2") {
+            tiny_one::<gemma2_backend::Gemma2>("gemma2", &device);
+        }
+        if run("qwen2") {
+            tiny_one::<qwen2_backend::Qwen2>("qwen2", &device);
+        }
+        if run("mixtral") {
+            tiny_one::<mixtral_backend::Mixtral>("mixtral", &device);
+        }
     }
     if what == "fused" || what == "kernel" || what == "all" {
         fused(&device);

@@ -46,6 +46,11 @@ pub fn parse_device(spec: &str) -> Option<CudaDevice> {
 pub const GEMV_MAX_TOKENS: usize = 16;
 /// Token rows up to which [`CudaNf4Linear::forward`] uses the fused GEMV (measured crossover).
 pub static GEMV_TOKENS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4);
+/// Whether [`LlmBackend::linears_stacked`] / [`LlmBackend::gated_linears`] launch several NF4
+/// projections together (the default); off, each projection is its own GEMV and the
+/// activation its own kernel (`llm-bench tiny` compares the two).
+pub static FUSED_PROJECTIONS: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
 /// Most planes (warps) per GEMV cube.
 const MAX_PLANES: usize = 8;
 
@@ -938,7 +943,10 @@ fn nf4_group<'a>(
     linears: &[&'a dyn Linear<CudaBf16>],
 ) -> Option<Vec<&'a CudaNf4Linear>> {
     let [tokens, k] = x.dims();
-    if tokens > GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) || linears.len() > 3 {
+    if tokens > GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed)
+        || linears.len() > 3
+        || !FUSED_PROJECTIONS.load(std::sync::atomic::Ordering::Relaxed)
+    {
         return None;
     }
     let group: Vec<&CudaNf4Linear> = linears
