@@ -22,9 +22,10 @@ if [ "$what" = full ] || [ "$what" = fused ]; then
   tail -5 "$OUT/fused.stderr"
 fi
 if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ]; then
-  timeout 400 .gpu/llm-bench "$what" 2>"$OUT/bench.stderr" | tee "$OUT/bench.jsonl"
+  # One file per mode: a tiny run and a kernel run in one call must not overwrite each other.
+  timeout 400 .gpu/llm-bench "$what" 2>"$OUT/bench-$what.stderr" | tee "$OUT/bench-$what.jsonl"
   echo "llm-bench exit: ${PIPESTATUS[0]}"
-  tail -20 "$OUT/bench.stderr"
+  tail -20 "$OUT/bench-$what.stderr"
 fi
 if [ "$what" = sweep ]; then
   timeout 400 .gpu/llm-bench sweep 2>"$OUT/sweep.stderr" | tee "$OUT/sweep.jsonl" | grep -v nf4_gemv_sweep

@@ -3,7 +3,8 @@
 
     bench/record.py OUT_DIR COMMIT [DATE]
 
-OUT_DIR holds what bench/gpu.sh wrote (gpu.txt, bench.jsonl, smoke.jsonl, full.jsonl). Each object gets
+OUT_DIR holds what bench/gpu.sh wrote (gpu.txt, bench-MODE.jsonl, fused.jsonl, gemv.jsonl,
+smoke.jsonl, full.jsonl, cycles.jsonl). Each object gets
 {"date", "commit", "card", "model", "metric", "value", "unit"}, plus "peer"/"peer_value" where
 the run measured a peer for the same figure, and the figure's own details.
 """
@@ -13,7 +14,8 @@ out_dir, commit = sys.argv[1], sys.argv[2]
 date = sys.argv[3] if len(sys.argv) > 3 else datetime.date.today().isoformat()
 card = open(os.path.join(out_dir, "gpu.txt")).read().split(",")[0].strip()
 rows = []
-for name in ("bench.jsonl", "fused.jsonl", "gemv.jsonl", "smoke.jsonl", "full.jsonl", "cycles.jsonl"):
+for name in ("bench.jsonl", "bench-tiny.jsonl", "bench-kernel.jsonl", "bench-all.jsonl",
+             "fused.jsonl", "gemv.jsonl", "smoke.jsonl", "full.jsonl", "cycles.jsonl"):
     path = os.path.join(out_dir, name)
     if os.path.exists(path):
         rows += [json.loads(l) for l in open(path) if l.startswith("{")]

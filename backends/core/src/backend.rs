@@ -1,6 +1,8 @@
 //! The backends models run on, and the places where they differ: how a linear layer is
-//! computed, and the few per-layer steps a backend may fuse into one kernel (RMSNorm, rotary
-//! embedding, gated activation; Burn ops by default). Model code is generic over
+//! computed, and the few per-layer steps a backend may fuse into one kernel (RMSNorm and the
+//! residual add before it, rotary embedding, the KV-cache append, decode attention, gated
+//! activation, and several projections of one input in one launch; Burn ops by default, so
+//! the CPU runs exactly what HF's modeling code does). Model code is generic over
 //! [`LlmBackend`], so architectures never mention a device.
 
 use burn_ndarray::NdArray;
