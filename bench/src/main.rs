@@ -15,6 +15,7 @@ use llm_core::attention::LayerKv;
 use llm_core::cuda::{CudaBf16, CudaNf4Linear};
 use llm_core::host_linear::HostLinear;
 use llm_core::nf4::{Nf4Weight, WeightDtype};
+use llm_core::rope::RopeTables;
 use llm_core::testing::{fixtures, load_on, rel_l2, to_vec, TinyReference};
 use llm_core::weights::Quantization;
 use llm_core::{Architecture, CausalLm, Cpu, KvCache, Linear};
@@ -283,7 +284,6 @@ fn gemv_sweep(
 fn fused(device: &Device) {
     use llm_core::backend::LlmBackend;
     use llm_core::config::Activation;
-    use llm_core::rope::RopeTables;
     let cpu: <Cpu as burn_tensor::backend::BackendTypes>::Device = Default::default();
     let rows = 16;
     let bf16 = |n: usize, seed: u64, scale: f32| {
@@ -492,7 +492,6 @@ fn fused_kv_append(device: &Device) {
     const KV_ROOM: usize = 16;
     use llm_core::attention::kv_append_ops;
     use llm_core::backend::LlmBackend;
-    use llm_core::rope::RopeTables;
     let cpu: <Cpu as burn_tensor::backend::BackendTypes>::Device = Default::default();
     let (kv_heads, d, prefill, steps) = (8, 128, 200, 100);
     let total = prefill + steps;
@@ -506,27 +505,20 @@ fn fused_kv_append(device: &Device) {
         round(total * kv_heads * d, 22, 1.0),
     );
     let (cos, sin) = (round(total * d, 23, 0.5), round(total * d, 24, 0.5));
-    let rows2 = |x: &[f32], r0: usize, n: usize, w: usize| x[r0 * w..(r0 + n) * w].to_vec();
+    let data = KvRows {
+        k: &k,
+        v: &v,
+        cos: &cos,
+        sin: &sin,
+        width: kv_heads * d,
+        d,
+    };
     let mut cpu_cache: Option<LayerKv<Cpu>> = None;
     let mut gpu_cache: Option<LayerKv<CudaBf16>> = None;
     let mut r0 = 0;
     for n in std::iter::once(prefill).chain(std::iter::repeat_n(1, steps)) {
-        let w = kv_heads * d;
-        let kc = Tensor::<Cpu, 2>::from_data(TensorData::new(rows2(&k, r0, n, w), [n, w]), &cpu);
-        let vc = Tensor::<Cpu, 2>::from_data(TensorData::new(rows2(&v, r0, n, w), [n, w]), &cpu);
-        let kg =
-            Tensor::<CudaBf16, 2>::from_data(TensorData::new(rows2(&k, r0, n, w), [n, w]), device);
-        let vg =
-            Tensor::<CudaBf16, 2>::from_data(TensorData::new(rows2(&v, r0, n, w), [n, w]), device);
-        let table = |x: &[f32]| TensorData::new(rows2(x, r0, n, d), [n, d]);
-        let tc = RopeTables {
-            cos: Tensor::from_data(table(&cos), &cpu),
-            sin: Tensor::from_data(table(&sin), &cpu),
-        };
-        let tg = RopeTables {
-            cos: Tensor::from_data(table(&cos), device),
-            sin: Tensor::from_data(table(&sin), device),
-        };
+        let (kc, vc, tc) = data.rows::<Cpu>(r0, n, &cpu);
+        let (kg, vg, tg) = data.rows::<CudaBf16>(r0, n, device);
         cpu_cache = Some(kv_append_ops(cpu_cache.take(), kc, vc, kv_heads, &tc));
         gpu_cache = Some(CudaBf16::kv_append(gpu_cache.take(), kg, vg, kv_heads, &tg));
         r0 += n;
@@ -534,23 +526,7 @@ fn fused_kv_append(device: &Device) {
     let (c, g) = (cpu_cache.expect("appended"), gpu_cache.expect("appended"));
     let err = rel_l2(&to_vec(g.keys()), &to_vec(c.keys()))
         .max(rel_l2(&to_vec(g.values()), &to_vec(c.values())));
-    let step = |n: usize| {
-        let w = kv_heads * d;
-        (
-            Tensor::<CudaBf16, 2>::from_data(TensorData::new(rows2(&k, 0, n, w), [n, w]), device),
-            Tensor::<CudaBf16, 2>::from_data(TensorData::new(rows2(&v, 0, n, w), [n, w]), device),
-            RopeTables {
-                cos: Tensor::<CudaBf16, 2>::from_data(
-                    TensorData::new(rows2(&cos, 0, n, d), [n, d]),
-                    device,
-                ),
-                sin: Tensor::<CudaBf16, 2>::from_data(
-                    TensorData::new(rows2(&sin, 0, n, d), [n, d]),
-                    device,
-                ),
-            },
-        )
-    };
+    let step = |n: usize| data.rows::<CudaBf16>(0, n, device);
     let (k1, v1, t1) = step(1);
     // Each timed call appends one row at position `total` of a cache with room to spare:
     // in place for the kernel (its length is set back after each call, so it never grows),
@@ -588,6 +564,42 @@ fn fused_kv_append(device: &Device) {
                            "capacity_after_appends": capacity, "rel_err": err, "pass": err < 1e-2,
                            "burn_ops_wall_us": ops, "timing": "wall"}),
     );
+}
+
+/// Rows of a KV-append test's inputs: keys and values `[positions, width]`, rope tables
+/// `[positions, d]`.
+struct KvRows<'a> {
+    k: &'a [f32],
+    v: &'a [f32],
+    cos: &'a [f32],
+    sin: &'a [f32],
+    width: usize,
+    d: usize,
+}
+
+impl KvRows<'_> {
+    /// Rows `r0..r0 + n` as tensors on `device`: keys, values, rope tables.
+    fn rows<B: burn_tensor::backend::Backend>(
+        &self,
+        r0: usize,
+        n: usize,
+        device: &B::Device,
+    ) -> (Tensor<B, 2>, Tensor<B, 2>, RopeTables<B>) {
+        let take = |x: &[f32], w: usize| {
+            Tensor::<B, 2>::from_data(
+                TensorData::new(x[r0 * w..(r0 + n) * w].to_vec(), [n, w]),
+                device,
+            )
+        };
+        (
+            take(self.k, self.width),
+            take(self.v, self.width),
+            RopeTables {
+                cos: take(self.cos, self.d),
+                sin: take(self.sin, self.d),
+            },
+        )
+    }
 }
 
 /// q/k/v in one GEMV launch and gate/up with the activation in one launch, against the CPU

@@ -293,8 +293,9 @@ mod kernels {
         }
     }
 
-    /// `act(gate) * up` from f32 sums, rounded as HF's bf16 ops round: each projection to `F`,
-    /// the activation (f32 inside) to `F`, the product to `F`.
+    /// `act(gate) * up`, rounded as HF's bf16 ops round: each projection to `F` (a no-op for
+    /// values already in `F`), the activation (f32 inside) to `F`, the product to `F`. Shared
+    /// by [`gated_act`] and the gated GEMV's epilogue, so both round alike.
     #[cube]
     fn gate_times_up<F: Float>(gate: f32, up: f32, #[comptime] gelu: bool) -> F {
         let g = f32::cast_from(F::cast_from(gate));
@@ -548,8 +549,7 @@ mod kernels {
     ) {
         let i = ABSOLUTE_POS;
         if i < n as usize {
-            let a = activation(f32::cast_from(gate[i]), gelu);
-            out[i] = F::cast_from(f32::cast_from(F::cast_from(a)) * f32::cast_from(up[i]));
+            out[i] = gate_times_up::<F>(f32::cast_from(gate[i]), f32::cast_from(up[i]), gelu);
         }
     }
 
@@ -1115,7 +1115,7 @@ impl LlmBackend for CudaBf16 {
         let x = contiguous_owned(x);
         let w = contiguous(weight);
         let out = empty_like(&x, vec![rows, hidden]);
-        let planes = (hidden / 32 / 4).clamp(1, MAX_PLANES) as u32;
+        let planes = norm_planes(hidden);
         // SAFETY: cube `r < rows` reads row `r` of `x` and writes row `r` of `out` (both
         // `[rows, hidden]` contiguous) and reads `w[0..hidden]`; at most MAX_PLANES planes
         // write `partial`.
@@ -1147,7 +1147,7 @@ impl LlmBackend for CudaBf16 {
         let w = contiguous(weight);
         let sum = empty_like(&x, vec![rows, hidden]);
         let out = empty_like(&x, vec![rows, hidden]);
-        let planes = (hidden / 32 / 4).clamp(1, MAX_PLANES) as u32;
+        let planes = norm_planes(hidden);
         // SAFETY: as `rms_norm`, with `r` read and `sum` written at the indices of `x`.
         unsafe {
             add_rms_norm::launch_unchecked::<CudaRuntime>(
@@ -1170,13 +1170,7 @@ impl LlmBackend for CudaBf16 {
         let [rows, width] = x.dims();
         let d = width / heads;
         let x = contiguous_owned(x);
-        let cos = contiguous(&tables.cos);
-        let sin = contiguous(&tables.sin);
-        let table = cos.meta.shape();
-        assert!(
-            table[0] == rows && table[1] == d,
-            "rope tables: {table:?}, want [{rows}, {d}]"
-        );
+        let (cos, sin) = rope_tables(tables, rows, d);
         let out = empty_like(&x, vec![heads, rows, d]);
         let units = (rows * heads * d / 2) as u32;
         // SAFETY: unit `u < rows * heads * d / 2` reads elements of row `r < rows` of `x`
@@ -1258,13 +1252,7 @@ impl LlmBackend for CudaBf16 {
             }
         };
         let cap = k_cache.dims()[1];
-        let cos = contiguous(&tables.cos);
-        let sin = contiguous(&tables.sin);
-        let table = cos.meta.shape();
-        assert!(
-            table[0] == rows && table[1] == d,
-            "rope tables: {table:?}, want [{rows}, {d}]"
-        );
+        let (cos, sin) = rope_tables(tables, rows, d);
         let k = contiguous_owned(k);
         let v = contiguous_owned(v);
         let units = (rows * kv_heads * d / 2) as u32;
@@ -1341,6 +1329,30 @@ impl LlmBackend for CudaBf16 {
         }
         Some(from_cube(out))
     }
+}
+
+/// The rope tables as the rope kernels index them: `cos`, `sin` contiguous, checked to be
+/// `[rows, d]` (the kernels read them unchecked).
+fn rope_tables(
+    tables: &RopeTables<CudaBf16>,
+    rows: usize,
+    d: usize,
+) -> (CubeTensor<CudaRuntime>, CubeTensor<CudaRuntime>) {
+    let cos = contiguous(&tables.cos);
+    let sin = contiguous(&tables.sin);
+    for t in [&cos, &sin] {
+        let shape = t.meta.shape();
+        assert!(
+            shape[0] == rows && shape[1] == d,
+            "rope tables: {shape:?}, want [{rows}, {d}]"
+        );
+    }
+    (cos, sin)
+}
+
+/// Planes per cube of the RMSNorm kernels: about 4 elements per unit, at most MAX_PLANES.
+fn norm_planes(hidden: usize) -> u32 {
+    (hidden / 32 / 4).clamp(1, MAX_PLANES) as u32
 }
 
 /// A Burn tensor's CubeCL tensor, contiguous (a copy only if it was a strided view), for the
