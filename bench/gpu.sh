@@ -2,7 +2,7 @@
 # GPU checks and benchmarks, run on the device machine in one call (see docs/benchmarks.md).
 # Expects what `bench/build-gpu.sh` builds here: .gpu/bundle.tar.xz (carried, not committed)
 # with llm-bench, llm-server, llm, libllama_backend.so, libqwen2_backend.so.
-#   bench/gpu.sh [tiny|kernel|sweep|gemv|fused|smoke|full|cycles|all]
+#   bench/gpu.sh [tiny|kernel|prefill|sweep|gemv|fused|smoke|full|models|cycles|all]
 # `full` (not part of `all`) also needs the bitsandbytes wheel in .gpu/ (bench/build-gpu.sh full).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ if [ "$what" = full ] || [ "$what" = fused ]; then
   echo "llm-bench fused exit: ${PIPESTATUS[0]}"
   tail -5 "$OUT/fused.stderr"
 fi
-if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ]; then
+if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ] || [ "$what" = prefill ]; then
   # One file per mode: a tiny run and a kernel run in one call must not overwrite each other.
   timeout 400 .gpu/llm-bench "$what" 2>"$OUT/bench-$what.stderr" | tee "$OUT/bench-$what.jsonl"
   echo "llm-bench exit: ${PIPESTATUS[0]}"

@@ -7,6 +7,8 @@
 //!   card's measured copy bandwidth.
 //!   Also the fused RMSNorm / rotary / gated-activation kernels against the CPU's Burn ops.
 //! - `tiny`: each tiny fixture model on CUDA (bf16) against HF's logits (tests/fixtures/tiny).
+//! - `prefill`: the NF4 prefill path (dequantize + matmul) at 128 and 512 rows on each
+//!   projection shape of a Llama-3.1-8B layer, with the weight dequantized in either layout.
 
 use std::time::Instant;
 
@@ -18,7 +20,7 @@ use llm_core::nf4::{Nf4Weight, WeightDtype};
 use llm_core::rope::RopeTables;
 use llm_core::testing::{fixtures, load_on, rel_l2, to_vec, TinyReference};
 use llm_core::weights::Quantization;
-use llm_core::{Architecture, CausalLm, Cpu, KvCache, Linear};
+use llm_core::{Architecture, CausalLm, Cpu, KvCache, Linear, RmsNorm};
 
 type Device = <CudaBf16 as burn_tensor::backend::BackendTypes>::Device;
 
@@ -312,32 +314,54 @@ fn fused(device: &Device) {
     let hidden = 4096;
     let (xc, xg) = pair(&bf16(rows * hidden, 1, 1.0), [rows, hidden]);
     let w = bf16(hidden, 2, 0.3);
-    let wc = Tensor::<Cpu, 1>::from_data(TensorData::new(w.clone(), [hidden]), &cpu);
-    let wg = Tensor::<CudaBf16, 1>::from_data(TensorData::new(w, [hidden]), device);
-    let want = to_vec(Cpu::rms_norm(xc, &wc, 1e-5));
-    let got = to_vec(CudaBf16::rms_norm(xg.clone(), &wg, 1e-5));
-    let f = wall_us(device, 200, || {
-        let _ = CudaBf16::rms_norm(xg.clone(), &wg, 1e-5);
-    });
-    let o = wall_us(device, 200, || {
-        let _ = llm_core::norm::rms_norm_ops(xg.clone(), &wg, 1e-5);
-    });
-    report("fused_rms_norm", got, want, f, o);
+    let norm = |unit_offset| {
+        let wc = Tensor::<Cpu, 1>::from_data(TensorData::new(w.clone(), [hidden]), &cpu);
+        let wg = Tensor::<CudaBf16, 1>::from_data(TensorData::new(w.clone(), [hidden]), device);
+        let (eps, weight) = (1e-5, wc);
+        let nc = RmsNorm::<Cpu> {
+            weight,
+            eps,
+            unit_offset,
+        };
+        let weight = wg;
+        let ng = RmsNorm::<CudaBf16> {
+            weight,
+            eps,
+            unit_offset,
+        };
+        (nc, ng)
+    };
+    // Llama's norm, and Gemma-2's `(1 + w)` variant (rounded once).
+    for (name, unit_offset) in [
+        ("fused_rms_norm", false),
+        ("fused_rms_norm_unit_offset", true),
+    ] {
+        let (nc, ng) = norm(unit_offset);
+        let want = to_vec(Cpu::rms_norm(xc.clone(), &nc));
+        let got = to_vec(CudaBf16::rms_norm(xg.clone(), &ng));
+        let f = wall_us(device, 200, || {
+            let _ = CudaBf16::rms_norm(xg.clone(), &ng);
+        });
+        let o = wall_us(device, 200, || {
+            let _ = llm_core::norm::rms_norm_ops(xg.clone(), &ng.weight, ng.eps, unit_offset);
+        });
+        report(name, got, want, f, o);
+    }
 
     // Residual add + RMSNorm: both outputs (the sum and its norm) compared.
+    let (nc, ng) = norm(false);
     let (rc, rg) = pair(&bf16(rows * hidden, 8, 1.0), [rows, hidden]);
-    let (xc, _) = pair(&bf16(rows * hidden, 1, 1.0), [rows, hidden]);
-    let (sum_c, norm_c) = Cpu::add_rms_norm(xc, rc, &wc, 1e-5);
-    let (sum_g, norm_g) = CudaBf16::add_rms_norm(xg.clone(), rg.clone(), &wg, 1e-5);
+    let (sum_c, norm_c) = Cpu::add_rms_norm(xc, rc, &nc);
+    let (sum_g, norm_g) = CudaBf16::add_rms_norm(xg.clone(), rg.clone(), &ng);
     let (mut got, mut want) = (to_vec(sum_g), to_vec(sum_c));
     got.extend(to_vec(norm_g));
     want.extend(to_vec(norm_c));
     let f = wall_us(device, 200, || {
-        let _ = CudaBf16::add_rms_norm(xg.clone(), rg.clone(), &wg, 1e-5);
+        let _ = CudaBf16::add_rms_norm(xg.clone(), rg.clone(), &ng);
     });
     let o = wall_us(device, 200, || {
         let sum = xg.clone() + rg.clone();
-        let _ = llm_core::norm::rms_norm_ops(sum, &wg, 1e-5);
+        let _ = llm_core::norm::rms_norm_ops(sum, &ng.weight, ng.eps, false);
     });
     report("fused_add_rms_norm", got, want, f, o);
 
@@ -693,32 +717,136 @@ fn tiny_one<A: Architecture>(arch: &str, device: &Device) {
         let mut cache = KvCache::new(model.num_layers());
         let logits = to_vec(model.forward(&input, &mut cache, true));
         let err = rel_l2(&logits, &r.floats(key).1);
-        // Decode with the KV cache too (single-token steps go through the NF4 GEMV).
-        let decode_step = || {
+        // Decode with the KV cache too (single-token steps go through the NF4 GEMV): the
+        // first half of the prompt prefilled, the rest fed one token per step; the decoded
+        // rows against the reference's rows (one row alone is too noisy a figure: HF's own bf16
+        // rows range 0.02-0.09 against the f32 reference).
+        let (shape, want) = r.floats(key);
+        let (vocab, split) = (shape[1], input.len() / 2);
+        let want_steps = &want[split * vocab..input.len() * vocab];
+        let decode_steps = || {
             let mut cache = KvCache::new(model.num_layers());
-            let _ = model.forward(&input[..input.len() - 1], &mut cache, false);
-            to_vec(model.forward(&input[input.len() - 1..], &mut cache, false))
+            let _ = model.forward(&input[..split], &mut cache, false);
+            let mut rows = Vec::new();
+            for &tok in &input[split..] {
+                rows.extend(to_vec(model.forward(&[tok], &mut cache, false)));
+            }
+            rows
         };
-        let vocab = r.floats(key).0[1];
-        let want_last = &r.floats(key).1[(input.len() - 1) * vocab..input.len() * vocab];
-        let err_decode = rel_l2(&decode_step(), want_last);
-        // The same step with each NF4 projection launched on its own (no q/k/v stacking, no
+        let err_decode = rel_l2(&decode_steps(), want_steps);
+        // The same steps with each NF4 projection launched on its own (no q/k/v stacking, no
         // activation in the gate/up GEMV), to tell the fusion's rounding from the rest.
         use std::sync::atomic::Ordering::Relaxed;
         llm_core::cuda::FUSED_PROJECTIONS.store(false, Relaxed);
-        let err_separate = rel_l2(&decode_step(), want_last);
+        let err_separate = rel_l2(&decode_steps(), want_steps);
         llm_core::cuda::FUSED_PROJECTIONS.store(true, Relaxed);
+        // The peer: HF transformers + bitsandbytes with bf16 compute (the seed's recipe, run on
+        // a GPU when the fixtures were made) against the same reference rows.
+        let peer = (key == "logits_nf4_f32" && r.has("logits_nf4_bnb_bf16")).then(|| {
+            let hf = r.floats("logits_nf4_bnb_bf16").1;
+            serde_json::json!({"all_rows": rel_l2(&hf, &want),
+                               "decode_rows": rel_l2(&hf[split * vocab..], want_steps)})
+        });
         emit(
             "tiny_cuda_rel_err",
             &format!("tiny-{arch}"),
             err,
             "rel_l2",
             serde_json::json!({"weights": dir, "quantization": quant.name(), "reference": key,
-                               "decode_step_rel_err": err_decode,
-                               "decode_step_rel_err_separate_projections": err_separate,
+                               "decode_rows": input.len() - split,
+                               "decode_steps_rel_err": err_decode,
+                               "decode_steps_rel_err_separate_projections": err_separate,
+                               "hf_bnb_bf16_rel_err": peer,
                                "pass": err < 5e-2 && err_decode < 5e-2}),
         );
     }
+}
+
+/// The prefill path of an NF4 linear (more rows than the GEMV takes: dequantize, then Burn's
+/// dense matmul) on each projection shape of a Llama-3.1-8B layer, both weight layouts:
+/// `nk` multiplies by a transposed view of the `[out, in]` dequantized weight, `kn` by the
+/// `[in, out]` transpose [`CudaNf4Linear::dequantize_t`] writes. The two dequantized weights
+/// must agree exactly and the two outputs closely; then each step is timed on the device, and
+/// the seven projections of a layer summed, times 32 layers: the linears' share of a prompt.
+fn prefill(device: &Device) {
+    use std::sync::atomic::Ordering::Relaxed;
+    // (out, in, projections of this shape per layer)
+    let shapes = [
+        (4096usize, 4096usize, 2usize),
+        (1024, 4096, 2),
+        (14336, 4096, 2),
+        (4096, 14336, 1),
+    ];
+    for rows in [128usize, 512] {
+        let mut layer = [0f64; 2];
+        for &(n, k, count) in &shapes {
+            let shape = format!("{n}x{k}");
+            let w = randn(n * k, (n * 31 + k) as u64, 0.04);
+            let q = Nf4Weight::quantize(&w, n, k, true, WeightDtype::BF16);
+            let gpu = CudaNf4Linear::new(q, None, device);
+            let mut xs = randn(rows * k, (rows * 7 + n) as u64, 1.0);
+            bf16_round(&mut xs);
+            let x = Tensor::<CudaBf16, 2>::from_data(TensorData::new(xs, [rows, k]), device);
+            let same = to_vec(gpu.dequantize().transpose()) == to_vec(gpu.dequantize_t());
+            let mut outs = Vec::new();
+            for (i, layout) in ["nk", "kn"].into_iter().enumerate() {
+                llm_core::cuda::DEQUANT_TRANSPOSED.store(layout == "kn", Relaxed);
+                outs.push(to_vec(gpu.forward_dequant(x.clone())));
+                let dequant = device_us(device, 20, || {
+                    let _ = if layout == "kn" {
+                        gpu.dequantize_t()
+                    } else {
+                        gpu.dequantize()
+                    };
+                });
+                let wd = if layout == "kn" {
+                    gpu.dequantize_t()
+                } else {
+                    gpu.dequantize()
+                };
+                let matmul = device_us(device, 20, || {
+                    let _ = if layout == "kn" {
+                        x.clone().matmul(wd.clone())
+                    } else {
+                        x.clone().matmul(wd.clone().transpose())
+                    };
+                });
+                let total = device_us(device, 20, || {
+                    let _ = gpu.forward_dequant(x.clone());
+                });
+                layer[i] += count as f64 * total;
+                let flops = 2.0 * (rows * n * k) as f64;
+                emit(
+                    "nf4_prefill_linear",
+                    &shape,
+                    total,
+                    "us",
+                    serde_json::json!({"rows": rows, "layout": layout, "dequant_us": dequant,
+                                       "matmul_us": matmul, "matmul_tflops": flops / (matmul * 1e-6) / 1e12,
+                                       "dequant_t_equals_transpose": same,
+                                       "timing": "device"}),
+                );
+            }
+            let err = rel_l2(&outs[1], &outs[0]);
+            emit(
+                "nf4_prefill_layouts_rel_err",
+                &shape,
+                err,
+                "rel_l2",
+                serde_json::json!({"rows": rows, "pass": same && err < 1e-2}),
+            );
+        }
+        for (i, layout) in ["nk", "kn"].into_iter().enumerate() {
+            emit(
+                "nf4_prefill_linears_32_layers",
+                "llama-3.1-8b-instruct",
+                32.0 * layer[i] / 1000.0,
+                "ms",
+                serde_json::json!({"rows": rows, "layout": layout, "timing": "device"}),
+            );
+        }
+    }
+    llm_core::cuda::DEQUANT_TRANSPOSED.store(true, Relaxed);
 }
 
 fn main() {
@@ -755,5 +883,8 @@ fn main() {
     }
     if what == "gemv" {
         gemv_for_ncu(&device);
+    }
+    if what == "prefill" || what == "all" {
+        prefill(&device);
     }
 }

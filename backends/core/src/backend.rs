@@ -14,6 +14,7 @@ use crate::config::Activation;
 use crate::host_linear::HostLinear;
 use crate::linear::Linear;
 use crate::nf4::Nf4Weight;
+use crate::norm::RmsNorm;
 use crate::rope::RopeTables;
 
 pub trait LlmBackend: Backend {
@@ -48,10 +49,11 @@ pub trait LlmBackend: Backend {
     fn on_stream<T>(_stream: u64, f: impl FnOnce() -> T) -> T {
         f()
     }
-    /// RMSNorm of each row of `x` `[rows, hidden]` scaled by `weight` `[hidden]` (HF
-    /// `LlamaRMSNorm.forward`). Burn ops (seven kernels on a GPU) unless a backend fuses it.
-    fn rms_norm(x: Tensor<Self, 2>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
-        crate::norm::rms_norm_ops(x, weight, eps)
+    /// `norm` applied to each row of `x` `[rows, hidden]` (HF `LlamaRMSNorm.forward`, or
+    /// `Gemma2RMSNorm.forward` with `unit_offset`). Burn ops (seven kernels on a GPU) unless a
+    /// backend fuses it.
+    fn rms_norm(x: Tensor<Self, 2>, norm: &RmsNorm<Self>) -> Tensor<Self, 2> {
+        crate::norm::rms_norm_ops(x, &norm.weight, norm.eps, norm.unit_offset)
     }
     /// The residual add and the next RMSNorm in one step: `(x + delta, rms_norm(x + delta))`,
     /// the sum rounded to the compute dtype first as HF's `residual + hidden_states` is.
@@ -59,11 +61,10 @@ pub trait LlmBackend: Backend {
     fn add_rms_norm(
         x: Tensor<Self, 2>,
         delta: Tensor<Self, 2>,
-        weight: &Tensor<Self, 1>,
-        eps: f64,
+        norm: &RmsNorm<Self>,
     ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
         let sum = x + delta;
-        (sum.clone(), Self::rms_norm(sum, weight, eps))
+        (sum.clone(), Self::rms_norm(sum, norm))
     }
     /// Rotary embedding of `x` `[rows, heads * head_dim]` (a projection's output), row `r` at
     /// the position of `tables` row `r` -> `[heads, rows, head_dim]` (HF

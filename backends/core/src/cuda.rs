@@ -26,6 +26,7 @@ use crate::backend::LlmBackend;
 use crate::config::Activation;
 use crate::linear::{DenseLinear, Linear};
 use crate::nf4::{Nf4Weight, BLOCKSIZE};
+use crate::norm::RmsNorm;
 use crate::rope::RopeTables;
 
 /// Burn's CUDA backend without fusion (custom kernels take its tensors directly), bf16 floats.
@@ -51,11 +52,18 @@ pub static GEMV_TOKENS: std::sync::atomic::AtomicUsize = std::sync::atomic::Atom
 /// activation its own kernel (`llm-bench tiny` compares the two).
 pub static FUSED_PROJECTIONS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
+/// Whether prefill (more rows than [`GEMV_TOKENS`]) dequantizes each NF4 weight to its
+/// `[in, out]` transpose ([`nf4_dequantize_t`]) for the matmul, or to `[out, in]` and multiplies
+/// by a transposed view. Set from `LLM_CUDA_DEQUANT` (`kn` / `nk`) at the first CUDA load, for
+/// `bench/gpu.sh` to compare the two on a whole prompt.
+pub static DEQUANT_TRANSPOSED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(true);
 /// Most planes (warps) per GEMV cube.
 const MAX_PLANES: usize = 8;
 
 pub use kernels::{
-    add_rms_norm, decode_attention, gated_act, kv_append, nf4_dequantize, nf4_gemv, rms_norm, rope,
+    add_rms_norm, decode_attention, gated_act, kv_append, nf4_dequantize, nf4_dequantize_t,
+    nf4_gemv, rms_norm, rope,
 };
 
 /// KV-cache capacity grows in multiples of this many positions.
@@ -346,9 +354,65 @@ mod kernels {
         }
     }
 
+    /// Dequantize to `out` `[k, n]`: the weight's transpose, row-major, the layout a dense
+    /// matmul reads as its right-hand side without a strided view. A cube per 64 x 64 tile
+    /// (cube `(x, y)`: weight rows `64x..`, columns `64y..`, one absmax block per row): the
+    /// tile is read a row's 8 words at a time, dequantized into shared memory transposed
+    /// (stride 65: two-way bank conflicts at most), and written out 32 consecutive outputs
+    /// per plane. `k` a multiple of 64; rows past `n` are skipped. Cube dim 256.
+    #[cube(launch_unchecked)]
+    pub fn nf4_dequantize_t<F: Float>(
+        packed: &Array<u32>,
+        absmax: &Array<f32>,
+        code: &Array<f32>,
+        out: &mut Array<F>,
+        n: u32,
+        k: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let mut lut = SharedMemory::<f32>::new(16usize);
+        let mut tile = SharedMemory::<f32>::new(64usize * 65usize);
+        let u = UNIT_POS as usize;
+        if u < 16 {
+            lut[u] = code[u];
+        }
+        sync_cube();
+        let (n, k) = (n as usize, k as usize);
+        let n0 = CUBE_POS_X as usize * 64;
+        let k0 = CUBE_POS_Y as usize * 64;
+        // 64 rows x 8 words, two per unit.
+        #[unroll]
+        for pass in 0..2usize {
+            let idx = u + pass * 256;
+            let r = idx / 8;
+            let wi = idx % 8;
+            if n0 + r < n {
+                let word = packed[((n0 + r) * k + k0) / 8 + wi];
+                let a = absmax[((n0 + r) * k + k0) / 64];
+                #[unroll]
+                for i in 0..8usize {
+                    let shift = comptime!(nibble_shift(i));
+                    tile[(wi * 8 + i) * 65 + r] = lut[((word >> shift) & 0xF) as usize] * a;
+                }
+            }
+        }
+        sync_cube();
+        // Output rows k0..k0+64, columns n0..n0+64: element e of the tile at (e / 64, e % 64).
+        #[unroll]
+        for step in 0..16usize {
+            let e = step * 256 + u;
+            let (kr, c) = (e / 64, e % 64);
+            if n0 + c < n {
+                out[(k0 + kr) * n + n0 + c] = F::cast_from(tile[kr * 65 + c]);
+            }
+        }
+    }
+
     /// RMSNorm of one row per cube (HF `LlamaRMSNorm.forward`): the sum of squares in f32
     /// over the cube's units, reduced over planes and then the cube; `x * rsqrt(mean + eps)`
-    /// rounded to `F` (HF's `.to(input_dtype)`), then times the weight, rounded again.
+    /// rounded to `F` (HF's `.to(input_dtype)`), then times the weight, rounded again. With
+    /// `unit_offset` (HF `Gemma2RMSNorm.forward`): `x * rsqrt(mean + eps) * (1 + w)` all in
+    /// f32, rounded once.
     /// `x`, `out` `[rows, hidden]` contiguous, `w` `[hidden]`. Cube dim `(32, planes)`.
     #[cube(launch_unchecked)]
     pub fn rms_norm<F: Float>(
@@ -357,6 +421,7 @@ mod kernels {
         out: &mut Array<F>,
         hidden: u32,
         eps: f32,
+        #[comptime] unit_offset: bool,
         #[define(F)] _dtype: StorageType,
     ) {
         let h = hidden as usize;
@@ -369,7 +434,7 @@ mod kernels {
             i += CUBE_DIM as usize;
         }
         let inv = rms_inverse(acc, hidden, eps);
-        scale_rows(x, w, out, base, h, inv);
+        scale_rows(x, w, out, base, h, inv, unit_offset);
     }
 
     /// [`rms_norm`] of `x + r`, the sum (rounded to `F`, as HF's bf16 residual add) also
@@ -383,6 +448,7 @@ mod kernels {
         out: &mut Array<F>,
         hidden: u32,
         eps: f32,
+        #[comptime] unit_offset: bool,
         #[define(F)] _dtype: StorageType,
     ) {
         let h = hidden as usize;
@@ -397,7 +463,7 @@ mod kernels {
             i += CUBE_DIM as usize;
         }
         let inv = rms_inverse(acc, hidden, eps);
-        scale_rows(sum, w, out, base, h, inv);
+        scale_rows(sum, w, out, base, h, inv, unit_offset);
     }
 
     /// `rsqrt(mean + eps)` from each unit's partial sum of squares: reduced over each plane,
@@ -417,7 +483,8 @@ mod kernels {
         (total / f32::cast_from(hidden) + eps).inverse_sqrt()
     }
 
-    /// `out = w * F(x * inv)` over one row (each unit the indices it summed).
+    /// `out = w * F(x * inv)` over one row (each unit the indices it summed); with
+    /// `unit_offset`, `out = F(x * inv * (1 + w))`.
     #[cube]
     fn scale_rows<F: Float>(
         x: &Array<F>,
@@ -426,11 +493,17 @@ mod kernels {
         base: usize,
         h: usize,
         inv: f32,
+        #[comptime] unit_offset: bool,
     ) {
         let mut i = UNIT_POS as usize;
         while i < h {
-            let normed = F::cast_from(f32::cast_from(x[base + i]) * inv);
-            out[base + i] = F::cast_from(f32::cast_from(w[i]) * f32::cast_from(normed));
+            let normed = f32::cast_from(x[base + i]) * inv;
+            if unit_offset {
+                out[base + i] = F::cast_from(normed * (f32::new(1.0) + f32::cast_from(w[i])));
+            } else {
+                let normed = f32::cast_from(F::cast_from(normed));
+                out[base + i] = F::cast_from(f32::cast_from(w[i]) * normed);
+            }
             i += CUBE_DIM as usize;
         }
     }
@@ -898,9 +971,45 @@ impl CudaNf4Linear {
         from_cube(self.gemv_into(x, out))
     }
 
-    /// `x W^T` by dequantizing to bf16 and a dense matmul.
+    /// `x W^T` by dequantizing to bf16 and a dense matmul: against the `[in, out]` transpose
+    /// written by [`nf4_dequantize_t`], or (with [`DEQUANT_TRANSPOSED`] off) against a
+    /// transposed view of the `[out, in]` weight.
     pub fn forward_dequant(&self, x: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
-        x.matmul(self.dequantize().transpose())
+        if DEQUANT_TRANSPOSED.load(std::sync::atomic::Ordering::Relaxed) {
+            x.matmul(self.dequantize_t())
+        } else {
+            x.matmul(self.dequantize().transpose())
+        }
+    }
+
+    /// The weight dequantized to its bf16 transpose, `[in, out]` row-major.
+    pub fn dequantize_t(&self) -> Tensor<CudaBf16, 2> {
+        let client = self.packed.client.clone();
+        let (n, k) = (self.out_features, self.in_features);
+        let out = empty_device_dtype(
+            client.clone(),
+            self.packed.device.clone(),
+            Shape::from(vec![k, n]),
+            DType::BF16,
+        );
+        // SAFETY: cube (x, y) reads rows 64x.. (< n) of the [n, k] codes, columns 64y..64y+64
+        // (< k: k is a multiple of 64, asserted in `new`), their absmax blocks, and writes the
+        // same elements of the [k, n] output.
+        unsafe {
+            nf4_dequantize_t::launch_unchecked::<CudaRuntime>(
+                &client,
+                CubeCount::Static(n.div_ceil(64) as u32, (k / 64) as u32, 1),
+                CubeDim::new_1d(256),
+                self.packed.clone().into_array_arg(),
+                self.absmax.clone().into_array_arg(),
+                self.code.clone().into_array_arg(),
+                out.clone().into_array_arg(),
+                n as u32,
+                k as u32,
+                DType::BF16.into(),
+            );
+        }
+        from_cube(out)
     }
 }
 
@@ -992,6 +1101,15 @@ pub fn use_kernel_cache(dir: Option<&std::path::Path>) {
         config.autotune.cache = CacheConfig::File(dir);
         CubeClRuntimeConfig::set(config);
     });
+}
+
+/// Benchmark switches from the environment: `LLM_CUDA_DEQUANT=nk` turns
+/// [`DEQUANT_TRANSPOSED`] off (`kn`, the default, leaves it on).
+pub fn read_env() {
+    if let Ok(v) = std::env::var("LLM_CUDA_DEQUANT") {
+        let on = v != "nk";
+        DEQUANT_TRANSPOSED.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// The driver's (free, total) memory of device `spec` ("cuda" / "cuda:N").
@@ -1110,10 +1228,10 @@ impl LlmBackend for CudaBf16 {
         );
         Some(from_cube(out))
     }
-    fn rms_norm(x: Tensor<Self, 2>, weight: &Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+    fn rms_norm(x: Tensor<Self, 2>, norm: &RmsNorm<Self>) -> Tensor<Self, 2> {
         let [rows, hidden] = x.dims();
         let x = contiguous_owned(x);
-        let w = contiguous(weight);
+        let w = contiguous(&norm.weight);
         let out = empty_like(&x, vec![rows, hidden]);
         let planes = norm_planes(hidden);
         // SAFETY: cube `r < rows` reads row `r` of `x` and writes row `r` of `out` (both
@@ -1128,7 +1246,8 @@ impl LlmBackend for CudaBf16 {
                 w.into_array_arg(),
                 out.clone().into_array_arg(),
                 hidden as u32,
-                eps as f32,
+                norm.eps as f32,
+                norm.unit_offset,
                 x.dtype.into(),
             );
         }
@@ -1137,14 +1256,13 @@ impl LlmBackend for CudaBf16 {
     fn add_rms_norm(
         x: Tensor<Self, 2>,
         delta: Tensor<Self, 2>,
-        weight: &Tensor<Self, 1>,
-        eps: f64,
+        norm: &RmsNorm<Self>,
     ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
         let [rows, hidden] = x.dims();
         assert_eq!([rows, hidden], delta.dims(), "residual shapes");
         let x = contiguous_owned(x);
         let r = contiguous_owned(delta);
-        let w = contiguous(weight);
+        let w = contiguous(&norm.weight);
         let sum = empty_like(&x, vec![rows, hidden]);
         let out = empty_like(&x, vec![rows, hidden]);
         let planes = norm_planes(hidden);
@@ -1160,7 +1278,8 @@ impl LlmBackend for CudaBf16 {
                 sum.clone().into_array_arg(),
                 out.clone().into_array_arg(),
                 hidden as u32,
-                eps as f32,
+                norm.eps as f32,
+                norm.unit_offset,
                 x.dtype.into(),
             );
         }

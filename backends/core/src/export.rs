@@ -208,6 +208,7 @@ pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEng
         spec if crate::cuda::parse_device(spec).is_some() => {
             let device = crate::cuda::parse_device(spec).expect("checked");
             crate::cuda::use_kernel_cache(opts.kernel_cache.as_deref());
+            crate::cuda::read_env();
             build::<A, crate::cuda::CudaBf16>(&source, device, quantization, &opts)
         }
         other => Err(unknown_device(other)),

@@ -106,6 +106,9 @@ impl TinyReference {
             .map(|i| i as u32)
             .collect()
     }
+    pub fn has(&self, name: &str) -> bool {
+        self.st.contains(name)
+    }
     pub fn floats(&self, name: &str) -> (Vec<usize>, Vec<f32>) {
         let t = self.st.f32(name).unwrap();
         (t.shape, t.data)
