@@ -23,7 +23,7 @@ if [ "$what" = full ] || [ "$what" = fused ]; then
 fi
 if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ] || [ "$what" = prefill ]; then
   # One file per mode: a tiny run and a kernel run in one call must not overwrite each other.
-  timeout 400 .gpu/llm-bench "$what" 2>"$OUT/bench-$what.stderr" | tee "$OUT/bench-$what.jsonl"
+  timeout "${BENCH_TIMEOUT:-400}" .gpu/llm-bench "$what" 2>"$OUT/bench-$what.stderr" | tee "$OUT/bench-$what.jsonl"
   echo "llm-bench exit: ${PIPESTATUS[0]}"
   tail -20 "$OUT/bench-$what.stderr"
 fi
@@ -48,6 +48,12 @@ if [ "$what" = cycles ]; then
   timeout "${FULL_TIMEOUT:-480}" python3 bench/cycles.py 2>"$OUT/cycles.stderr" | tee "$OUT/cycles.jsonl"
   echo "cycles exit: ${PIPESTATUS[0]}"
   tail -30 "$OUT/cycles.stderr"
+fi
+if [ "$what" = models ]; then
+  python3 -m pip install --no-index --no-deps -q .gpu/bitsandbytes-*.whl 2>&1 | tail -2
+  timeout "${FULL_TIMEOUT:-520}" python3 bench/models.py 2>"$OUT/models.stderr" | tee "$OUT/models.jsonl"
+  echo "models exit: ${PIPESTATUS[0]}"
+  tail -60 "$OUT/models.stderr"
 fi
 if [ "$what" = full ]; then
   python3 -m pip install --no-index --no-deps -q .gpu/bitsandbytes-*.whl 2>&1 | tail -2

@@ -3,22 +3,20 @@
 
     bench/record.py OUT_DIR COMMIT [DATE]
 
-OUT_DIR holds what bench/gpu.sh wrote (gpu.txt, bench-MODE.jsonl, fused.jsonl, gemv.jsonl,
-smoke.jsonl, full.jsonl, cycles.jsonl). Each object gets
+OUT_DIR holds what bench/gpu.sh wrote (gpu.txt and one .jsonl per mode: bench-MODE.jsonl,
+fused.jsonl, gemv.jsonl, smoke.jsonl, full.jsonl, models.jsonl, cycles.jsonl); every .jsonl
+there is read. Each object gets
 {"date", "commit", "card", "model", "metric", "value", "unit"}, plus "peer"/"peer_value" where
 the run measured a peer for the same figure, and the figure's own details.
 """
-import datetime, json, os, sys
+import datetime, glob, json, os, sys
 
 out_dir, commit = sys.argv[1], sys.argv[2]
 date = sys.argv[3] if len(sys.argv) > 3 else datetime.date.today().isoformat()
 card = open(os.path.join(out_dir, "gpu.txt")).read().split(",")[0].strip()
 rows = []
-for name in ("bench.jsonl", "bench-tiny.jsonl", "bench-kernel.jsonl", "bench-all.jsonl",
-             "fused.jsonl", "gemv.jsonl", "smoke.jsonl", "full.jsonl", "cycles.jsonl"):
-    path = os.path.join(out_dir, name)
-    if os.path.exists(path):
-        rows += [json.loads(l) for l in open(path) if l.startswith("{")]
+for path in sorted(glob.glob(os.path.join(out_dir, "*.jsonl"))):
+    rows += [json.loads(l) for l in open(path) if l.startswith("{")]
 # The peer of an NF4 linear timing is Burn's dense bf16 matmul of the same shape and batch.
 peers = {(r["model"], r.get("batch")): r["value"] for r in rows if r["metric"] == "bf16_matmul"}
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

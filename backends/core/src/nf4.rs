@@ -299,56 +299,49 @@ pub const DYNAMIC_CODE: [f32; 256] = [
     1.0,
 ];
 
-/// bnb `dQuantizeNF4`: the nearest NF4 code through the midpoint decision tree. NaN (an all-zero
-/// block scaled by 1/0) falls through to code 0 exactly as in bnb.
-#[allow(clippy::collapsible_else_if)]
+/// bnb `dQuantizeNF4`'s decision thresholds (the midpoints between consecutive NF4 codes, as
+/// its tree spells them), ascending.
+const NF4_THRESHOLDS: [f32; 15] = [
+    -0.848_096_4,
+    -0.610_632_9,
+    -0.459_995_27,
+    -0.339_679_43,
+    -0.234_607_4,
+    -0.137_911_73,
+    -0.045_525_018,
+    0.039_790_15,
+    0.120_255_25,
+    0.203_521_25,
+    0.292_013_77,
+    0.389_312_54,
+    0.501_663_4,
+    0.642_786_9,
+    0.861_478_4,
+];
+
+/// bnb `dQuantizeNF4`: the nearest NF4 code. Its decision tree is a binary search of the sorted
+/// thresholds with `x > t` at every node, so the leaf it reaches is the count of thresholds
+/// below `x`; counted here without branches (a tree walk mispredicts on random weights). NaN
+/// (an all-zero block scaled by 1/0) compares false everywhere: code 0, as in bnb.
 pub fn quantize_nf4(x: f32) -> u8 {
-    if x > 0.039_790_15 {
-        if x > 0.389_312_54 {
-            if x > 0.642_786_9 {
-                if x > 0.861_478_4 {
-                    0b1111
-                } else {
-                    0b1110
-                }
-            } else if x > 0.501_663_4 {
-                0b1101
-            } else {
-                0b1100
-            }
-        } else if x > 0.203_521_25 {
-            if x > 0.292_013_77 {
-                0b1011
-            } else {
-                0b1010
-            }
-        } else if x > 0.120_255_25 {
-            0b1001
-        } else {
-            0b1000
+    NF4_THRESHOLDS.iter().map(|&t| (x > t) as u8).sum()
+}
+
+/// [`quantize_nf4`] of `scale * block[i]` for a block, packed two codes per byte (first in the
+/// high nibble). Threshold by threshold over the whole block, so the compares vectorize.
+fn quantize_block(block: &[f32], scale: f32, bytes: &mut [u8]) {
+    let mut scaled = [0f32; BLOCKSIZE];
+    for (s, &x) in scaled.iter_mut().zip(block) {
+        *s = x * scale;
+    }
+    let mut codes = [0u8; BLOCKSIZE];
+    for &t in &NF4_THRESHOLDS {
+        for (c, &x) in codes.iter_mut().zip(&scaled) {
+            *c += (x > t) as u8;
         }
-    } else if x > -0.339_679_43 {
-        if x > -0.137_911_73 {
-            if x > -0.045_525_018 {
-                0b0111
-            } else {
-                0b0110
-            }
-        } else if x > -0.234_607_4 {
-            0b0101
-        } else {
-            0b0100
-        }
-    } else if x > -0.610_632_9 {
-        if x > -0.459_995_27 {
-            0b0011
-        } else {
-            0b0010
-        }
-    } else if x > -0.848_096_4 {
-        0b0001
-    } else {
-        0b0000
+    }
+    for (byte, pair) in bytes.iter_mut().zip(codes.chunks_exact(2)) {
+        *byte = (pair[0] << 4) | pair[1];
     }
 }
 
@@ -524,12 +517,7 @@ fn quantize_blocks(w: FloatSource, first_block: usize, packed: &mut [u8], absmax
         let a = block_absmax(block);
         *absmax = a;
         // bnb stores 1/absmax and multiplies.
-        let scale = 1.0f32 / a;
-        for (pair, byte) in block.chunks(2).zip(bytes.iter_mut()) {
-            let hi = quantize_nf4(pair[0] * scale);
-            let lo = quantize_nf4(pair[1] * scale);
-            *byte = (hi << 4) | lo;
-        }
+        quantize_block(block, 1.0f32 / a, bytes);
     }
 }
 
@@ -990,6 +978,84 @@ mod tests {
                 off_by_one * 100 < blocks,
                 "{arch}: {off_by_one} of {blocks} absmax codes one step off"
             );
+        }
+    }
+
+    /// bnb `dQuantizeNF4` as written (csrc/kernels.cu): the midpoint decision tree.
+    #[allow(clippy::collapsible_else_if)]
+    fn quantize_nf4_tree(x: f32) -> u8 {
+        if x > 0.039_790_15 {
+            if x > 0.389_312_54 {
+                if x > 0.642_786_9 {
+                    if x > 0.861_478_4 {
+                        0b1111
+                    } else {
+                        0b1110
+                    }
+                } else if x > 0.501_663_4 {
+                    0b1101
+                } else {
+                    0b1100
+                }
+            } else if x > 0.203_521_25 {
+                if x > 0.292_013_77 {
+                    0b1011
+                } else {
+                    0b1010
+                }
+            } else if x > 0.120_255_25 {
+                0b1001
+            } else {
+                0b1000
+            }
+        } else if x > -0.339_679_43 {
+            if x > -0.137_911_73 {
+                if x > -0.045_525_018 {
+                    0b0111
+                } else {
+                    0b0110
+                }
+            } else if x > -0.234_607_4 {
+                0b0101
+            } else {
+                0b0100
+            }
+        } else if x > -0.610_632_9 {
+            if x > -0.459_995_27 {
+                0b0011
+            } else {
+                0b0010
+            }
+        } else if x > -0.848_096_4 {
+            0b0001
+        } else {
+            0b0000
+        }
+    }
+
+    /// The branchless count reaches the tree's leaf for every input: a dense sweep, each
+    /// threshold and its neighbouring floats, infinities and NaN.
+    #[test]
+    fn nf4_count_equals_bnb_tree() {
+        let mut xs: Vec<f32> = (-300_000..=300_000).map(|i| i as f32 / 250_000.0).collect();
+        for &t in &NF4_THRESHOLDS {
+            xs.extend([
+                t,
+                f32::from_bits(t.to_bits() - 1),
+                f32::from_bits(t.to_bits() + 1),
+            ]);
+        }
+        xs.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 0.0, -0.0]);
+        for x in xs {
+            assert_eq!(quantize_nf4(x), quantize_nf4_tree(x), "{x}");
+        }
+        let block: Vec<f32> = (0..BLOCKSIZE).map(|i| (i as f32 - 31.5) / 40.0).collect();
+        let mut bytes = [0u8; BLOCKSIZE / 2];
+        quantize_block(&block, 1.3, &mut bytes);
+        for (j, byte) in bytes.iter().enumerate() {
+            let hi = quantize_nf4_tree(block[2 * j] * 1.3);
+            let lo = quantize_nf4_tree(block[2 * j + 1] * 1.3);
+            assert_eq!(*byte, (hi << 4) | lo, "byte {j}");
         }
     }
 
