@@ -22,11 +22,12 @@ if [ "${1:-}" = full ]; then
   # CUDA 13): 43 MB -> 7 MB, so the wheel, five plugins and the tree fit one carry (64 MiB).
   if ! ls .gpu/bitsandbytes-*.whl >/dev/null 2>&1; then
     pip download -q bitsandbytes==0.50.2 --no-deps -d .gpu/
-    zip -q -d .gpu/bitsandbytes-*.whl 'bitsandbytes/libbitsandbytes_cuda11*' \
-      'bitsandbytes/libbitsandbytes_cuda121.so' 'bitsandbytes/libbitsandbytes_cuda124.so' \
-      'bitsandbytes/libbitsandbytes_cuda126.so' 'bitsandbytes/libbitsandbytes_cuda128.so' \
-      'bitsandbytes/libbitsandbytes_rocm*' 'bitsandbytes/libbitsandbytes_xpu*'
   fi
+  # Also trims a wheel an earlier version of this script left (zip exits 12 when nothing matches).
+  zip -q -d .gpu/bitsandbytes-*.whl 'bitsandbytes/libbitsandbytes_cuda11*' \
+    'bitsandbytes/libbitsandbytes_cuda121.so' 'bitsandbytes/libbitsandbytes_cuda124.so' \
+    'bitsandbytes/libbitsandbytes_cuda126.so' 'bitsandbytes/libbitsandbytes_cuda128.so' \
+    'bitsandbytes/libbitsandbytes_rocm*' 'bitsandbytes/libbitsandbytes_xpu*' || true
 else
   files=(llm-bench llm-server llm libllama_backend.so libqwen2_backend.so)
   cargo build --release -p llm-bench

@@ -3,7 +3,8 @@
 # Expects what `bench/build-gpu.sh` builds here: .gpu/bundle.tar.xz (carried, not committed)
 # with llm-bench, llm-server, llm, libllama_backend.so, libqwen2_backend.so.
 #   bench/gpu.sh [tiny|kernel|prefill|sweep|gemv|fused|smoke|full|models|cycles|all]
-# `full` (not part of `all`) also needs the bitsandbytes wheel in .gpu/ (bench/build-gpu.sh full).
+# `full` and `models` (not part of `all`) need `bench/build-gpu.sh full`: all five plugins and the
+# bitsandbytes wheel in .gpu/.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/bench-out}"

@@ -10,7 +10,8 @@ fit the disk), run the peer (load, 512-token prefill, decode at batch 1), then o
 (quantize on load, or the bnb checkpoint as it is), driver memory, greedy decode at batch 1
 (`llm generate --stats`), TTFT at 32 and 512 prompt tokens, unload; the checkpoint is deleted
 before the next model. One kernel cache for the whole run (`--kernel-cache`), empty at the
-start: the first model's load compiles the kernels all architectures share.
+start unless KEEP_KERNELS=1: the first model's load compiles the kernels all architectures
+share.
 
   MODELS=gemma-2-2b-it,phi-3-mini-4k-instruct python3 bench/models.py
 
@@ -27,7 +28,7 @@ from smoke import used_mb
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START = time.time()
 BUDGET = float(os.environ.get("FULL_TIMEOUT", "520"))
-# (checkpoint format, quantization asked of LoadModel, the peer's --quant)
+# (checkpoint format, quantization asked of LoadModel)
 FORMATS = {
     "gemma-2-2b-it": ("f32", "nf4"),
     "phi-3-mini-4k-instruct": ("bf16", "nf4"),
@@ -59,11 +60,11 @@ def one(model, kernels):
                    check=True, stdout=sys.stderr)
     log(f"{model}: checkpoint ({fmt}) in {time.time() - t:.0f} s")
     peer = {}
-    if os.environ.get("SKIP_PEER") != "1":
+    if os.environ.get("SKIP_PEER") != "1" and left() > 300:
         try:
             r = subprocess.run([sys.executable, os.path.join(ROOT, "bench/peer/bench_hf.py"), ckpt,
                                 "/tmp/peer.json", "--batches", "1", "--new", "64"],
-                               stdout=sys.stderr, stderr=sys.stderr, timeout=min(240, left() - 60))
+                               stdout=sys.stderr, stderr=sys.stderr, timeout=min(240, left() - 180))
             if r.returncode == 0:
                 peer = json.load(open("/tmp/peer.json"))
             else:
@@ -71,6 +72,10 @@ def one(model, kernels):
         except subprocess.TimeoutExpired:
             log(f"{model}: the peer timed out")
         log("peer:", peer)
+    ours(model, ckpt, quant, fmt, peer, kernels, emit)
+
+
+def ours(model, ckpt, quant, fmt, peer, kernels, emit):
     base = used_mb()
     prompt = ",".join(str(1000 + i) for i in range(32))
     with Server(kernels, f"/tmp/server-{model}.log") as s:
@@ -100,12 +105,13 @@ def one(model, kernels):
                     log(f"{model}: first 512-token prompt {time.time() - t:.1f} s")
             emit("ttft_ms_512", ttft(g), "ms", "hf prefill_512_ms", peer.get("prefill_512_ms"))
         s.llm("unload", "m")
-    shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def main():
     models = os.environ.get("MODELS", ",".join(FORMATS)).split(",")
     kernels = "/tmp/llm-kernels"
+    if os.environ.get("KEEP_KERNELS") != "1":  # 1: reuse what an earlier run on this machine left
+        shutil.rmtree(kernels, ignore_errors=True)
     for model in models:
         # A checkpoint, the peer and a cold load take minutes: start only with time for them.
         if left() < 240:
@@ -113,8 +119,10 @@ def main():
             continue
         try:
             one(model, kernels)
-        except Exception as e:  # the next model still runs
+        except (Exception, SystemExit) as e:  # a failed load raises SystemExit; the next model still runs
             log(f"{model}: failed: {e!r}")
+        finally:  # the next model's checkpoint needs the disk (also after a failed write)
+            shutil.rmtree(f"/tmp/ckpt-{model}", ignore_errors=True)
         log(f"{time.time() - START:.0f} s into the run")
 
 

@@ -884,7 +884,7 @@ fn main() {
     if what == "gemv" {
         gemv_for_ncu(&device);
     }
-    if what == "prefill" || what == "all" {
+    if what == "prefill" {
         prefill(&device);
     }
 }

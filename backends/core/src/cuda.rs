@@ -54,7 +54,7 @@ pub static FUSED_PROJECTIONS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
 /// Whether prefill (more rows than [`GEMV_TOKENS`]) dequantizes each NF4 weight to its
 /// `[in, out]` transpose ([`nf4_dequantize_t`]) for the matmul, or to `[out, in]` and multiplies
-/// by a transposed view. Set from `LLM_CUDA_DEQUANT` (`kn` / `nk`) at the first CUDA load, for
+/// by a transposed view. Set from `LLM_CUDA_DEQUANT` ([`read_env`]) at each CUDA load, for
 /// `bench/gpu.sh` to compare the two on a whole prompt.
 pub static DEQUANT_TRANSPOSED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
@@ -1104,11 +1104,13 @@ pub fn use_kernel_cache(dir: Option<&std::path::Path>) {
 }
 
 /// Benchmark switches from the environment: `LLM_CUDA_DEQUANT=nk` turns
-/// [`DEQUANT_TRANSPOSED`] off (`kn`, the default, leaves it on).
+/// [`DEQUANT_TRANSPOSED`] off, `kn` (the default) on; another value is reported and ignored.
 pub fn read_env() {
-    if let Ok(v) = std::env::var("LLM_CUDA_DEQUANT") {
-        let on = v != "nk";
-        DEQUANT_TRANSPOSED.store(on, std::sync::atomic::Ordering::Relaxed);
+    match std::env::var("LLM_CUDA_DEQUANT").as_deref() {
+        Ok("nk") => DEQUANT_TRANSPOSED.store(false, std::sync::atomic::Ordering::Relaxed),
+        Ok("kn") => DEQUANT_TRANSPOSED.store(true, std::sync::atomic::Ordering::Relaxed),
+        Ok(other) => eprintln!("LLM_CUDA_DEQUANT={other} ignored (nk or kn)"),
+        Err(_) => {}
     }
 }
 

@@ -34,7 +34,8 @@ impl<B: LlmBackend> RmsNorm<B> {
         })
     }
 
-    /// `x`: `[tokens, hidden]`. `x * rsqrt(mean(x^2) + eps) * w` ([`LlmBackend::rms_norm`]).
+    /// `x`: `[tokens, hidden]`. `x * rsqrt(mean(x^2) + eps) * w`, or `* (1 + w)` with
+    /// `unit_offset` ([`LlmBackend::rms_norm`]).
     pub fn forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
         B::rms_norm(x, self)
     }
