@@ -12,6 +12,8 @@ mkdir -p "$OUT"
 what="${1:-all}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 export CUBECL_DEBUG_LOG=0
+# llm-bench's kernel cache: later modes on the same (warm) machine skip the kernel compiles.
+export LLM_BENCH_KERNEL_CACHE="${LLM_BENCH_KERNEL_CACHE:-/tmp/llm-bench-kernels}"
 # Keep cubecl's autotune/kernel cache inside the run.
 export HOME="${HOME:-/root}"
 [ -f .gpu/bundle.tar.xz ] && tar -C .gpu -xJf .gpu/bundle.tar.xz

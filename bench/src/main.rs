@@ -851,6 +851,10 @@ fn prefill(device: &Device) {
 
 fn main() {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
+    // Compiled kernels and autotune results on disk (gpu.sh sets it): each llm-bench process
+    // otherwise compiles every kernel again, minutes on a fresh machine.
+    let cache = std::env::var_os("LLM_BENCH_KERNEL_CACHE").map(std::path::PathBuf::from);
+    llm_core::cuda::use_kernel_cache(cache.as_deref());
     let device = llm_core::cuda::parse_device("cuda").unwrap();
     if what == "tiny" || what == "all" {
         // `llm-bench tiny ARCH` runs one architecture.
