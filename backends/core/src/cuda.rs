@@ -929,13 +929,7 @@ impl CudaNf4Linear {
     /// The weight dequantized to a bf16 `[out, in]` tensor.
     pub fn dequantize(&self) -> Tensor<CudaBf16, 2> {
         let client = self.packed.client.clone();
-        let shape = Shape::from(vec![self.out_features, self.in_features]);
-        let out = empty_device_dtype(
-            client.clone(),
-            self.packed.device.clone(),
-            shape,
-            DType::BF16,
-        );
+        let out = self.empty_bf16([self.out_features, self.in_features]);
         let words = (self.out_features * self.in_features / 8) as u32;
         // SAFETY: unit `w < words` reads word `w`, absmax `w / 8` and writes the `w`-th 8-vector
         // of the `[out, in]` output, all in bounds.
@@ -954,6 +948,16 @@ impl CudaNf4Linear {
             );
         }
         from_cube(out)
+    }
+
+    /// An uninitialised bf16 tensor on this weight's device.
+    fn empty_bf16(&self, shape: [usize; 2]) -> CubeTensor<CudaRuntime> {
+        empty_device_dtype(
+            self.packed.client.clone(),
+            self.packed.device.clone(),
+            Shape::from(shape.to_vec()),
+            DType::BF16,
+        )
     }
 }
 
@@ -975,10 +979,17 @@ impl CudaNf4Linear {
     /// written by [`nf4_dequantize_t`], or (with [`DEQUANT_TRANSPOSED`] off) against a
     /// transposed view of the `[out, in]` weight.
     pub fn forward_dequant(&self, x: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
+        x.matmul(self.dequantized_rhs())
+    }
+
+    /// `W^T` `[in, out]` in bf16 as [`Self::forward_dequant`]'s matmul takes it: contiguous
+    /// ([`Self::dequantize_t`]), or with [`DEQUANT_TRANSPOSED`] off a transposed view of
+    /// [`Self::dequantize`].
+    pub fn dequantized_rhs(&self) -> Tensor<CudaBf16, 2> {
         if DEQUANT_TRANSPOSED.load(std::sync::atomic::Ordering::Relaxed) {
-            x.matmul(self.dequantize_t())
+            self.dequantize_t()
         } else {
-            x.matmul(self.dequantize().transpose())
+            self.dequantize().transpose()
         }
     }
 
@@ -986,12 +997,7 @@ impl CudaNf4Linear {
     pub fn dequantize_t(&self) -> Tensor<CudaBf16, 2> {
         let client = self.packed.client.clone();
         let (n, k) = (self.out_features, self.in_features);
-        let out = empty_device_dtype(
-            client.clone(),
-            self.packed.device.clone(),
-            Shape::from(vec![k, n]),
-            DType::BF16,
-        );
+        let out = self.empty_bf16([k, n]);
         // SAFETY: cube (x, y) reads rows 64x.. (< n) of the [n, k] codes, columns 64y..64y+64
         // (< k: k is a multiple of 64, asserted in `new`), their absmax blocks, and writes the
         // same elements of the [k, n] output.
