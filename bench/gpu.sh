@@ -2,7 +2,7 @@
 # GPU checks and benchmarks, run on the device machine in one call (see docs/benchmarks.md).
 # Expects what `bench/build-gpu.sh` builds here: .gpu/bundle.tar.xz (carried, not committed)
 # with llm-bench, llm-server, llm, libllama_backend.so, libqwen2_backend.so.
-#   bench/gpu.sh [tiny|kernel|prefill|sweep|gemv|fused|smoke|full|models|cycles|all]
+#   bench/gpu.sh [tiny|kernel|prefill|upload|sweep|gemv|fused|smoke|full|models|cycles|all]
 # `full` and `models` (not part of `all`) need `bench/build-gpu.sh full`: all five plugins and the
 # bitsandbytes wheel in .gpu/.
 set -uo pipefail
@@ -16,6 +16,24 @@ export CUBECL_DEBUG_LOG=0
 export LLM_BENCH_KERNEL_CACHE="${LLM_BENCH_KERNEL_CACHE:-/tmp/llm-bench-kernels}"
 # Keep cubecl's autotune/kernel cache inside the run.
 export HOME="${HOME:-/root}"
+# cuBLAS for prefill GEMMs (loaded at run time): the CUDA toolkit's, or the one PyTorch's
+# wheels bring (nvidia/cu13/lib or nvidia/cublas/lib). Without it prefill stays on Burn's matmul.
+cublas_dir="$(python3 - <<'PY' 2>/dev/null
+import glob, os, site
+roots = site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+for r in roots:
+    for pat in ("libcublas.so.13*", "nvidia/*/lib/libcublas.so.13*", "nvidia/cublas/lib/libcublas.so.13*"):
+        hits = glob.glob(os.path.join(r, pat))
+        if hits:
+            print(os.path.dirname(hits[0])); raise SystemExit
+PY
+)"
+if [ -n "$cublas_dir" ]; then
+  export LD_LIBRARY_PATH="$cublas_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  echo "cuBLAS from $cublas_dir" | tee "$OUT/cublas.txt"
+else
+  echo "cuBLAS not found: prefill on Burn's matmul" | tee "$OUT/cublas.txt"
+fi
 [ -f .gpu/bundle.tar.xz ] && tar -C .gpu -xJf .gpu/bundle.tar.xz
 chmod +x .gpu/* 2>/dev/null
 if [ "$what" = full ] || [ "$what" = fused ]; then
@@ -24,7 +42,7 @@ if [ "$what" = full ] || [ "$what" = fused ]; then
   echo "llm-bench fused exit: ${PIPESTATUS[0]}"
   tail -5 "$OUT/fused.stderr"
 fi
-if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ] || [ "$what" = prefill ]; then
+if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ] || [ "$what" = prefill ] || [ "$what" = upload ]; then
   # One file per mode: a tiny run and a kernel run in one call must not overwrite each other.
   timeout "${BENCH_TIMEOUT:-400}" .gpu/llm-bench "$what" 2>"$OUT/bench-$what.stderr" | tee "$OUT/bench-$what.jsonl"
   echo "llm-bench exit: ${PIPESTATUS[0]}"

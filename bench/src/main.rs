@@ -138,6 +138,11 @@ fn kernel(device: &Device, sweep: bool) {
             if b <= llm_core::cuda::GEMV_MAX_TOKENS {
                 paths.insert(0, "gemv");
             }
+            // Past the GEMV's rows `Linear::forward` dequantizes and calls cuBLAS (when loaded).
+            let gemv_rows = llm_core::cuda::GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed);
+            if b > gemv_rows && llm_core::cublas::available() {
+                paths.push("cublas");
+            }
             for path in paths {
                 let got = if path == "gemv" {
                     // Poison the output buffer: a kernel that skips an element shows as NaN.
@@ -148,15 +153,17 @@ fn kernel(device: &Device, sweep: bool) {
                     to_vec(Tensor::<CudaBf16, 2>::from_primitive(
                         TensorPrimitive::Float(y),
                     ))
+                } else if path == "cublas" {
+                    to_vec(Linear::forward(&gpu, xg.clone()))
                 } else {
                     to_vec(gpu.forward_dequant(xg.clone()))
                 };
                 let err = rel_l2(&got, &want);
                 let run = || {
-                    let _ = if path == "gemv" {
-                        gpu.forward_gemv(xg.clone())
-                    } else {
-                        gpu.forward_dequant(xg.clone())
+                    let _ = match path {
+                        "gemv" => gpu.forward_gemv(xg.clone()),
+                        "cublas" => Linear::forward(&gpu, xg.clone()),
+                        _ => gpu.forward_dequant(xg.clone()),
                     };
                 };
                 let dev = device_us(device, 50, run);
@@ -777,7 +784,7 @@ fn prefill(device: &Device) {
         (4096, 14336, 1),
     ];
     for rows in [128usize, 512] {
-        let mut layer = [0f64; 2];
+        let mut layer = [0f64; 3];
         for &(n, k, count) in &shapes {
             let shape = format!("{n}x{k}");
             let w = randn(n * k, (n * 31 + k) as u64, 0.04);
@@ -815,6 +822,40 @@ fn prefill(device: &Device) {
                                        "timing": "device"}),
                 );
             }
+            // cuBLAS (the serving default when the library loads): dequantize `[out, in]`,
+            // host waits around `cublasGemmEx`, so wall time, waits included.
+            if llm_core::cublas::available() {
+                let y = to_vec(Linear::forward(&gpu, x.clone()));
+                let err = rel_l2(&y, &outs[0]);
+                let dequant = device_us(device, 20, || {
+                    let _ = gpu.dequantize();
+                });
+                let total = wall_us(device, 20, || {
+                    let _ = Linear::forward(&gpu, x.clone());
+                });
+                layer[2] += count as f64 * total;
+                let flops = 2.0 * (rows * n * k) as f64;
+                emit(
+                    "nf4_prefill_linear",
+                    &shape,
+                    total,
+                    "us",
+                    serde_json::json!({"rows": rows, "layout": "cublas", "dequant_us": dequant,
+                                       "gemm_and_waits_us": total - dequant,
+                                       "tflops_excluding_dequant": flops / ((total - dequant) * 1e-6) / 1e12,
+                                       "rel_err_vs_burn_nk": err, "pass": err < 1e-2,
+                                       "timing": "wall"}),
+                );
+            } else {
+                emit(
+                    "nf4_prefill_linear",
+                    &shape,
+                    f64::NAN,
+                    "us",
+                    serde_json::json!({"rows": rows, "layout": "cublas",
+                                       "error": "cuBLAS not loaded (libcublas.so.13 not on the loader path, or LLM_CUDA_GEMM=burn)"}),
+                );
+            }
             let err = rel_l2(&outs[1], &outs[0]);
             emit(
                 "nf4_prefill_layouts_rel_err",
@@ -824,7 +865,10 @@ fn prefill(device: &Device) {
                 serde_json::json!({"rows": rows, "pass": same && err < 1e-2}),
             );
         }
-        for (i, layout) in ["nk", "kn"].into_iter().enumerate() {
+        for (i, layout) in ["nk", "kn", "cublas"].into_iter().enumerate() {
+            if layer[i] == 0.0 {
+                continue;
+            }
             emit(
                 "nf4_prefill_linears_32_layers",
                 "llama-3.1-8b-instruct",
@@ -878,5 +922,78 @@ fn main() {
     }
     if what == "prefill" {
         prefill(&device);
+    }
+    if what == "upload" {
+        upload(&device);
+    }
+}
+
+/// Where a load's host-to-device time goes (8B: "float tensors" 5.3 s for ~2 GB of embedding
+/// and lm_head, "NF4 upload" 3.9 s for ~4.5 GB, docs/benchmarks.md run 13): 1 GiB of bf16
+/// uploaded as one `Tensor::from_data` (CubeCL stages it through pinned memory), the same in
+/// 64 MiB pieces joined on the device, the host copy alone, and an 8B down-projection's NF4
+/// weight uploaded as `CudaNf4Linear::new` does. Wall time, synchronised.
+fn upload(device: &Device) {
+    let gib = 1usize << 30;
+    let bytes: Vec<u8> = (0..gib).map(|i| (i % 251) as u8).collect();
+    let rows = gib / 2 / 4096;
+    let timed = |f: Box<dyn FnOnce() + '_>| {
+        let t0 = Instant::now();
+        f();
+        sync(device);
+        t0.elapsed().as_secs_f64()
+    };
+    let host_copy = timed(Box::new(|| {
+        std::hint::black_box(bytes.to_vec());
+    }));
+    emit("upload_host_copy_1gib", "-", host_copy, "s", serde_json::json!({}));
+    for attempt in 0..2 {
+        let data = TensorData::from_bytes_vec(bytes.clone(), [rows, 4096], burn_tensor::DType::BF16);
+        let whole = timed(Box::new(|| {
+            std::hint::black_box(Tensor::<CudaBf16, 2>::from_data(data, device));
+        }));
+        emit(
+            "upload_bf16_1gib_whole",
+            "-",
+            whole,
+            "s",
+            serde_json::json!({"attempt": attempt, "GBps": gib as f64 / whole / 1e9}),
+        );
+    }
+    let pieces = timed(Box::new(|| {
+        let piece = 64usize << 20;
+        let parts: Vec<Tensor<CudaBf16, 2>> = bytes
+            .chunks(piece)
+            .map(|c| {
+                let data = TensorData::from_bytes_vec(c.to_vec(), [c.len() / 2 / 4096, 4096], burn_tensor::DType::BF16);
+                Tensor::from_data(data, device)
+            })
+            .collect();
+        std::hint::black_box(Tensor::cat(parts, 0));
+    }));
+    emit(
+        "upload_bf16_1gib_64mib_pieces",
+        "-",
+        pieces,
+        "s",
+        serde_json::json!({"GBps": gib as f64 / pieces / 1e9}),
+    );
+    let (n, k) = (4096usize, 14336usize);
+    let w = randn(n * k, 5, 0.04);
+    let q = Nf4Weight::quantize(&w, n, k, true, WeightDtype::BF16);
+    let nf4_bytes = q.packed.len() + 4 * n * k / 64;
+    for attempt in 0..3 {
+        let q = q.clone();
+        let t = timed(Box::new(|| {
+            std::hint::black_box(CudaNf4Linear::new(q, None, device));
+        }));
+        emit(
+            "upload_nf4_linear",
+            &format!("{n}x{k}"),
+            t,
+            "s",
+            serde_json::json!({"attempt": attempt, "device_bytes": nf4_bytes,
+                               "GBps": nf4_bytes as f64 / t / 1e9}),
+        );
     }
 }

@@ -34,6 +34,9 @@ pub trait LlmBackend: Backend {
         bias: Option<Tensor<Self, 1>>,
         device: &Self::Device,
     ) -> Box<dyn Linear<Self>>;
+    /// Free what the backend holds for `device` outside its memory pool (CUDA: the cuBLAS
+    /// handle, its stream and workspace), when a model leaves the device. Made again on next use.
+    fn release_device(_device: &Self::Device) {}
     /// Bytes the device memory pool has reserved from the driver, for backends with one.
     fn pool_reserved_bytes(_device: &Self::Device) -> Option<u64> {
         None

@@ -1019,18 +1019,75 @@ impl CudaNf4Linear {
     }
 }
 
+impl CudaNf4Linear {
+    /// `y + bias` (broadcast over rows) when the layer has one.
+    fn with_bias(&self, y: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
+        match &self.bias {
+            Some(b) => y + b.clone().unsqueeze_dim(0),
+            None => y,
+        }
+    }
+}
+
+/// Prefill (more rows than the GEMV takes): `x W_i^T (+ b_i)` for each of `layers`, every
+/// weight dequantized to bf16 `[out, in]` and all the GEMMs run by cuBLAS between one pair of
+/// host waits ([`crate::cublas`]). `None` when cuBLAS is not there (the caller uses Burn's
+/// matmul).
+fn prefill_gemms(
+    x: &Tensor<CudaBf16, 2>,
+    layers: &[&CudaNf4Linear],
+) -> Option<Vec<Tensor<CudaBf16, 2>>> {
+    if !crate::cublas::available() {
+        return None;
+    }
+    let [tokens, _] = x.dims();
+    let x = contiguous(x);
+    let weights: Vec<CubeTensor<CudaRuntime>> = layers
+        .iter()
+        .map(|l| l.dequantize().into_primitive().tensor())
+        .collect();
+    let outs: Vec<CubeTensor<CudaRuntime>> = layers
+        .iter()
+        .map(|l| empty_like(&x, vec![tokens, l.out_features]))
+        .collect();
+    let gemms: Vec<crate::cublas::Gemm<'_>> = weights
+        .iter()
+        .zip(&outs)
+        .map(|(w, out)| crate::cublas::Gemm { x: &x, w, out })
+        .collect();
+    if !crate::cublas::linears(&gemms) {
+        return None;
+    }
+    Some(
+        outs.into_iter()
+            .zip(layers)
+            .map(|(y, l)| l.with_bias(from_cube(y)))
+            .collect(),
+    )
+}
+
+/// `linears` as [`CudaNf4Linear`]s of input width `k`, or `None` when any is another kind.
+fn nf4_layers<'a>(
+    k: usize,
+    linears: &[&'a dyn Linear<CudaBf16>],
+) -> Option<Vec<&'a CudaNf4Linear>> {
+    let group: Vec<&CudaNf4Linear> = linears
+        .iter()
+        .map(|l| l.as_any().downcast_ref::<CudaNf4Linear>())
+        .collect::<Option<_>>()?;
+    group.iter().all(|w| w.in_features == k).then_some(group)
+}
+
 impl Linear<CudaBf16> for CudaNf4Linear {
     fn forward(&self, x: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
         let [tokens, k] = x.dims();
         assert_eq!(k, self.in_features, "linear input width");
-        let y = if tokens <= GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) {
-            self.forward_gemv(x)
+        if tokens <= GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) {
+            self.with_bias(self.forward_gemv(x))
+        } else if let Some(mut y) = prefill_gemms(&x, &[self]) {
+            y.remove(0)
         } else {
-            self.forward_dequant(x)
-        };
-        match &self.bias {
-            Some(b) => y + b.clone().unsqueeze_dim(0),
-            None => y,
+            self.with_bias(self.forward_dequant(x))
         }
     }
     fn in_features(&self) -> usize {
@@ -1064,13 +1121,8 @@ fn nf4_group<'a>(
     {
         return None;
     }
-    let group: Vec<&CudaNf4Linear> = linears
-        .iter()
-        .map(|l| l.as_any().downcast_ref::<CudaNf4Linear>())
-        .collect::<Option<_>>()?;
-    let same = |w: &&CudaNf4Linear| {
-        w.bias.is_none() && w.in_features == k && w.code_host == group[0].code_host
-    };
+    let group = nf4_layers(k, linears)?;
+    let same = |w: &&CudaNf4Linear| w.bias.is_none() && w.code_host == group[0].code_host;
     group.iter().all(same).then_some(group)
 }
 
@@ -1110,8 +1162,16 @@ pub fn use_kernel_cache(dir: Option<&std::path::Path>) {
 }
 
 /// Benchmark switches from the environment: `LLM_CUDA_DEQUANT=nk` turns
-/// [`DEQUANT_TRANSPOSED`] off, `kn` (the default) on; another value is reported and ignored.
+/// [`DEQUANT_TRANSPOSED`] off, `kn` (the default) on; `LLM_CUDA_GEMM=burn` keeps prefill on
+/// Burn's matmul, `cublas` (the default) sends it to cuBLAS when the library loads; another
+/// value is reported and ignored.
 pub fn read_env() {
+    match std::env::var("LLM_CUDA_GEMM").as_deref() {
+        Ok("burn") => crate::cublas::USE_CUBLAS.store(false, std::sync::atomic::Ordering::Relaxed),
+        Ok("cublas") => crate::cublas::USE_CUBLAS.store(true, std::sync::atomic::Ordering::Relaxed),
+        Ok(other) => eprintln!("LLM_CUDA_GEMM={other} ignored (cublas or burn)"),
+        Err(_) => {}
+    }
     match std::env::var("LLM_CUDA_DEQUANT").as_deref() {
         Ok("nk") => DEQUANT_TRANSPOSED.store(false, std::sync::atomic::Ordering::Relaxed),
         Ok("kn") => DEQUANT_TRANSPOSED.store(true, std::sync::atomic::Ordering::Relaxed),
@@ -1140,6 +1200,9 @@ impl LlmBackend for CudaBf16 {
             .ok()
             .map(|u| u.bytes_reserved)
     }
+    fn release_device(device: &Self::Device) {
+        crate::cublas::release(device);
+    }
     fn current_stream() -> u64 {
         cubecl::stream_id::StreamId::current().value
     }
@@ -1166,6 +1229,10 @@ impl LlmBackend for CudaBf16 {
         x: &Tensor<Self, 2>,
         linears: &[&dyn Linear<Self>],
     ) -> Option<Vec<Tensor<Self, 2>>> {
+        if x.dims()[0] > GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) {
+            // Prefill: the projections' GEMMs between one pair of host waits.
+            return prefill_gemms(x, &nf4_layers(x.dims()[1], linears)?);
+        }
         let group = nf4_group(x, linears)?;
         let [tokens, k] = x.dims();
         let cfg = GemvConfig::for_shape(tokens, k);
@@ -1219,6 +1286,12 @@ impl LlmBackend for CudaBf16 {
         up: &dyn Linear<Self>,
         act: Activation,
     ) -> Option<Tensor<Self, 2>> {
+        if x.dims()[0] > GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) {
+            // Prefill: both GEMMs between one pair of host waits, then the activation.
+            let mut gu = prefill_gemms(x, &nf4_layers(x.dims()[1], &[gate, up])?)?;
+            let up = gu.pop()?;
+            return Some(Self::gated_act(gu.pop()?, up, act));
+        }
         let group = nf4_group(x, &[gate, up])?;
         if group[0].out_features != group[1].out_features {
             return None;

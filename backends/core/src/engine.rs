@@ -238,6 +238,7 @@ impl<B: LlmBackend, M: CausalLm<B>> DynEngine for Engine<B, M> {
         B::on_stream(self.stream, || {
             drop(self);
             // Without this an unloaded model's memory stays reserved until the process exits.
+            B::release_device(&device);
             hand_back_pool::<B>(&device);
         });
     }

@@ -5,6 +5,8 @@ pub mod attention;
 pub mod backend;
 pub mod config;
 #[cfg(feature = "cuda")]
+pub mod cublas;
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod describe;
 pub mod engine;
