@@ -138,9 +138,8 @@ fn kernel(device: &Device, sweep: bool) {
             if b <= llm_core::cuda::GEMV_MAX_TOKENS {
                 paths.insert(0, "gemv");
             }
-            // Past the GEMV's rows `Linear::forward` dequantizes and calls cuBLAS (when loaded).
-            let gemv_rows = llm_core::cuda::GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed);
-            if b > gemv_rows && llm_core::cublas::available() {
+            // What `Linear::forward` does past the GEMV's rows: dequantize, cuBLAS (when loaded).
+            if b >= 8 && llm_core::cublas::available() {
                 paths.push("cublas");
             }
             for path in paths {
@@ -154,7 +153,7 @@ fn kernel(device: &Device, sweep: bool) {
                         TensorPrimitive::Float(y),
                     ))
                 } else if path == "cublas" {
-                    to_vec(Linear::forward(&gpu, xg.clone()))
+                    to_vec(gpu.forward_cublas(xg.clone()).expect("cuBLAS"))
                 } else {
                     to_vec(gpu.forward_dequant(xg.clone()))
                 };
@@ -162,7 +161,7 @@ fn kernel(device: &Device, sweep: bool) {
                 let run = || {
                     let _ = match path {
                         "gemv" => gpu.forward_gemv(xg.clone()),
-                        "cublas" => Linear::forward(&gpu, xg.clone()),
+                        "cublas" => gpu.forward_cublas(xg.clone()).expect("cuBLAS"),
                         _ => gpu.forward_dequant(xg.clone()),
                     };
                 };
@@ -825,13 +824,13 @@ fn prefill(device: &Device) {
             // cuBLAS (the serving default when the library loads): dequantize `[out, in]`,
             // host waits around `cublasGemmEx`, so wall time, waits included.
             if llm_core::cublas::available() {
-                let y = to_vec(Linear::forward(&gpu, x.clone()));
+                let y = to_vec(gpu.forward_cublas(x.clone()).expect("cuBLAS"));
                 let err = rel_l2(&y, &outs[0]);
                 let dequant = device_us(device, 20, || {
                     let _ = gpu.dequantize();
                 });
                 let total = wall_us(device, 20, || {
-                    let _ = Linear::forward(&gpu, x.clone());
+                    let _ = gpu.forward_cublas(x.clone());
                 });
                 layer[2] += count as f64 * total;
                 let flops = 2.0 * (rows * n * k) as f64;
@@ -946,9 +945,16 @@ fn upload(device: &Device) {
     let host_copy = timed(Box::new(|| {
         std::hint::black_box(bytes.to_vec());
     }));
-    emit("upload_host_copy_1gib", "-", host_copy, "s", serde_json::json!({}));
+    emit(
+        "upload_host_copy_1gib",
+        "-",
+        host_copy,
+        "s",
+        serde_json::json!({}),
+    );
     for attempt in 0..2 {
-        let data = TensorData::from_bytes_vec(bytes.clone(), [rows, 4096], burn_tensor::DType::BF16);
+        let data =
+            TensorData::from_bytes_vec(bytes.clone(), [rows, 4096], burn_tensor::DType::BF16);
         let whole = timed(Box::new(|| {
             std::hint::black_box(Tensor::<CudaBf16, 2>::from_data(data, device));
         }));
@@ -965,7 +971,11 @@ fn upload(device: &Device) {
         let parts: Vec<Tensor<CudaBf16, 2>> = bytes
             .chunks(piece)
             .map(|c| {
-                let data = TensorData::from_bytes_vec(c.to_vec(), [c.len() / 2 / 4096, 4096], burn_tensor::DType::BF16);
+                let data = TensorData::from_bytes_vec(
+                    c.to_vec(),
+                    [c.len() / 2 / 4096, 4096],
+                    burn_tensor::DType::BF16,
+                );
                 Tensor::from_data(data, device)
             })
             .collect();

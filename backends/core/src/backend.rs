@@ -23,6 +23,9 @@ pub trait LlmBackend: Backend {
     /// Whether kernels are compiled and autotuned on first use (CubeCL: NVRTC + autotune), so
     /// a load should run the shapes serving will launch before it reports the model ready.
     const JIT: bool = false;
+    /// Decode batch sizes `1..=N` a JIT backend's load warms up: the ones with kernels of their
+    /// own (CUDA: the NF4 GEMV is compiled per row count).
+    const WARM_UP_DECODE_ROWS: usize = 4;
     /// A float linear layer from a loaded weight `[out, in]`.
     fn dense_linear(
         weight: Tensor<Self, 2>,

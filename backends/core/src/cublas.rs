@@ -7,9 +7,11 @@
 //! the linears 49 of the 60 ms to the first token.
 //!
 //! CubeCL does not hand out its CUDA stream, so the two meet at host synchronisations: wait
-//! for CubeCL's stream (the inputs are written), enqueue the GEMMs on our own stream, wait for
+//! for the device (the inputs are written), enqueue the GEMMs on our own stream, wait for
 //! that stream (the outputs are written) before CubeCL's next kernel reads them. Callers batch
-//! the GEMMs of a layer's projections between one pair of waits.
+//! the GEMMs of a layer's projections between one pair of waits. Measured on an H200
+//! (docs/benchmarks.md, run 14): the waits and round trips cost ~60 us per GEMM when each
+//! GEMM had its own, which is why a group shares them.
 //!
 //! cuBLAS is loaded at run time (cudarc's dynamic loading: `libcublas.so` / `libcublas.so.13`
 //! on the loader path). Without it, or with `LLM_CUDA_GEMM=burn`, prefill keeps Burn's matmul.
@@ -61,60 +63,66 @@ pub fn release(device: &CudaDevice) {
     }
 }
 
-/// One GEMM of [`linears`]: `out[m, n] = x[m, k] · w[n, k]^T`, all three contiguous bf16.
-pub struct Gemm<'a> {
-    pub x: &'a CubeTensor<CudaRuntime>,
-    pub w: &'a CubeTensor<CudaRuntime>,
-    pub out: &'a CubeTensor<CudaRuntime>,
+/// One GEMM of [`linears`]: `out[m, n] = x[m, k] · w[n, k]^T`, its weight `[n, k]` from
+/// element `w_at` of the weight buffer and its output `[m, n]` from element `out_at` of the
+/// output buffer (both bf16, row-major).
+pub struct Part {
+    pub n: usize,
+    pub w_at: usize,
+    pub out_at: usize,
 }
 
-/// Run `gemms` on cuBLAS between one pair of host waits (module doc). Returns false, having
-/// done nothing, when cuBLAS is not [`available`] or a call fails (the caller falls back).
+/// Run `parts` (each against the same `x` `[m, k]`) on cuBLAS between one pair of host waits
+/// (module doc). The weights share one buffer and the outputs another, so the device
+/// addresses cost three round trips to CubeCL's server thread, whatever the group's size.
+/// Returns false, having done nothing, when cuBLAS is not [`available`] or a call fails (the
+/// caller falls back).
 ///
 /// In column-major terms (cuBLAS's) a row-major `[r, c]` matrix is its `[c, r]` transpose, so
 /// `out^T [n, m] = w [n, k] · x^T [k, m]` is `gemm(op(A) = T, op(B) = N)` with `A` = `w` as a
 /// column-major `[k, n]`, `B` = `x` as `[k, m]`: the "TN" layout, cuBLAS's fastest for bf16.
-pub fn linears(gemms: &[Gemm<'_>]) -> bool {
-    if gemms.is_empty() || !available() {
+pub fn linears(
+    x: &CubeTensor<CudaRuntime>,
+    w: &CubeTensor<CudaRuntime>,
+    out: &CubeTensor<CudaRuntime>,
+    parts: &[Part],
+) -> bool {
+    if parts.is_empty() || !available() {
         return false;
     }
-    for g in gemms {
-        let (xs, ws, os) = (g.x.meta.shape(), g.w.meta.shape(), g.out.meta.shape());
+    let [m, k] = [x.meta.shape()[0], x.meta.shape()[1]];
+    assert!(
+        [x, w, out]
+            .iter()
+            .all(|t| t.dtype == DType::BF16 && t.is_contiguous()),
+        "cuBLAS GEMM operands are contiguous bf16"
+    );
+    assert_eq!(x.meta.shape().len(), 2, "x is [m, k]");
+    let (w_len, out_len) = (
+        w.meta.shape().num_elements(),
+        out.meta.shape().num_elements(),
+    );
+    for p in parts {
         assert!(
-            xs.len() == 2 && ws.len() == 2 && os.len() == 2,
-            "cuBLAS GEMM operands are matrices"
-        );
-        assert!(
-            xs[1] == ws[1] && os[0] == xs[0] && os[1] == ws[0],
-            "GEMM shapes: x {xs:?}, w {ws:?}, out {os:?}"
-        );
-        assert!(
-            [g.x, g.w, g.out]
-                .iter()
-                .all(|t| t.dtype == DType::BF16 && t.is_contiguous()),
-            "cuBLAS GEMM operands are contiguous bf16"
+            p.w_at + p.n * k <= w_len && p.out_at + m * p.n <= out_len,
+            "GEMM part past its buffer"
         );
     }
-    let client = gemms[0].x.client.clone();
-    let device = gemms[0].x.device.clone();
-    // Every operand written (and every earlier reader of `out`'s memory done).
-    if burn_cubecl::cubecl::future::block_on(client.sync()).is_err() {
-        return false;
+    let client = x.client.clone();
+    let device = x.device.clone();
+    // Device addresses. Each `get_resource` is a round trip through CubeCL's server thread,
+    // queued after every launch this thread made, so once they return those launches are on
+    // the device's queue; the managed resources keep the allocations alive until we return.
+    let mut keep = Vec::with_capacity(3);
+    let mut base = [0u64; 3];
+    for (slot, t) in base.iter_mut().zip([x, w, out]) {
+        let Ok(r) = client.get_resource(t.handle.clone()) else {
+            return false;
+        };
+        *slot = r.resource().ptr;
+        keep.push(r);
     }
-    // Device addresses; the managed resources keep the allocations alive until we return.
-    let mut keep = Vec::with_capacity(3 * gemms.len());
-    let mut ptrs = Vec::with_capacity(gemms.len());
-    for g in gemms {
-        let mut p = [0u64; 3];
-        for (slot, t) in p.iter_mut().zip([g.x, g.w, g.out]) {
-            let Ok(r) = client.get_resource(t.handle.clone()) else {
-                return false;
-            };
-            *slot = r.resource().ptr;
-            keep.push(r);
-        }
-        ptrs.push(p);
-    }
+    let [x_ptr, w_ptr, out_ptr] = base;
     let Ok(mut handles) = handles().lock() else {
         return false;
     };
@@ -125,34 +133,36 @@ pub fn linears(gemms: &[Gemm<'_>]) -> bool {
             None => return false,
         },
     };
-    if blas.ctx.bind_to_thread().is_err() {
+    // Every operand written, every earlier reader of `out`'s memory done: the whole context
+    // idle (CubeCL's stream cannot be waited on alone, it is not handed out).
+    if blas.ctx.synchronize().is_err() {
         return false;
     }
     let (one, zero) = (1.0f32, 0.0f32);
-    for (g, &[x, w, out]) in gemms.iter().zip(&ptrs) {
-        let (m, k) = (g.x.meta.shape()[0], g.x.meta.shape()[1]);
-        let n = g.w.meta.shape()[0];
-        // SAFETY: the pointers are live device allocations of the stated bf16 shapes (checked
-        // above), the handle's stream is ours, and we wait for it before the resources drop.
+    let bf16 = 2u64;
+    for p in parts {
+        // SAFETY: the pointers are live device allocations holding the stated bf16 ranges
+        // (checked above), the handle's stream is ours, and we wait for it before the
+        // resources drop.
         let status = unsafe {
             blas::gemm_ex(
                 *blas.blas.handle(),
                 blas_sys::cublasOperation_t::CUBLAS_OP_T,
                 blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                n as i32,
+                p.n as i32,
                 m as i32,
                 k as i32,
                 (&one as *const f32).cast(),
-                w as *const std::ffi::c_void,
+                (w_ptr + bf16 * p.w_at as u64) as *const std::ffi::c_void,
                 blas_sys::cudaDataType::CUDA_R_16BF,
                 k as i32,
-                x as *const std::ffi::c_void,
+                x_ptr as *const std::ffi::c_void,
                 blas_sys::cudaDataType::CUDA_R_16BF,
                 k as i32,
                 (&zero as *const f32).cast(),
-                out as *mut std::ffi::c_void,
+                (out_ptr + bf16 * p.out_at as u64) as *mut std::ffi::c_void,
                 blas_sys::cudaDataType::CUDA_R_16BF,
-                n as i32,
+                p.n as i32,
                 blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )

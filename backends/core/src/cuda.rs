@@ -45,8 +45,12 @@ pub fn parse_device(spec: &str) -> Option<CudaDevice> {
 
 /// Most token rows the fused GEMV handles; more use dequantize + matmul.
 pub const GEMV_MAX_TOKENS: usize = 16;
-/// Token rows up to which [`CudaNf4Linear::forward`] uses the fused GEMV (measured crossover).
-pub static GEMV_TOKENS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(4);
+/// Token rows up to which [`CudaNf4Linear::forward`] uses the fused GEMV; more dequantize and
+/// multiply (cuBLAS). On an H200 (docs/benchmarks.md, run 14, 8B shapes) the GEMV took 29-89 us
+/// at 8 rows against 104-170 us for dequantize + cuBLAS (wall, host waits included), and
+/// 51-170 us against 98-161 us at 16 rows; the GEMV needs no host wait, so it keeps the lead.
+pub static GEMV_TOKENS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(GEMV_MAX_TOKENS);
 /// Whether [`LlmBackend::linears_stacked`] / [`LlmBackend::gated_linears`] launch several NF4
 /// projections together (the default); off, each projection is its own GEMV and the
 /// activation its own kernel (`llm-bench tiny` compares the two).
@@ -928,8 +932,20 @@ impl CudaNf4Linear {
 
     /// The weight dequantized to a bf16 `[out, in]` tensor.
     pub fn dequantize(&self) -> Tensor<CudaBf16, 2> {
+        from_cube(self.dequantize_into(self.empty_bf16([self.out_features, self.in_features])))
+    }
+
+    /// The weight dequantized into `out`, a contiguous bf16 `[out, in]` tensor.
+    fn dequantize_into(&self, out: CubeTensor<CudaRuntime>) -> CubeTensor<CudaRuntime> {
+        assert_eq!(
+            out.meta.shape().num_elements(),
+            self.out_features * self.in_features
+        );
+        assert!(
+            out.dtype == DType::BF16 && out.is_contiguous(),
+            "bf16 [out, in]"
+        );
         let client = self.packed.client.clone();
-        let out = self.empty_bf16([self.out_features, self.in_features]);
         let words = (self.out_features * self.in_features / 8) as u32;
         // SAFETY: unit `w < words` reads word `w`, absmax `w / 8` and writes the `w`-th 8-vector
         // of the `[out, in]` output, all in bounds.
@@ -947,7 +963,7 @@ impl CudaNf4Linear {
                 DType::BF16.into(),
             );
         }
-        from_cube(out)
+        out
     }
 
     /// An uninitialised bf16 tensor on this weight's device.
@@ -973,6 +989,12 @@ impl CudaNf4Linear {
             x.dtype,
         );
         from_cube(self.gemv_into(x, out))
+    }
+
+    /// `x W^T (+ b)` by dequantizing to bf16 and cuBLAS (what `forward` does past
+    /// [`GEMV_TOKENS`] rows); `None` without cuBLAS.
+    pub fn forward_cublas(&self, x: Tensor<CudaBf16, 2>) -> Option<Tensor<CudaBf16, 2>> {
+        prefill_gemms(&x, &[self]).map(|mut y| y.remove(0))
     }
 
     /// `x W^T` by dequantizing to bf16 and a dense matmul: against the `[in, out]` transpose
@@ -1030,8 +1052,9 @@ impl CudaNf4Linear {
 }
 
 /// Prefill (more rows than the GEMV takes): `x W_i^T (+ b_i)` for each of `layers`, every
-/// weight dequantized to bf16 `[out, in]` and all the GEMMs run by cuBLAS between one pair of
-/// host waits ([`crate::cublas`]). `None` when cuBLAS is not there (the caller uses Burn's
+/// weight dequantized to bf16 `[out, in]` into one buffer and all the GEMMs run by cuBLAS
+/// between one pair of host waits ([`crate::cublas`]), into one output buffer handed out as a
+/// contiguous tensor per layer. `None` when cuBLAS is not there (the caller uses Burn's
 /// matmul).
 fn prefill_gemms(
     x: &Tensor<CudaBf16, 2>,
@@ -1042,27 +1065,80 @@ fn prefill_gemms(
     }
     let [tokens, _] = x.dims();
     let x = contiguous(x);
-    let weights: Vec<CubeTensor<CudaRuntime>> = layers
+    let (w_at, w_len) = sub_buffers(&x, layers.iter().map(|l| l.out_features * l.in_features));
+    let (out_at, out_len) = sub_buffers(&x, layers.iter().map(|l| tokens * l.out_features));
+    let w = empty_like(&x, vec![w_len]);
+    let out = empty_like(&x, vec![out_len]);
+    for (l, &at) in layers.iter().zip(&w_at) {
+        l.dequantize_into(sub_tensor(&w, at, vec![l.out_features, l.in_features]));
+    }
+    let parts: Vec<crate::cublas::Part> = layers
         .iter()
-        .map(|l| l.dequantize().into_primitive().tensor())
+        .zip(w_at.iter().zip(&out_at))
+        .map(|(l, (&w_at, &out_at))| crate::cublas::Part {
+            n: l.out_features,
+            w_at,
+            out_at,
+        })
         .collect();
-    let outs: Vec<CubeTensor<CudaRuntime>> = layers
-        .iter()
-        .map(|l| empty_like(&x, vec![tokens, l.out_features]))
-        .collect();
-    let gemms: Vec<crate::cublas::Gemm<'_>> = weights
-        .iter()
-        .zip(&outs)
-        .map(|(w, out)| crate::cublas::Gemm { x: &x, w, out })
-        .collect();
-    if !crate::cublas::linears(&gemms) {
+    if !crate::cublas::linears(&x, &w, &out, &parts) {
         return None;
     }
     Some(
-        outs.into_iter()
-            .zip(layers)
-            .map(|(y, l)| l.with_bias(from_cube(y)))
+        layers
+            .iter()
+            .zip(out_at)
+            .map(|(l, at)| {
+                l.with_bias(from_cube(sub_tensor(
+                    &out,
+                    at,
+                    vec![tokens, l.out_features],
+                )))
+            })
             .collect(),
+    )
+}
+
+/// Where consecutive blocks of `lens` elements (of `like`'s dtype) start in one buffer, each
+/// aligned as CubeCL aligns sub-buffers, and the buffer's length in elements.
+fn sub_buffers(
+    like: &CubeTensor<CudaRuntime>,
+    lens: impl Iterator<Item = usize>,
+) -> (Vec<usize>, usize) {
+    let elem = like.dtype.size();
+    let align = like.client.properties().memory.alignment as usize;
+    let mut end = 0;
+    let starts = lens
+        .map(|len| {
+            let start = end;
+            end += (len * elem).next_multiple_of(align) / elem;
+            start
+        })
+        .collect();
+    (starts, end)
+}
+
+/// The contiguous tensor of `shape` from element `start` of the flat buffer `buf`.
+fn sub_tensor(
+    buf: &CubeTensor<CudaRuntime>,
+    start: usize,
+    shape: Vec<usize>,
+) -> CubeTensor<CudaRuntime> {
+    let elem = buf.dtype.size() as u64;
+    let total = buf.meta.shape().num_elements() as u64 * elem;
+    let bytes = shape.iter().product::<usize>() as u64 * elem;
+    let start = start as u64 * elem;
+    let handle = buf
+        .handle
+        .clone()
+        .offset_start(start)
+        .offset_end(total - start - bytes);
+    CubeTensor::new_contiguous(
+        buf.client.clone(),
+        buf.device.clone(),
+        Shape::from(shape),
+        handle,
+        buf.dtype,
     )
 }
 
@@ -1084,8 +1160,8 @@ impl Linear<CudaBf16> for CudaNf4Linear {
         assert_eq!(k, self.in_features, "linear input width");
         if tokens <= GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) {
             self.with_bias(self.forward_gemv(x))
-        } else if let Some(mut y) = prefill_gemms(&x, &[self]) {
-            y.remove(0)
+        } else if let Some(y) = self.forward_cublas(x.clone()) {
+            y
         } else {
             self.with_bias(self.forward_dequant(x))
         }
@@ -1200,6 +1276,7 @@ impl LlmBackend for CudaBf16 {
             .ok()
             .map(|u| u.bytes_reserved)
     }
+    const WARM_UP_DECODE_ROWS: usize = GEMV_MAX_TOKENS;
     fn release_device(device: &Self::Device) {
         crate::cublas::release(device);
     }
@@ -1244,37 +1321,16 @@ impl LlmBackend for CudaBf16 {
             return None;
         }
         let x = contiguous(x);
-        let elem = x.dtype.size();
-        let align = x.client.properties().memory.alignment as usize;
+        let (starts, end) = sub_buffers(&x, group.iter().map(|w| tokens * w.out_features));
         let mut bases = [0usize; 3];
-        let mut end = 0;
-        for (i, w) in group.iter().enumerate() {
-            bases[i] = end;
-            end += (tokens * w.out_features * elem).next_multiple_of(align) / elem;
-        }
+        bases[..starts.len()].copy_from_slice(&starts);
         let out = empty_like(&x, vec![end]);
         launch_gemv(x, &group, out.clone(), bases, cfg, None);
-        let total = (end * elem) as u64;
         Some(
             group
                 .iter()
-                .zip(bases)
-                .map(|(w, base)| {
-                    let bytes = (tokens * w.out_features * elem) as u64;
-                    let start = (base * elem) as u64;
-                    let handle = out
-                        .handle
-                        .clone()
-                        .offset_start(start)
-                        .offset_end(total - start - bytes);
-                    from_cube(CubeTensor::new_contiguous(
-                        out.client.clone(),
-                        out.device.clone(),
-                        Shape::from(vec![tokens, w.out_features]),
-                        handle,
-                        out.dtype,
-                    ))
-                })
+                .zip(starts)
+                .map(|(w, at)| from_cube(sub_tensor(&out, at, vec![tokens, w.out_features])))
                 .collect(),
         )
     }

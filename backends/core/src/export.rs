@@ -277,7 +277,7 @@ fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M) {
         let _ = model.forward_batch(&mut batch, false).into_data();
     };
     run(&[32.min(model.max_context())]);
-    for rows in 1..=4 {
+    for rows in 1..=B::WARM_UP_DECODE_ROWS {
         run(&vec![1; rows]);
     }
 }
