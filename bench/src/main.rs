@@ -966,6 +966,24 @@ fn upload(device: &Device) {
             serde_json::json!({"attempt": attempt, "GBps": gib as f64 / whole / 1e9}),
         );
     }
+    // The load's path since run 14 (`llm_core::cublas::copy_in`): the driver copies from the
+    // host buffer as it is (here one already written; at load, the checkpoint's mapping).
+    for attempt in 0..2 {
+        let direct = timed(Box::new(|| {
+            use burn_cubecl::cubecl::prelude::Runtime;
+            let client = burn_cubecl::cubecl::cuda::CudaRuntime::client(device);
+            std::hint::black_box(
+                llm_core::cublas::copy_in(&client, device, &bytes).expect("copy_in"),
+            );
+        }));
+        emit(
+            "upload_copy_in_1gib",
+            "-",
+            direct,
+            "s",
+            serde_json::json!({"attempt": attempt, "GBps": gib as f64 / direct / 1e9}),
+        );
+    }
     let pieces = timed(Box::new(|| {
         let piece = 64usize << 20;
         let parts: Vec<Tensor<CudaBf16, 2>> = bytes

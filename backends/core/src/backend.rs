@@ -7,7 +7,7 @@
 
 use burn_ndarray::NdArray;
 use burn_tensor::backend::Backend;
-use burn_tensor::Tensor;
+use burn_tensor::{DType, Tensor, TensorData};
 
 use crate::attention::{AttentionConfig, LayerKv};
 use crate::config::Activation;
@@ -37,6 +37,19 @@ pub trait LlmBackend: Backend {
         bias: Option<Tensor<Self, 1>>,
         device: &Self::Device,
     ) -> Box<dyn Linear<Self>>;
+    /// A float tensor from its stored little-endian bytes (`dtype` F32, F16 or BF16, as the
+    /// checkpoint holds it), on `device`; Burn converts it to the backend's float type.
+    fn float_from_bytes<const D: usize>(
+        bytes: &[u8],
+        dtype: DType,
+        shape: [usize; D],
+        device: &Self::Device,
+    ) -> Tensor<Self, D> {
+        Tensor::from_data(
+            TensorData::from_bytes_vec(bytes.to_vec(), shape.to_vec(), dtype),
+            device,
+        )
+    }
     /// Free what the backend holds for `device` outside its memory pool (CUDA: the cuBLAS
     /// handle, its stream and workspace), when a model leaves the device. Made again on next use.
     fn release_device(_device: &Self::Device) {}

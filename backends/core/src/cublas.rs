@@ -13,6 +13,8 @@
 //! (docs/benchmarks.md, run 14): the waits and round trips cost ~60 us per GEMM when each
 //! GEMM had its own, which is why a group shares them.
 //!
+//! Also here: [`copy_in`], host-to-device copies by the driver (the same primary context).
+//!
 //! cuBLAS is loaded at run time (cudarc's dynamic loading: `libcublas.so` / `libcublas.so.13`
 //! on the loader path). Without it, or with `LLM_CUDA_GEMM=burn`, prefill keeps Burn's matmul.
 
@@ -20,7 +22,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use burn_cubecl::cubecl::client::ComputeClient;
 use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
+use burn_cubecl::cubecl::server::Handle;
 use burn_cubecl::tensor::CubeTensor;
 use burn_tensor::DType;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -35,6 +39,47 @@ struct Blas {
     blas: CudaBlas,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
+}
+
+/// The device's primary context (the one CubeCL uses), retained once per device.
+fn context(ordinal: usize) -> Option<Arc<CudaContext>> {
+    static CONTEXTS: OnceLock<Mutex<HashMap<usize, Arc<CudaContext>>>> = OnceLock::new();
+    let mut map = CONTEXTS.get_or_init(Default::default).lock().ok()?;
+    if let Some(ctx) = map.get(&ordinal) {
+        return Some(ctx.clone());
+    }
+    let ctx = CudaContext::new(ordinal).ok()?;
+    map.insert(ordinal, ctx.clone());
+    Some(ctx)
+}
+
+/// A new device buffer holding `bytes`, copied by the driver straight from `bytes` (a file
+/// mapping or a reused host buffer), or `None` if a driver call failed.
+///
+/// Why not CubeCL's `create_from_slice`: it copies the bytes into its pinned staging pool
+/// first, and Burn's `from_data` wants them in an owned `Vec`; on the device machine fresh host
+/// pages are written at ~0.5 GB/s (docs/benchmarks.md, run 14), which made those copies most of
+/// a load's upload time. The driver stages pageable memory through buffers of its own.
+pub fn copy_in(
+    client: &ComputeClient<CudaRuntime>,
+    device: &CudaDevice,
+    bytes: &[u8],
+) -> Option<Handle> {
+    let handle = client.empty(bytes.len());
+    // A round trip through CubeCL's server thread: the allocation is made.
+    let resource = client.get_resource(handle.clone()).ok()?;
+    let ctx = context(device.index)?;
+    ctx.bind_to_thread().ok()?;
+    // The allocation may be stream-ordered on CubeCL's stream: wait for it. After the copy,
+    // wait again: a pageable copy returns once the bytes are staged, before the DMA ends, and
+    // CubeCL's kernels run on a stream the copy does not order against.
+    ctx.synchronize().ok()?;
+    // SAFETY: the destination is a live allocation of `bytes.len()` bytes, kept alive by
+    // `resource` until the copy and the context sync after it are done.
+    unsafe { cudarc::driver::result::memcpy_htod_sync(resource.resource().ptr, bytes) }.ok()?;
+    ctx.synchronize().ok()?;
+    drop(resource);
+    Some(handle)
 }
 
 /// Handles by device ordinal, created at first use and dropped by [`release`] when a model
@@ -179,7 +224,7 @@ pub fn linears(
 }
 
 fn new_handle(ordinal: usize) -> Option<Blas> {
-    let ctx = CudaContext::new(ordinal).ok()?;
+    let ctx = context(ordinal)?;
     let stream = ctx.new_stream().ok()?;
     let blas = CudaBlas::new(stream.clone()).ok()?;
     Some(Blas { blas, stream, ctx })

@@ -19,7 +19,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
-use burn_tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
 
 use crate::attention::{AttentionConfig, LayerKv};
 use crate::backend::LlmBackend;
@@ -873,7 +873,8 @@ fn upload(
     dtype: DType,
 ) -> CubeTensor<CudaRuntime> {
     let client = CudaRuntime::client(device);
-    let handle: Handle = client.create_from_slice(bytes);
+    let handle: Handle = crate::cublas::copy_in(&client, device, bytes)
+        .unwrap_or_else(|| client.create_from_slice(bytes));
     CubeTensor::new_contiguous(client, device.clone(), Shape::from(shape), handle, dtype)
 }
 
@@ -886,12 +887,13 @@ impl CudaNf4Linear {
         );
         let n = weight.out_features * weight.in_features;
         let packed = upload(device, &weight.packed, vec![n / 8], DType::U32);
-        let absmax: Vec<u8> = weight
-            .absmax_f32()
-            .iter()
-            .flat_map(|a| a.to_le_bytes())
-            .collect();
-        let absmax = upload(device, &absmax, vec![n / BLOCKSIZE], DType::F32);
+        let absmax = weight.absmax_f32();
+        let absmax = upload(
+            device,
+            bytemuck::cast_slice(&absmax),
+            vec![n / BLOCKSIZE],
+            DType::F32,
+        );
         let code: Vec<u8> = weight.code.iter().flat_map(|a| a.to_le_bytes()).collect();
         let code = upload(device, &code, vec![16], DType::F32);
         CudaNf4Linear {
@@ -1277,6 +1279,22 @@ impl LlmBackend for CudaBf16 {
             .map(|u| u.bytes_reserved)
     }
     const WARM_UP_DECODE_ROWS: usize = GEMV_MAX_TOKENS;
+    fn float_from_bytes<const D: usize>(
+        bytes: &[u8],
+        dtype: DType,
+        shape: [usize; D],
+        device: &Self::Device,
+    ) -> Tensor<Self, D> {
+        if dtype == DType::BF16 && !bytes.is_empty() {
+            // Straight from the checkpoint's mapping to the device (`crate::cublas::copy_in`).
+            from_cube(upload(device, bytes, shape.to_vec(), dtype))
+        } else {
+            Tensor::from_data(
+                TensorData::from_bytes_vec(bytes.to_vec(), shape.to_vec(), dtype),
+                device,
+            )
+        }
+    }
     fn release_device(device: &Self::Device) {
         crate::cublas::release(device);
     }

@@ -138,11 +138,13 @@ impl<'a, B: LlmBackend> Weights<'a, B> {
         let t0 = Instant::now();
         let key = self.key(leaf);
         let raw = self.raw(&key, &shape)?;
-        let data = match raw.dtype.float_width() {
-            Some(_) => stored_float_data(raw.dtype, raw.data, shape.to_vec()),
-            None => TensorData::new(self.ctx.store.f32(&key)?.data, shape.to_vec()),
+        let t = match stored_float_dtype(raw.dtype) {
+            Some(dtype) => B::float_from_bytes(raw.data, dtype, shape, &self.ctx.device),
+            None => Tensor::from_data(
+                TensorData::new(self.ctx.store.f32(&key)?.data, shape.to_vec()),
+                &self.ctx.device,
+            ),
         };
-        let t = Tensor::from_data(data, &self.ctx.device);
         LoadTimers::add(&self.ctx.timers.float_us, t0);
         Ok(t)
     }
@@ -257,13 +259,13 @@ impl<'a, B: LlmBackend> Weights<'a, B> {
     }
 }
 
-/// A stored float tensor's bytes (`dtype` F32, F16 or BF16) as Burn data of that dtype, as
-/// they are: little-endian, as the host (x86-64, aarch64) is.
-fn stored_float_data(dtype: StoredDtype, bytes: &[u8], shape: Vec<usize>) -> TensorData {
-    let dtype = match dtype {
-        StoredDtype::F32 => DType::F32,
-        StoredDtype::F16 => DType::F16,
-        _ => DType::BF16,
-    };
-    TensorData::from_bytes_vec(bytes.to_vec(), shape, dtype)
+/// The Burn dtype of a stored float tensor's bytes (F32, F16 or BF16, little-endian as the
+/// host is: x86-64, aarch64); `None` for other stored types (GGUF blocks, integers).
+fn stored_float_dtype(dtype: StoredDtype) -> Option<DType> {
+    match dtype {
+        StoredDtype::F32 => Some(DType::F32),
+        StoredDtype::F16 => Some(DType::F16),
+        StoredDtype::BF16 => Some(DType::BF16),
+        _ => None,
+    }
 }
