@@ -2,7 +2,7 @@
 # GPU checks and benchmarks, run on the device machine in one call (see docs/benchmarks.md).
 # Expects what `bench/build-gpu.sh` builds here: .gpu/bundle.tar.xz (carried, not committed)
 # with llm-bench, llm-server, llm, libllama_backend.so, libqwen2_backend.so.
-#   bench/gpu.sh [tiny|kernel|prefill|upload|sweep|gemv|fused|smoke|full|models|cycles|all]
+#   bench/gpu.sh [tiny|kernel|prefill|upload|sweep|gemv|fused|smoke|full|models|ab_gemm|cycles|all]
 # `full` and `models` (not part of `all`) need `bench/build-gpu.sh full`: all five plugins and the
 # bitsandbytes wheel in .gpu/.
 set -uo pipefail
@@ -36,7 +36,7 @@ else
 fi
 [ -f .gpu/bundle.tar.xz ] && tar -C .gpu -xJf .gpu/bundle.tar.xz
 chmod +x .gpu/* 2>/dev/null
-if [ "$what" = full ] || [ "$what" = fused ]; then
+if { [ "$what" = full ] && [ "${SKIP_FUSED:-0}" != 1 ]; } || [ "$what" = fused ]; then
   # The fused per-layer kernels against the CPU path first: a full run of wrong kernels is void.
   timeout 120 .gpu/llm-bench fused 2>"$OUT/fused.stderr" | tee "$OUT/fused.jsonl"
   echo "llm-bench fused exit: ${PIPESTATUS[0]}"
@@ -75,6 +75,11 @@ if [ "$what" = models ]; then
   timeout "${FULL_TIMEOUT:-520}" python3 bench/models.py 2>"$OUT/models.stderr" | tee "$OUT/models.jsonl"
   echo "models exit: ${PIPESTATUS[0]}"
   tail -60 "$OUT/models.stderr"
+fi
+if [ "$what" = ab_gemm ]; then
+  timeout "${FULL_TIMEOUT:-480}" python3 bench/ab_gemm.py 2>"$OUT/ab_gemm.stderr" | tee "$OUT/ab_gemm.jsonl"
+  echo "ab_gemm exit: ${PIPESTATUS[0]}"
+  tail -20 "$OUT/ab_gemm.stderr"
 fi
 if [ "$what" = full ]; then
   python3 -m pip install --no-index --no-deps -q .gpu/bitsandbytes-*.whl 2>&1 | tail -2

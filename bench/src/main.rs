@@ -116,7 +116,10 @@ fn copy_bandwidth(device: &Device) -> f64 {
 }
 
 fn kernel(device: &Device, sweep: bool) {
+    use std::sync::atomic::Ordering::Relaxed;
     let copy_gbs = copy_bandwidth(device);
+    // cuBLAS is opt-in in the server (llm_core::driver); here it is one of the compared paths.
+    llm_core::driver::USE_CUBLAS.store(true, Relaxed);
 
     for (k, n) in [(4096usize, 4096usize), (4096, 14336), (14336, 4096)] {
         let shape = format!("{n}x{k}");
@@ -139,7 +142,7 @@ fn kernel(device: &Device, sweep: bool) {
                 paths.insert(0, "gemv");
             }
             // What `Linear::forward` does past the GEMV's rows: dequantize, cuBLAS (when loaded).
-            if b >= 8 && llm_core::cublas::available() {
+            if b >= 8 && llm_core::driver::available() {
                 paths.push("cublas");
             }
             for path in paths {
@@ -194,6 +197,7 @@ fn kernel(device: &Device, sweep: bool) {
             );
         }
     }
+    llm_core::driver::USE_CUBLAS.store(false, Relaxed);
 }
 
 /// The batch-1 GEMV with its default configuration, 20 launches per shape and nothing else on
@@ -775,6 +779,8 @@ fn tiny_one<A: Architecture>(arch: &str, device: &Device) {
 /// the seven projections of a layer summed, times 32 layers: the linears' share of a prompt.
 fn prefill(device: &Device) {
     use std::sync::atomic::Ordering::Relaxed;
+    // cuBLAS is opt-in in the server (llm_core::driver); here it is one of the compared paths.
+    llm_core::driver::USE_CUBLAS.store(true, Relaxed);
     // (out, in, projections of this shape per layer)
     let shapes = [
         (4096usize, 4096usize, 2usize),
@@ -823,7 +829,7 @@ fn prefill(device: &Device) {
             }
             // cuBLAS (the serving default when the library loads): dequantize `[out, in]`,
             // host waits around `cublasGemmEx`, so wall time, waits included.
-            if llm_core::cublas::available() {
+            if llm_core::driver::available() {
                 let y = to_vec(gpu.forward_cublas(x.clone()).expect("cuBLAS"));
                 let err = rel_l2(&y, &outs[0]);
                 let dequant = device_us(device, 20, || {
@@ -878,6 +884,7 @@ fn prefill(device: &Device) {
         }
     }
     llm_core::cuda::DEQUANT_TRANSPOSED.store(true, Relaxed);
+    llm_core::driver::USE_CUBLAS.store(false, Relaxed);
 }
 
 fn main() {
@@ -966,14 +973,14 @@ fn upload(device: &Device) {
             serde_json::json!({"attempt": attempt, "GBps": gib as f64 / whole / 1e9}),
         );
     }
-    // The load's path since run 14 (`llm_core::cublas::copy_in`): the driver copies from the
+    // The load's path since run 14 (`llm_core::driver::copy_in`): the driver copies from the
     // host buffer as it is (here one already written; at load, the checkpoint's mapping).
     for attempt in 0..2 {
         let direct = timed(Box::new(|| {
             use burn_cubecl::cubecl::prelude::Runtime;
             let client = burn_cubecl::cubecl::cuda::CudaRuntime::client(device);
             std::hint::black_box(
-                llm_core::cublas::copy_in(&client, device, &bytes).expect("copy_in"),
+                llm_core::driver::copy_in(&client, device, &bytes).expect("copy_in"),
             );
         }));
         emit(

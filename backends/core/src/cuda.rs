@@ -46,7 +46,7 @@ pub fn parse_device(spec: &str) -> Option<CudaDevice> {
 /// Most token rows the fused GEMV handles; more use dequantize + matmul.
 pub const GEMV_MAX_TOKENS: usize = 16;
 /// Token rows up to which [`CudaNf4Linear::forward`] uses the fused GEMV; more dequantize and
-/// multiply (cuBLAS). On an H200 (docs/benchmarks.md, run 14, 8B shapes) the GEMV took 29-89 us
+/// multiply. On an H200 (docs/benchmarks.md, run 14, 8B shapes) the GEMV took 29-89 us
 /// at 8 rows against 104-170 us for dequantize + cuBLAS (wall, host waits included), and
 /// 51-170 us against 98-161 us at 16 rows; the GEMV needs no host wait, so it keeps the lead.
 pub static GEMV_TOKENS: std::sync::atomic::AtomicUsize =
@@ -873,7 +873,7 @@ fn upload(
     dtype: DType,
 ) -> CubeTensor<CudaRuntime> {
     let client = CudaRuntime::client(device);
-    let handle: Handle = crate::cublas::copy_in(&client, device, bytes)
+    let handle: Handle = crate::driver::copy_in(&client, device, bytes)
         .unwrap_or_else(|| client.create_from_slice(bytes));
     CubeTensor::new_contiguous(client, device.clone(), Shape::from(shape), handle, dtype)
 }
@@ -994,7 +994,7 @@ impl CudaNf4Linear {
     }
 
     /// `x W^T (+ b)` by dequantizing to bf16 and cuBLAS (what `forward` does past
-    /// [`GEMV_TOKENS`] rows); `None` without cuBLAS.
+    /// [`GEMV_TOKENS`] rows with `LLM_CUDA_GEMM=cublas`); `None` when cuBLAS is off or absent.
     pub fn forward_cublas(&self, x: Tensor<CudaBf16, 2>) -> Option<Tensor<CudaBf16, 2>> {
         prefill_gemms(&x, &[self]).map(|mut y| y.remove(0))
     }
@@ -1055,14 +1055,14 @@ impl CudaNf4Linear {
 
 /// Prefill (more rows than the GEMV takes): `x W_i^T (+ b_i)` for each of `layers`, every
 /// weight dequantized to bf16 `[out, in]` into one buffer and all the GEMMs run by cuBLAS
-/// between one pair of host waits ([`crate::cublas`]), into one output buffer handed out as a
-/// contiguous tensor per layer. `None` when cuBLAS is not there (the caller uses Burn's
+/// between one pair of host waits ([`crate::driver`]), into one output buffer handed out as a
+/// contiguous tensor per layer. `None` when cuBLAS is off or absent (the caller uses Burn's
 /// matmul).
 fn prefill_gemms(
     x: &Tensor<CudaBf16, 2>,
     layers: &[&CudaNf4Linear],
 ) -> Option<Vec<Tensor<CudaBf16, 2>>> {
-    if !crate::cublas::available() {
+    if !crate::driver::available() {
         return None;
     }
     let [tokens, _] = x.dims();
@@ -1074,16 +1074,16 @@ fn prefill_gemms(
     for (l, &at) in layers.iter().zip(&w_at) {
         l.dequantize_into(sub_tensor(&w, at, vec![l.out_features, l.in_features]));
     }
-    let parts: Vec<crate::cublas::Part> = layers
+    let parts: Vec<crate::driver::Part> = layers
         .iter()
         .zip(w_at.iter().zip(&out_at))
-        .map(|(l, (&w_at, &out_at))| crate::cublas::Part {
+        .map(|(l, (&w_at, &out_at))| crate::driver::Part {
             n: l.out_features,
             w_at,
             out_at,
         })
         .collect();
-    if !crate::cublas::linears(&x, &w, &out, &parts) {
+    if !crate::driver::linears(&x, &w, &out, &parts) {
         return None;
     }
     Some(
@@ -1240,13 +1240,13 @@ pub fn use_kernel_cache(dir: Option<&std::path::Path>) {
 }
 
 /// Benchmark switches from the environment: `LLM_CUDA_DEQUANT=nk` turns
-/// [`DEQUANT_TRANSPOSED`] off, `kn` (the default) on; `LLM_CUDA_GEMM=burn` keeps prefill on
-/// Burn's matmul, `cublas` (the default) sends it to cuBLAS when the library loads; another
-/// value is reported and ignored.
+/// [`DEQUANT_TRANSPOSED`] off, `kn` (the default) on; `LLM_CUDA_GEMM=cublas` sends prefill
+/// GEMMs to cuBLAS when the library loads, `burn` (the default) keeps Burn's matmul
+/// ([`crate::driver`] says why); another value is reported and ignored.
 pub fn read_env() {
     match std::env::var("LLM_CUDA_GEMM").as_deref() {
-        Ok("burn") => crate::cublas::USE_CUBLAS.store(false, std::sync::atomic::Ordering::Relaxed),
-        Ok("cublas") => crate::cublas::USE_CUBLAS.store(true, std::sync::atomic::Ordering::Relaxed),
+        Ok("burn") => crate::driver::USE_CUBLAS.store(false, std::sync::atomic::Ordering::Relaxed),
+        Ok("cublas") => crate::driver::USE_CUBLAS.store(true, std::sync::atomic::Ordering::Relaxed),
         Ok(other) => eprintln!("LLM_CUDA_GEMM={other} ignored (cublas or burn)"),
         Err(_) => {}
     }
@@ -1286,7 +1286,7 @@ impl LlmBackend for CudaBf16 {
         device: &Self::Device,
     ) -> Tensor<Self, D> {
         if dtype == DType::BF16 && !bytes.is_empty() {
-            // Straight from the checkpoint's mapping to the device (`crate::cublas::copy_in`).
+            // Straight from the checkpoint's mapping to the device (`crate::driver::copy_in`).
             from_cube(upload(device, bytes, shape.to_vec(), dtype))
         } else {
             Tensor::from_data(
@@ -1296,7 +1296,7 @@ impl LlmBackend for CudaBf16 {
         }
     }
     fn release_device(device: &Self::Device) {
-        crate::cublas::release(device);
+        crate::driver::release(device);
     }
     fn current_stream() -> u64 {
         cubecl::stream_id::StreamId::current().value

@@ -264,10 +264,11 @@ fn build<A: Architecture, B: LlmBackend>(
 
 /// Run the common shapes once so the first request does not pay for compiling them: a
 /// 32-token prefill chunk (the elementwise kernels, and the prefill matmuls' autotune bucket)
-/// and decode steps at batch 1-4 (the fused GEMV is compiled per row count). Larger decode
-/// batches, longer chunks and new attention lengths still autotune on first use: each costs
-/// seconds per linear shape (measured on an H200: warming batches 8 and 16 too made a tiny
-/// model's load take minutes).
+/// and decode steps at batch 1 to [`LlmBackend::WARM_UP_DECODE_ROWS`] (CUDA: 16, every row
+/// count the fused GEMV serves, each compiled on its own; no autotune, unlike the matmul that
+/// served batches past 4 before run 14, whose warm-up at batches 8 and 16 made a tiny model's
+/// load take minutes). Longer chunks and new attention lengths still autotune on first use.
+/// The kernel cache (`--kernel-cache`) keeps all of it for the next process.
 fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M) {
     let layers = model.num_layers();
     let run = |chunks: &[usize]| {

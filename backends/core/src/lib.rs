@@ -5,10 +5,10 @@ pub mod attention;
 pub mod backend;
 pub mod config;
 #[cfg(feature = "cuda")]
-pub mod cublas;
-#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod describe;
+#[cfg(feature = "cuda")]
+pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod export;

@@ -1,22 +1,18 @@
-//! bf16 GEMMs through cuBLAS for prefill-sized NF4 linears (dequantize, then multiply), as
-//! bitsandbytes does: `matmul_4bit` with more than one row dequantizes the weight and calls
-//! `torch.nn.functional.linear`, which is `cublasGemmEx` (bf16 in and out, f32 accumulation).
+//! The CUDA driver and cuBLAS beside CubeCL, on the same primary context: host-to-device
+//! copies for loads ([`copy_in`]) and, on request, bf16 GEMMs through cuBLAS for prefill-sized
+//! NF4 linears ([`linears`]).
 //!
-//! Why not Burn's matmul: on an H200 it ran the 512-row prefill GEMMs of an 8B model at
-//! 60-200 TFLOPS (docs/benchmarks.md, run 13; the card's dense bf16 peak is ~990), which made
-//! the linears 49 of the 60 ms to the first token.
-//!
-//! CubeCL does not hand out its CUDA stream, so the two meet at host synchronisations: wait
-//! for the device (the inputs are written), enqueue the GEMMs on our own stream, wait for
-//! that stream (the outputs are written) before CubeCL's next kernel reads them. Callers batch
-//! the GEMMs of a layer's projections between one pair of waits. Measured on an H200
-//! (docs/benchmarks.md, run 14): the waits and round trips cost ~60 us per GEMM when each
-//! GEMM had its own, which is why a group shares them.
-//!
-//! Also here: [`copy_in`], host-to-device copies by the driver (the same primary context).
-//!
-//! cuBLAS is loaded at run time (cudarc's dynamic loading: `libcublas.so` / `libcublas.so.13`
-//! on the loader path). Without it, or with `LLM_CUDA_GEMM=burn`, prefill keeps Burn's matmul.
+//! cuBLAS is opt-in (`LLM_CUDA_GEMM=cublas`): dequantize, then `cublasGemmEx` (bf16 in and
+//! out, f32 accumulation), as bitsandbytes' `matmul_4bit` does through `torch.nn.functional
+//! .linear` past one row. Alone its GEMMs beat Burn's matmul (512 rows: 205-382 TFLOPS against
+//! 60-200; the 8B linears 33.1 ms against 50.1), but CubeCL does not hand out its CUDA stream,
+//! so the two meet at host synchronisations: wait for the device (the inputs are written),
+//! enqueue the GEMMs on our own stream, wait for that stream before CubeCL's next kernel reads
+//! the outputs. That stalls the host's run-ahead at every projection group, and in the server
+//! the 8B's 512-token TTFT went from 60.1 to 79.4 ms, 32 tokens from 33.7 to 38.3 ms, and
+//! loading cuBLAS's kernels cost ~590 MB of device memory that an unload does not return
+//! (docs/benchmarks.md, run 14). Worth turning on by default once the GEMMs can be ordered on
+//! CubeCL's stream. Without the library (`libcublas.so.13` on the loader path) it stays off.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,8 +27,8 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{CudaContext, CudaStream};
 
 /// Whether prefill GEMMs go to cuBLAS when it loads (set from `LLM_CUDA_GEMM` at each CUDA
-/// load, [`crate::cuda::read_env`]); off, Burn's matmul.
-pub static USE_CUBLAS: AtomicBool = AtomicBool::new(true);
+/// load, [`crate::cuda::read_env`]); off (the default, module doc), Burn's matmul.
+pub static USE_CUBLAS: AtomicBool = AtomicBool::new(false);
 
 /// A cuBLAS handle on its own stream, per device.
 struct Blas {
