@@ -114,7 +114,6 @@ fn parse_load(s: &str) -> Result<(String, PathBuf), String> {
 
 #[tokio::main]
 async fn main() {
-    registry::keep_freed_memory_for_reuse();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -649,29 +649,6 @@ fn description_response(
     }
 }
 
-/// Keep freed heap memory for reuse instead of handing it back at every `free`: a load
-/// quantizes layer after layer into buffers of up to ~30 MB (8B: 224 of them), and with glibc's
-/// defaults each comes from fresh pages (mmap above the threshold, trimmed heap below it),
-/// written at ~0.5 GB/s on the device machine (docs/benchmarks.md, run 14). 32 MB is the
-/// largest mmap threshold glibc takes; [`release_freed_memory`] still returns the pages after
-/// an unload. Call once, before any load.
-pub fn keep_freed_memory_for_reuse() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
-        }
-        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
-        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
-        // SAFETY: mallopt only changes allocator tuning; called before other threads allocate
-        // much, and it is thread-safe in glibc regardless.
-        unsafe {
-            mallopt(M_MMAP_THRESHOLD, 32 << 20);
-            mallopt(M_TRIM_THRESHOLD, 1 << 30);
-        }
-    }
-}
-
 /// Hand the heap pages a freed model leaves behind back to the OS. glibc keeps freed memory in
 /// its per-thread arenas (a model's hundreds of MB of host weights among them), so without this
 /// the server's resident memory after an unload depends on which arenas the next load reuses.

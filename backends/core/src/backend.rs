@@ -23,9 +23,10 @@ pub trait LlmBackend: Backend {
     /// Whether kernels are compiled and autotuned on first use (CubeCL: NVRTC + autotune), so
     /// a load should run the shapes serving will launch before it reports the model ready.
     const JIT: bool = false;
-    /// Decode batch sizes `1..=N` a JIT backend's load warms up: the ones with kernels of their
-    /// own (CUDA: the NF4 GEMV is compiled per row count).
-    const WARM_UP_DECODE_ROWS: usize = 4;
+    /// Decode batch sizes `1..=N` a JIT backend's load of an NF4 model warms up (CUDA: every
+    /// row count the NF4 GEMV serves, each compiled on its own). Float models warm `1..=4`
+    /// only: their linears are Burn matmuls, autotuned per row count (seconds per shape).
+    const WARM_UP_NF4_DECODE_ROWS: usize = 4;
     /// A float linear layer from a loaded weight `[out, in]`.
     fn dense_linear(
         weight: Tensor<Self, 2>,

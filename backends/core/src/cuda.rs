@@ -16,7 +16,7 @@ use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim, Runtime};
 use burn_cubecl::cubecl::server::Handle;
 use burn_cubecl::kernel::into_contiguous;
-use burn_cubecl::ops::numeric::empty_device_dtype;
+use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
 use burn_tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
@@ -970,7 +970,7 @@ impl CudaNf4Linear {
 
     /// An uninitialised bf16 tensor on this weight's device.
     fn empty_bf16(&self, shape: [usize; 2]) -> CubeTensor<CudaRuntime> {
-        empty_device_dtype(
+        empty_device_contiguous_dtype(
             self.packed.client.clone(),
             self.packed.device.clone(),
             Shape::from(shape.to_vec()),
@@ -984,7 +984,7 @@ impl CudaNf4Linear {
     pub fn forward_gemv(&self, x: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
         let [tokens, _] = x.dims();
         let x = x.into_primitive().tensor();
-        let out = empty_device_dtype(
+        let out = empty_device_contiguous_dtype(
             x.client.clone(),
             x.device.clone(),
             Shape::from(vec![tokens, self.out_features]),
@@ -1278,7 +1278,7 @@ impl LlmBackend for CudaBf16 {
             .ok()
             .map(|u| u.bytes_reserved)
     }
-    const WARM_UP_DECODE_ROWS: usize = GEMV_MAX_TOKENS;
+    const WARM_UP_NF4_DECODE_ROWS: usize = GEMV_MAX_TOKENS;
     fn float_from_bytes<const D: usize>(
         bytes: &[u8],
         dtype: DType,
@@ -1511,12 +1511,22 @@ impl LlmBackend for CudaBf16 {
                 let old = past.as_ref().map_or(0, |p| p.capacity());
                 let cap = len.max(old + old / 2).next_multiple_of(KV_CHUNK);
                 let device = k.device();
+                // Strictly contiguous: the kernels index the caches as flat `[kv_heads, cap, d]`
+                // and write them in place. Burn's `empty` pads rows to CubeCL's pitch when
+                // `d * 2` bytes is not a power of two (Phi-3's head dim 96: 192 -> 256 bytes),
+                // and `contiguous` below would then write a copy.
                 let grow = |filled: Option<Tensor<Self, 3>>| {
-                    let fresh = Tensor::<Self, 3>::empty([kv_heads, cap, d], &device);
-                    match filled {
+                    let fresh = from_cube(empty_device_contiguous_dtype(
+                        CudaRuntime::client(&device),
+                        device.clone(),
+                        Shape::from(vec![kv_heads, cap, d]),
+                        DType::BF16,
+                    ));
+                    let t: Tensor<Self, 3> = match filled {
                         Some(t) => fresh.slice_assign([0..kv_heads, 0..start, 0..d], t),
                         None => fresh,
-                    }
+                    };
+                    from_cube(contiguous_owned(t))
                 };
                 let (pk, pv) = match past {
                     Some(p) => (Some(p.keys()), Some(p.values())),
@@ -1645,9 +1655,12 @@ fn from_cube<const D: usize>(t: CubeTensor<CudaRuntime>) -> Tensor<CudaBf16, D> 
     Tensor::from_primitive(TensorPrimitive::Float(t))
 }
 
-/// An uninitialised contiguous tensor of `shape` on `like`'s device, in its dtype.
+/// An uninitialised contiguous tensor of `shape` on `like`'s device, in its dtype. Strictly
+/// contiguous, as the kernels index their outputs: CubeCL's default ("optimized") layout pads
+/// each row to a pitch when its byte width is not a power of two (e.g. 576 bf16: 1152 -> 1536
+/// bytes), which `from_cube` would then read with gaps the kernels never wrote.
 fn empty_like(like: &CubeTensor<CudaRuntime>, shape: Vec<usize>) -> CubeTensor<CudaRuntime> {
-    empty_device_dtype(
+    empty_device_contiguous_dtype(
         like.client.clone(),
         like.device.clone(),
         Shape::from(shape),

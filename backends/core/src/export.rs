@@ -245,7 +245,11 @@ fn build<A: Architecture, B: LlmBackend>(
     let weights_ms = t0.elapsed().as_millis() as u64;
     let t1 = std::time::Instant::now();
     if B::JIT {
-        warm_up(&model);
+        let decode_rows = match quantization {
+            Quantization::Nf4 => B::WARM_UP_NF4_DECODE_ROWS,
+            Quantization::None => 4,
+        };
+        warm_up(&model, decode_rows);
     }
     // Hand back what the load and warm-up used only transiently (host-side conversions
     // uploaded once, warm-up activations).
@@ -264,12 +268,13 @@ fn build<A: Architecture, B: LlmBackend>(
 
 /// Run the common shapes once so the first request does not pay for compiling them: a
 /// 32-token prefill chunk (the elementwise kernels, and the prefill matmuls' autotune bucket)
-/// and decode steps at batch 1 to [`LlmBackend::WARM_UP_DECODE_ROWS`] (CUDA: 16, every row
-/// count the fused GEMV serves, each compiled on its own; no autotune, unlike the matmul that
-/// served batches past 4 before run 14, whose warm-up at batches 8 and 16 made a tiny model's
-/// load take minutes). Longer chunks and new attention lengths still autotune on first use.
-/// The kernel cache (`--kernel-cache`) keeps all of it for the next process.
-fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M) {
+/// and decode steps at batch 1 to `decode_rows` ([`LlmBackend::WARM_UP_NF4_DECODE_ROWS`] for
+/// NF4 models, CUDA: 16, every row count the fused GEMV serves, each compiled on its own; 4
+/// for float models, whose Burn matmuls autotune per row count: warming batches 8 and 16 of
+/// those made a tiny model's load take minutes). Longer chunks and new attention lengths still
+/// autotune on first use. The kernel cache (`--kernel-cache`) keeps all of it for the next
+/// process.
+fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M, decode_rows: usize) {
     let layers = model.num_layers();
     let run = |chunks: &[usize]| {
         let tokens: Vec<Vec<u32>> = chunks.iter().map(|&n| vec![0u32; n]).collect();
@@ -278,7 +283,7 @@ fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M) {
         let _ = model.forward_batch(&mut batch, false).into_data();
     };
     run(&[32.min(model.max_context())]);
-    for rows in 1..=B::WARM_UP_DECODE_ROWS {
+    for rows in 1..=decode_rows {
         run(&vec![1; rows]);
     }
 }
