@@ -799,6 +799,7 @@ fn prefill(device: &Device) {
             bf16_round(&mut xs);
             let x = Tensor::<CudaBf16, 2>::from_data(TensorData::new(xs, [rows, k]), device);
             let same = to_vec(gpu.dequantize().transpose()) == to_vec(gpu.dequantize_t());
+            let flops = 2.0 * (rows * n * k) as f64;
             let mut outs = Vec::new();
             for (i, layout) in ["nk", "kn"].into_iter().enumerate() {
                 llm_core::cuda::DEQUANT_TRANSPOSED.store(layout == "kn", Relaxed);
@@ -815,7 +816,6 @@ fn prefill(device: &Device) {
                     let _ = gpu.forward_dequant(x.clone());
                 });
                 layer[i] += count as f64 * total;
-                let flops = 2.0 * (rows * n * k) as f64;
                 emit(
                     "nf4_prefill_linear",
                     &shape,
@@ -827,7 +827,7 @@ fn prefill(device: &Device) {
                                        "timing": "device"}),
                 );
             }
-            // cuBLAS (the serving default when the library loads): dequantize `[out, in]`,
+            // cuBLAS (the server's opt-in, `LLM_CUDA_GEMM=cublas`): dequantize `[out, in]`,
             // host waits around `cublasGemmEx`, so wall time, waits included.
             if llm_core::driver::available() {
                 let y = to_vec(gpu.forward_cublas(x.clone()).expect("cuBLAS"));
@@ -839,7 +839,6 @@ fn prefill(device: &Device) {
                     let _ = gpu.forward_cublas(x.clone());
                 });
                 layer[2] += count as f64 * total;
-                let flops = 2.0 * (rows * n * k) as f64;
                 emit(
                     "nf4_prefill_linear",
                     &shape,

@@ -46,10 +46,7 @@ pub trait LlmBackend: Backend {
         shape: [usize; D],
         device: &Self::Device,
     ) -> Tensor<Self, D> {
-        Tensor::from_data(
-            TensorData::from_bytes_vec(bytes.to_vec(), shape.to_vec(), dtype),
-            device,
-        )
+        host_float_tensor(bytes, dtype, shape, device)
     }
     /// Free what the backend holds for `device` outside its memory pool (CUDA: the cuBLAS
     /// handle, its stream and workspace), when a model leaves the device. Made again on next use.
@@ -174,4 +171,18 @@ impl LlmBackend for NdArray<f32> {
     ) -> Box<dyn Linear<Self>> {
         Box::new(HostLinear::nf4(weight, bias.map(host), *device))
     }
+}
+
+/// [`LlmBackend::float_from_bytes`] through Burn: the bytes copied into an owned `TensorData`,
+/// uploaded and converted by the backend.
+pub(crate) fn host_float_tensor<B: Backend, const D: usize>(
+    bytes: &[u8],
+    dtype: DType,
+    shape: [usize; D],
+    device: &B::Device,
+) -> Tensor<B, D> {
+    Tensor::from_data(
+        TensorData::from_bytes_vec(bytes.to_vec(), shape.to_vec(), dtype),
+        device,
+    )
 }

@@ -19,7 +19,7 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
-use burn_tensor::{DType, Shape, Tensor, TensorData, TensorPrimitive};
+use burn_tensor::{DType, Shape, Tensor, TensorPrimitive};
 
 use crate::attention::{AttentionConfig, LayerKv};
 use crate::backend::LlmBackend;
@@ -1289,10 +1289,7 @@ impl LlmBackend for CudaBf16 {
             // Straight from the checkpoint's mapping to the device (`crate::driver::copy_in`).
             from_cube(upload(device, bytes, shape.to_vec(), dtype))
         } else {
-            Tensor::from_data(
-                TensorData::from_bytes_vec(bytes.to_vec(), shape.to_vec(), dtype),
-                device,
-            )
+            crate::backend::host_float_tensor(bytes, dtype, shape, device)
         }
     }
     fn release_device(device: &Self::Device) {
