@@ -116,16 +116,43 @@ def main():
     if time.time() - START < BUDGET - 100:
         prof = "/tmp/cubecl-profile.log"
         env = {"CUBECL_DEBUG_OPTION": "profile", "CUBECL_DEBUG_LOG": prof}
+        size = lambda: os.path.getsize(prof) if os.path.exists(prof) else 0
         with Server(kernels, "/tmp/server3.log", env) as s:
             s.load("big", CKPT, "--quantization", "nf4")
             time.sleep(1)
-            mark = os.path.getsize(prof) if os.path.exists(prof) else 0  # after the warm-up
+            mark = size()  # after the warm-up
             s.generate("big", prompt, new=8)
+            # 16 streams of 8 tokens: the batched step's kernels.
+            mark16 = size()
+            s.llm("bench", "--model", "big", "--concurrency", "16", "--requests", "16",
+                  "--max-new-tokens", "8", "--prompt-ids", prompt, "--ignore-eos", "--json")
+        out = os.environ.get("OUT", "/tmp")
         with open(prof, "rb") as f:
             f.seek(mark)
-            open("/tmp/profile-b1.log", "wb").write(f.read())
-        out = os.environ.get("OUT", "/tmp")
-        subprocess.run(f"xz -T0 -c /tmp/profile-b1.log > {out}/profile-b1.log.xz", shell=True)
+            open("/tmp/profile-b1.log", "wb").write(f.read(mark16 - mark))
+            open("/tmp/profile-c16.log", "wb").write(f.read())
+        for name in ("b1", "c16"):
+            path = f"/tmp/profile-{name}.log"
+            emit(f"profile_{name}_kernels", profile_summary(path), "-")
+            subprocess.run(f"xz -T0 -c {path} > {out}/profile-{name}.log.xz", shell=True)
+
+
+def profile_summary(path):
+    """Kernel name -> (launches, total us) of a CubeCL profile log, the 12 largest totals."""
+    per = {}
+    for line in open(path, errors="replace"):
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) < 3 or not parts[1]:
+            continue
+        m = re.match(r"([0-9.]+)(µs|ms|ns|s)$", parts[1])
+        if not m:
+            continue
+        us = float(m.group(1)) * {"µs": 1, "ms": 1e3, "ns": 1e-3, "s": 1e6}[m.group(2)]
+        c = per.setdefault(parts[2], [0, 0.0])
+        c[0] += 1
+        c[1] += us
+    top = sorted(per.items(), key=lambda kv: -kv[1][1])[:12]
+    return {k: {"launches": n, "total_us": round(t, 1)} for k, (n, t) in top}
 # `--stats`: "[length] prompt P tokens, generated N tokens, TTFT X ms, Y tok/s, seed S"
 def ttft(text):
     return float(re.search(r"TTFT ([0-9.]+) ms", text).group(1))

@@ -2,7 +2,7 @@
 # GPU checks and benchmarks, run on the device machine in one call (see docs/benchmarks.md).
 # Expects what `bench/build-gpu.sh` builds here: .gpu/bundle.tar.xz (carried, not committed)
 # with llm-bench, llm-server, llm, libllama_backend.so, libqwen2_backend.so.
-#   bench/gpu.sh [tiny|kernel|prefill|upload|sweep|gemv|fused|smoke|full|models|ab_gemm|cycles|all]
+#   bench/gpu.sh [tiny|shapes|kernel|prefill|upload|sweep|gemv|fused|smoke|full|models|ab_gemm|cycles|all]
 # `full` and `models` (not part of `all`) need `bench/build-gpu.sh full`: all five plugins and the
 # bitsandbytes wheel in .gpu/.
 set -uo pipefail
@@ -35,6 +35,20 @@ else
   echo "cuBLAS not found: prefill on Burn's matmul" | tee "$OUT/cublas.txt"
 fi
 [ -f .gpu/bundle.tar.xz ] && tar -C .gpu -xJf .gpu/bundle.tar.xz
+# Compiled kernels from an earlier call (this script leaves them in $OUT/kernels.tar.xz; copy it
+# to .gpu/ and carry it): the machine is handed back after a short idle and a fresh one would
+# compile them all again (minutes). Entries are keyed by the kernels' source, so stale ones are
+# never used.
+if [ -f .gpu/kernels.tar.xz ]; then
+  tar -C / -xJf .gpu/kernels.tar.xz && echo "kernel caches from .gpu/kernels.tar.xz"
+fi
+save_kernels() {
+  local dirs=()
+  for d in /tmp/llm-bench-kernels /tmp/llm-kernels; do [ -d "$d" ] && dirs+=("${d#/}"); done
+  [ ${#dirs[@]} -gt 0 ] && tar -C / -cf - "${dirs[@]}" | xz -T0 -6 >"$OUT/kernels.tar.xz"
+  ls -la "$OUT/kernels.tar.xz" 2>/dev/null
+}
+trap save_kernels EXIT
 chmod +x .gpu/* 2>/dev/null
 if { [ "$what" = full ] && [ "${SKIP_FUSED:-0}" != 1 ]; } || [ "$what" = fused ]; then
   # The fused per-layer kernels against the CPU path first: a full run of wrong kernels is void.
@@ -47,6 +61,11 @@ if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ] || [ "$what" 
   timeout "${BENCH_TIMEOUT:-400}" .gpu/llm-bench "$what" 2>"$OUT/bench-$what.stderr" | tee "$OUT/bench-$what.jsonl"
   echo "llm-bench exit: ${PIPESTATUS[0]}"
   tail -20 "$OUT/bench-$what.stderr"
+fi
+if [ "$what" = shapes ]; then
+  timeout "${BENCH_TIMEOUT:-400}" python3 bench/shapes.py 2>"$OUT/shapes.stderr" | tee "$OUT/shapes.jsonl"
+  echo "shapes exit: ${PIPESTATUS[0]}"
+  tail -20 "$OUT/shapes.stderr"
 fi
 if [ "$what" = sweep ]; then
   timeout 400 .gpu/llm-bench sweep 2>"$OUT/sweep.stderr" | tee "$OUT/sweep.jsonl" | grep -v nf4_gemv_sweep

@@ -7,6 +7,7 @@
 //!   card's measured copy bandwidth.
 //!   Also the fused RMSNorm / rotary / gated-activation kernels against the CPU's Burn ops.
 //! - `tiny`: each tiny fixture model on CUDA (bf16) against HF's logits (tests/fixtures/tiny).
+//! - `compare ARCH DIR`: a checkpoint on CUDA against the CPU (prompt, decode, 16-sequence batch).
 //! - `prefill`: the NF4 prefill path (dequantize + matmul) at 128 and 512 rows on each
 //!   projection shape of a Llama-3.1-8B layer, with the weight dequantized in either layout.
 
@@ -18,7 +19,7 @@ use llm_core::cuda::{CudaBf16, CudaNf4Linear};
 use llm_core::host_linear::HostLinear;
 use llm_core::nf4::{Nf4Weight, WeightDtype};
 use llm_core::rope::RopeTables;
-use llm_core::testing::{fixtures, load_on, rel_l2, to_vec, TinyReference};
+use llm_core::testing::{fixtures, load_batched, load_on, rel_l2, to_vec, TinyReference};
 use llm_core::weights::Quantization;
 use llm_core::{Architecture, CausalLm, Cpu, KvCache, Linear, RmsNorm};
 
@@ -141,12 +142,20 @@ fn kernel(device: &Device, sweep: bool) {
             if b <= llm_core::cuda::GEMV_MAX_TOKENS {
                 paths.insert(0, "gemv");
             }
+            // Past one row `gemv` is the tensor-core kernel (k a multiple of 128); the SIMT
+            // GEMV it replaced is the peer.
+            if b > 1 && b <= llm_core::cuda::GEMV_MAX_TOKENS {
+                paths.insert(1, "gemv_simt");
+            }
             // What `Linear::forward` does past the GEMV's rows: dequantize, cuBLAS (when loaded).
             if b >= 8 && llm_core::driver::available() {
                 paths.push("cublas");
             }
             for path in paths {
-                let got = if path == "gemv" {
+                let mma = llm_core::cuda::MMA_DECODE.load(Relaxed);
+                llm_core::cuda::MMA_DECODE.store(mma && path != "gemv_simt", Relaxed);
+                let path_mma = llm_core::cuda::GemvConfig::for_shape(b, k).mma;
+                let got = if path == "gemv" || path == "gemv_simt" {
                     // Poison the output buffer: a kernel that skips an element shows as NaN.
                     let out = Tensor::<CudaBf16, 2>::full([b, n], f32::NAN, device)
                         .into_primitive()
@@ -163,19 +172,21 @@ fn kernel(device: &Device, sweep: bool) {
                 let err = rel_l2(&got, &want);
                 let run = || {
                     let _ = match path {
-                        "gemv" => gpu.forward_gemv(xg.clone()),
+                        "gemv" | "gemv_simt" => gpu.forward_gemv(xg.clone()),
                         "cublas" => gpu.forward_cublas(xg.clone()).expect("cuBLAS"),
                         _ => gpu.forward_dequant(xg.clone()),
                     };
                 };
                 let dev = device_us(device, 50, run);
                 let wall = wall_us(device, 50, run);
+                llm_core::cuda::MMA_DECODE.store(mma, Relaxed);
                 emit(
                     "nf4_linear",
                     &shape,
                     dev,
                     "us",
-                    serde_json::json!({"batch": b, "path": path, "rel_err": err, "pass": err < 1e-2,
+                    serde_json::json!({"batch": b, "path": path, "tensor_cores": path_mma,
+                                       "rel_err": err, "pass": err < 1e-2,
                                        "wall_us": wall, "weight_GBps": weight_bytes / (dev * 1e-6) / 1e9,
                                        "fraction_of_copy": weight_bytes / (dev * 1e-6) / 1e9 / copy_gbs}),
                 );
@@ -256,6 +267,7 @@ fn gemv_sweep(
                     rows: r,
                     planes,
                     unroll,
+                    mma: false,
                 };
                 let run = || {
                     let out = Tensor::<CudaBf16, 2>::full([batch, n], f32::NAN, device)
@@ -479,6 +491,7 @@ fn fused_attention(device: &Device) {
             k: room(&kg),
             v: room(&vg),
             len: t,
+            pool: None,
         };
         let got = CudaBf16::decode_attention(&qg, &cache, &cfg).expect("a covered shape");
         let err = rel_l2(&to_vec(got), &want);
@@ -585,6 +598,7 @@ fn fused_kv_append(device: &Device) {
             k: grown.keys(),
             v: grown.values(),
             len: total,
+            pool: None,
         };
         let _ = kv_append_ops(Some(past), k1.clone(), v1.clone(), kv_heads, &t1);
     });
@@ -771,6 +785,108 @@ fn tiny_one<A: Architecture>(arch: &str, device: &Device) {
     }
 }
 
+/// One architecture loaded from `dir` (a random checkpoint `bench/gpu.sh shapes` writes) on the
+/// CPU (f32, the reference) and on CUDA (bf16), both NF4: the prompt's logits, decode steps one
+/// token at a time, and 16 sequences decoded in one batch, each against the CPU's logits for
+/// the same positions. Widths that are not a power of two times 64 bytes (SmolLM2's 576,
+/// Phi-3's head dim 96) are what this pins: CubeCL pads such rows unless asked not to.
+fn compare_one<A: Architecture>(arch: &str, dir: &std::path::Path, device: &Device) {
+    let cpu = load_on::<A, Cpu>(dir, Default::default(), "cpu", Quantization::Nf4);
+    for pool in [false, true] {
+        // With a pool every sequence's cache is a slot of one buffer per layer (the server's
+        // path: `--max-batch`); without, each grows on its own.
+        let gpu = load_batched::<A, CudaBf16>(
+            dir,
+            device.clone(),
+            "cuda",
+            Quantization::Nf4,
+            if pool { 16 } else { 0 },
+        );
+        compare_with::<A>(arch, dir, &cpu, &gpu, pool);
+    }
+}
+
+fn compare_with<A: Architecture>(
+    arch: &str,
+    dir: &std::path::Path,
+    cpu: &A::Model<Cpu>,
+    gpu: &A::Model<CudaBf16>,
+    pool: bool,
+) {
+    let vocab = cpu.vocab_size();
+    let ids = |n: usize, seed: u64| -> Vec<u32> {
+        let mut s = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % vocab as u64) as u32
+            })
+            .collect()
+    };
+    let cpu_rows = |tokens: &[u32]| {
+        let mut cache = KvCache::new(cpu.num_layers());
+        to_vec(cpu.forward(tokens, &mut cache, true))
+    };
+    // The prompt in one pass, all rows (Burn's matmul past 16 rows).
+    let prompt = ids(32, 1);
+    let want = cpu_rows(&prompt);
+    let mut cache = KvCache::new(gpu.num_layers());
+    let prefill = rel_l2(&to_vec(gpu.forward(&prompt, &mut cache, true)), &want);
+    // Each cache given back (a pool slot each): the 16 sequences below take all 16.
+    drop(cache);
+    // The first 16 prefilled (the GEMV path), the last 16 one per step (the decode kernels).
+    let mut cache = KvCache::new(gpu.num_layers());
+    let _ = gpu.forward(&prompt[..16], &mut cache, false);
+    let mut rows = Vec::new();
+    for &t in &prompt[16..] {
+        rows.extend(to_vec(gpu.forward(&[t], &mut cache, false)));
+    }
+    let decode = rel_l2(&rows, &want[16 * vocab..]);
+    drop(cache);
+    // 16 sequences of different lengths prefilled alone, then 4 steps decoded together (the
+    // multi-row GEMV, each sequence over its own cache).
+    let seqs: Vec<Vec<u32>> = (0..16)
+        .map(|i| ids(5 + i % 8 + 4, 100 + i as u64))
+        .collect();
+    let mut caches: Vec<KvCache<CudaBf16>> = seqs
+        .iter()
+        .map(|s| {
+            let mut c = KvCache::new(gpu.num_layers());
+            let _ = gpu.forward(&s[..s.len() - 4], &mut c, false);
+            c
+        })
+        .collect();
+    let mut got = vec![Vec::new(); seqs.len()];
+    for step in 0..4 {
+        let toks: Vec<Vec<u32>> = seqs.iter().map(|s| vec![s[s.len() - 4 + step]]).collect();
+        let mut batch =
+            llm_core::engine::SeqChunk::zip(toks.iter().map(|t| t.as_slice()), caches.iter_mut());
+        let out = to_vec(gpu.forward_batch(&mut batch, false));
+        for (i, g) in got.iter_mut().enumerate() {
+            g.extend_from_slice(&out[i * vocab..(i + 1) * vocab]);
+        }
+    }
+    let (mut got_all, mut want_all) = (Vec::new(), Vec::new());
+    for (s, g) in seqs.iter().zip(&got) {
+        let w = cpu_rows(s);
+        want_all.extend_from_slice(&w[(s.len() - 4) * vocab..]);
+        got_all.extend_from_slice(g);
+    }
+    let batch16 = rel_l2(&got_all, &want_all);
+    let worst = prefill.max(decode).max(batch16);
+    emit(
+        "cuda_vs_cpu_rel_err",
+        arch,
+        worst,
+        "rel_l2",
+        serde_json::json!({"checkpoint": dir.display().to_string(), "quantization": "nf4",
+                           "kv_pool": pool, "prefill_32": prefill, "decode_16": decode,
+                           "batch_16x4": batch16, "pass": worst < 5e-2}),
+    );
+}
+
 /// The prefill path of an NF4 linear (more rows than the GEMV takes: dequantize, then Burn's
 /// dense matmul) on each projection shape of a Llama-3.1-8B layer, both weight layouts:
 /// `nk` multiplies by a transposed view of the `[out, in]` dequantized weight, `kn` by the
@@ -893,6 +1009,7 @@ fn main() {
     let cache = std::env::var_os("LLM_BENCH_KERNEL_CACHE").map(std::path::PathBuf::from);
     llm_core::cuda::use_kernel_cache(cache.as_deref());
     let device = llm_core::cuda::parse_device("cuda").unwrap();
+    llm_core::cuda::probe_mma(&device);
     if what == "tiny" || what == "all" {
         // `llm-bench tiny ARCH` runs one architecture.
         let only = std::env::args().nth(2);
@@ -927,6 +1044,19 @@ fn main() {
     }
     if what == "prefill" {
         prefill(&device);
+    }
+    if what == "compare" {
+        // `llm-bench compare ARCH DIR`.
+        let arg = |i| std::env::args().nth(i).expect("llm-bench compare ARCH DIR");
+        let (arch, dir) = (arg(2), std::path::PathBuf::from(arg(3)));
+        match arch.as_str() {
+            "llama" => compare_one::<llama_backend::Llama>(&arch, &dir, &device),
+            "phi3" => compare_one::<phi3_backend::Phi3>(&arch, &dir, &device),
+            "gemma2" => compare_one::<gemma2_backend::Gemma2>(&arch, &dir, &device),
+            "qwen2" => compare_one::<qwen2_backend::Qwen2>(&arch, &dir, &device),
+            "mixtral" => compare_one::<mixtral_backend::Mixtral>(&arch, &dir, &device),
+            other => panic!("unknown architecture {other}"),
+        }
     }
     if what == "upload" {
         upload(&device);

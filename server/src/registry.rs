@@ -398,6 +398,7 @@ impl Registry {
             llm_abi::load_request::DEVICE: spec.device,
             llm_abi::load_request::QUANTIZATION: spec.quantization,
             llm_abi::load_request::MAX_CONTEXT: spec.max_context,
+            llm_abi::load_request::MAX_BATCH: self.sched.max_batch,
             llm_abi::load_request::KERNEL_CACHE: self.kernel_cache,
         }))?;
         let pi = model.info()?;

@@ -264,6 +264,9 @@ pub mod load_request {
     pub const QUANTIZATION: &str = "quantization";
     /// Upper bound on positions per sequence the KV cache must hold (0 = the model's own).
     pub const MAX_CONTEXT: &str = "max_context";
+    /// Sequences the server runs at once (`--max-batch`): a GPU plugin plans a KV-cache pool of
+    /// this many slots at load (0: none, each sequence's cache grows on its own).
+    pub const MAX_BATCH: &str = "max_batch";
     /// Directory (or null) where a GPU plugin keeps compiled kernels and autotune results
     /// across processes.
     pub const KERNEL_CACHE: &str = "kernel_cache";

@@ -4,7 +4,8 @@
 use crate::backend::LlmBackend;
 use burn_tensor::module::attention;
 use burn_tensor::ops::AttentionModuleOptions;
-use burn_tensor::{Bool, Tensor, TensorData};
+use burn_tensor::{Bool, Int, Tensor, TensorData};
+use std::sync::{Arc, Mutex};
 
 use crate::error::Result;
 use crate::linear::Linear;
@@ -45,6 +46,8 @@ pub struct LayerKv<B: LlmBackend> {
     pub v: Tensor<B, 3>,
     /// Positions filled.
     pub len: usize,
+    /// The pool and slot `k`, `v` are views of, when the cache is a [`KvPool`] slot.
+    pub pool: Option<(PoolLayer<B>, usize)>,
 }
 
 impl<B: LlmBackend> LayerKv<B> {
@@ -74,6 +77,8 @@ pub struct KvCache<B: LlmBackend> {
     pub layers: Vec<Option<LayerKv<B>>>,
     /// Positions already cached.
     pub len: usize,
+    /// The pool slot the layers live in, if any (given back when the cache is dropped).
+    pub slot: Option<SlotLease>,
 }
 
 impl<B: LlmBackend> KvCache<B> {
@@ -81,6 +86,99 @@ impl<B: LlmBackend> KvCache<B> {
         KvCache {
             layers: (0..num_layers).map(|_| None).collect(),
             len: 0,
+            slot: None,
+        }
+    }
+}
+
+/// One layer's keys and values of every slot of a [`KvPool`]: `[slots, kv_heads, cap, d]`
+/// each, slot `s` holding one sequence's positions `0..cap`.
+#[derive(Clone)]
+pub struct PoolLayer<B: LlmBackend> {
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+}
+
+/// Every sequence's KV cache of a model in one buffer per layer: `slots` sequences (the
+/// server's `--max-batch`) of `cap` positions (the model's context), planned at load the way
+/// the server plans memory (vLLM and TGI also reserve their KV blocks up front). With all of
+/// a step's sequences in slots, one launch per layer appends every row and one attends every
+/// decode row ([`LlmBackend::kv_append_rows`], [`LlmBackend::decode_attention_rows`]); with
+/// caches of their own, a step of 16 sequences took ~3 launches per sequence and layer.
+/// A sequence takes a slot at its first step ([`KvPool::attach`]) and gives it back when its
+/// cache is dropped; past `slots` sequences, a cache grows on its own.
+pub struct KvPool<B: LlmBackend> {
+    layers: Vec<PoolLayer<B>>,
+    free: Arc<Mutex<Vec<usize>>>,
+}
+
+impl<B: LlmBackend> KvPool<B> {
+    /// `layers` layers of `[slots, kv_heads, cap, head_dim]` keys and values.
+    pub fn new(
+        layers: usize,
+        slots: usize,
+        kv_heads: usize,
+        cap: usize,
+        head_dim: usize,
+        device: &B::Device,
+    ) -> Self {
+        let shape = [slots, kv_heads, cap, head_dim];
+        KvPool {
+            layers: (0..layers)
+                .map(|_| PoolLayer {
+                    k: B::kv_pool_tensor(shape, device),
+                    v: B::kv_pool_tensor(shape, device),
+                })
+                .collect(),
+            // Popped from the end: slot 0 first.
+            free: Arc::new(Mutex::new((0..slots).rev().collect())),
+        }
+    }
+
+    /// Elements held (keys and values of every layer).
+    pub fn numel(&self) -> usize {
+        self.layers
+            .iter()
+            .map(|l| 2 * l.k.dims().iter().product::<usize>())
+            .sum()
+    }
+
+    /// Give a new sequence's `cache` a free slot: each layer's cache becomes a view of it.
+    /// Nothing when the cache already holds positions or a slot, or no slot is free.
+    pub fn attach(&self, cache: &mut KvCache<B>) {
+        if cache.slot.is_some() || cache.len > 0 {
+            return;
+        }
+        let Some(index) = self.free.lock().ok().and_then(|mut f| f.pop()) else {
+            return;
+        };
+        cache.slot = Some(SlotLease {
+            index,
+            free: self.free.clone(),
+        });
+        for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            let [_, kv_heads, cap, d] = layer.k.dims();
+            let view = |t: &Tensor<B, 4>| t.clone().narrow(0, index, 1).reshape([kv_heads, cap, d]);
+            *kv = Some(LayerKv {
+                k: view(&layer.k),
+                v: view(&layer.v),
+                len: 0,
+                pool: Some((layer.clone(), index)),
+            });
+        }
+    }
+}
+
+/// A [`KvPool`] slot held by one sequence's cache; dropping it frees the slot.
+pub struct SlotLease {
+    pub index: usize,
+    free: Arc<Mutex<Vec<usize>>>,
+}
+
+impl Drop for SlotLease {
+    fn drop(&mut self) {
+        if let Ok(mut free) = self.free.lock() {
+            free.push(self.index);
         }
     }
 }
@@ -104,8 +202,14 @@ pub fn kv_append_ops<B: LlmBackend>(
             k: Tensor::cat(vec![p.keys(), k], 1),
             v: Tensor::cat(vec![p.values(), v], 1),
             len: p.len + rows,
+            pool: None,
         },
-        None => LayerKv { k, v, len: rows },
+        None => LayerKv {
+            k,
+            v,
+            len: rows,
+            pool: None,
+        },
     }
 }
 
@@ -155,6 +259,9 @@ pub struct ForwardCtx<B: LlmBackend> {
     pub segments: Vec<Segment>,
     /// `[rows, head_dim]`: each row at its own sequence's position.
     pub rope: RopeTables<B>,
+    /// `[2 * rows]`: (pool slot, position) of each row, when every sequence's cache is a
+    /// [`KvPool`] slot.
+    pub kv_rows: Option<Tensor<B, 1, Int>>,
     device: B::Device,
 }
 
@@ -163,8 +270,22 @@ impl<B: LlmBackend> ForwardCtx<B> {
         ForwardCtx {
             segments,
             rope,
+            kv_rows: None,
             device: device.clone(),
         }
+    }
+
+    /// The rows' pool slots: `slots[i]` for segment `i`.
+    pub fn with_pool_slots(mut self, slots: &[usize]) -> Self {
+        let mut rows = Vec::with_capacity(2 * self.rows());
+        for (seg, &slot) in self.segments.iter().zip(slots) {
+            for pos in seg.start..seg.start + seg.len {
+                rows.extend([slot as i64, pos as i64]);
+            }
+        }
+        let n = rows.len();
+        self.kv_rows = Some(Tensor::from_data(TensorData::new(rows, [n]), &self.device));
+        self
     }
 
     /// Rows of the batch.
@@ -259,6 +380,9 @@ impl<B: LlmBackend> Attention<B> {
         };
         // [rows, heads * d] -> [heads, rows, d], rope applied.
         let q = B::rope(q, c.num_heads, &ctx.rope);
+        if let Some(out) = self.forward_pooled(&q, &k, &v, ctx, kv) {
+            return self.o_proj.forward(out);
+        }
         let single = ctx.segments.len() == 1;
         let mut outs: Vec<Tensor<B, 2>> = ctx
             .segments
@@ -296,6 +420,43 @@ impl<B: LlmBackend> Attention<B> {
             Tensor::cat(outs, 0)
         };
         self.o_proj.forward(out)
+    }
+
+    /// Every sequence's cache a slot of one pool (`ctx.kv_rows`): all rows appended in one
+    /// step, and when every chunk is one token, all attended in one; else attention per
+    /// sequence over its slot. `None` where the backend does not append pooled rows.
+    fn forward_pooled(
+        &self,
+        q: &Tensor<B, 3>,
+        k: &Tensor<B, 2>,
+        v: &Tensor<B, 2>,
+        ctx: &ForwardCtx<B>,
+        kv: &mut [&mut Option<LayerKv<B>>],
+    ) -> Option<Tensor<B, 2>> {
+        let c = self.cfg;
+        let rows = ctx.kv_rows.as_ref()?;
+        let pool = kv.first()?.as_ref()?.pool.as_ref()?.0.clone();
+        if !B::kv_append_rows(k, v, c.num_kv_heads, &ctx.rope, &pool, rows) {
+            return None;
+        }
+        for (seg, layer) in ctx.segments.iter().zip(kv.iter_mut()) {
+            layer.as_mut().expect("pooled cache").len = seg.start + seg.len;
+        }
+        if ctx.segments.iter().all(|s| s.len == 1) {
+            if let Some(out) = B::decode_attention_rows(q, &pool, rows, &c) {
+                return Some(out);
+            }
+        }
+        let outs: Vec<Tensor<B, 2>> = ctx
+            .segments
+            .iter()
+            .zip(kv.iter())
+            .map(|(seg, layer)| {
+                let q = q.clone().narrow(1, seg.offset, seg.len);
+                self.attend(q, layer.as_ref().expect("pooled cache"), seg, &ctx.device)
+            })
+            .collect();
+        Some(Tensor::cat(outs, 0))
     }
 
     /// One sequence: `q` `[heads, len, d]` (rope applied) over its cache `kv`, this chunk's
@@ -375,5 +536,53 @@ impl<B: LlmBackend> Attention<B> {
             QkvProj::Fused { qkv_proj } => qkv_proj.num_params(),
         };
         qkv + self.o_proj.num_params()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Cpu;
+
+    /// Slots go to new sequences in order, none past the pool's size, and come back when a
+    /// cache is dropped; a slot's layer caches are views of the pool's shape, empty.
+    #[test]
+    fn pool_slots_are_leased_and_given_back() {
+        let device = Default::default();
+        let (layers, slots, kv_heads, cap, d) = (2, 2, 3, 8, 4);
+        let pool = KvPool::<Cpu>::new(layers, slots, kv_heads, cap, d, &device);
+        assert_eq!(pool.numel(), 2 * layers * slots * kv_heads * cap * d);
+        let index = |c: &KvCache<Cpu>| c.slot.as_ref().map(|s| s.index);
+        let (mut a, mut b, mut c) = (
+            KvCache::new(layers),
+            KvCache::new(layers),
+            KvCache::new(layers),
+        );
+        pool.attach(&mut a);
+        pool.attach(&mut b);
+        pool.attach(&mut c);
+        assert_eq!((index(&a), index(&b), index(&c)), (Some(0), Some(1), None));
+        for (cache, slot) in [(&a, 0), (&b, 1)] {
+            for layer in &cache.layers {
+                let layer = layer.as_ref().expect("a slot's layer cache");
+                assert_eq!(layer.k.dims(), [kv_heads, cap, d]);
+                assert_eq!((layer.len, layer.capacity()), (0, cap));
+                assert_eq!(layer.pool.as_ref().map(|p| p.1), Some(slot));
+            }
+        }
+        assert!(
+            c.layers.iter().all(Option::is_none),
+            "no slot: the cache grows on its own"
+        );
+        // A second attach keeps the slot; a cache holding positions is left alone.
+        pool.attach(&mut a);
+        assert_eq!(index(&a), Some(0));
+        drop(a);
+        c.len = 5;
+        pool.attach(&mut c);
+        assert_eq!(index(&c), None);
+        c.len = 0;
+        pool.attach(&mut c);
+        assert_eq!(index(&c), Some(0), "the dropped cache's slot");
     }
 }

@@ -7,9 +7,9 @@
 
 use burn_ndarray::NdArray;
 use burn_tensor::backend::Backend;
-use burn_tensor::{DType, Tensor, TensorData};
+use burn_tensor::{DType, Int, Tensor, TensorData};
 
-use crate::attention::{AttentionConfig, LayerKv};
+use crate::attention::{AttentionConfig, LayerKv, PoolLayer};
 use crate::config::Activation;
 use crate::host_linear::HostLinear;
 use crate::linear::Linear;
@@ -111,6 +111,42 @@ pub trait LlmBackend: Backend {
     fn decode_attention(
         _q: &Tensor<Self, 3>,
         _kv: &LayerKv<Self>,
+        _cfg: &AttentionConfig,
+    ) -> Option<Tensor<Self, 2>> {
+        None
+    }
+    /// Whether models keep every sequence's KV cache as a slot of one pool per layer, planned
+    /// at load ([`crate::attention::KvPool`]), so that [`LlmBackend::kv_append_rows`] and
+    /// [`LlmBackend::decode_attention_rows`] serve a whole batch in one launch each instead of
+    /// a few per sequence. Without (the CPU, where a launch costs nothing) each sequence's
+    /// cache grows on its own.
+    const KV_POOL: bool = false;
+    /// An uninitialised `shape` tensor for a KV pool.
+    fn kv_pool_tensor(shape: [usize; 4], device: &Self::Device) -> Tensor<Self, 4> {
+        Tensor::zeros(shape, device)
+    }
+    /// Append every row of a batch to `pool`: row `r` (rope applied to its `k`) at slot
+    /// `rows[2r]`, position `rows[2r + 1]`. `k`, `v` `[rows, kv_heads * d]` (the projections'
+    /// outputs), `tables` `[rows, d]`. `false` (the default): nothing done, the caller appends
+    /// sequence by sequence.
+    fn kv_append_rows(
+        _k: &Tensor<Self, 2>,
+        _v: &Tensor<Self, 2>,
+        _kv_heads: usize,
+        _tables: &RopeTables<Self>,
+        _pool: &PoolLayer<Self>,
+        _rows: &Tensor<Self, 1, Int>,
+    ) -> bool {
+        false
+    }
+    /// [`LlmBackend::decode_attention`] for a batch of single-token chunks in one launch: row
+    /// `r` of `q` `[heads, rows, d]` (rope applied) over positions `0..=rows[2r + 1]` of slot
+    /// `rows[2r]` of `pool` (this step's entries appended) -> `[rows, heads * d]`. `None` (the
+    /// default, and for shapes a backend's kernel does not cover): per sequence.
+    fn decode_attention_rows(
+        _q: &Tensor<Self, 3>,
+        _pool: &PoolLayer<Self>,
+        _rows: &Tensor<Self, 1, Int>,
         _cfg: &AttentionConfig,
     ) -> Option<Tensor<Self, 2>> {
         None

@@ -19,9 +19,9 @@ use burn_cubecl::kernel::into_contiguous;
 use burn_cubecl::ops::numeric::empty_device_contiguous_dtype;
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::CubeBackend;
-use burn_tensor::{DType, Shape, Tensor, TensorPrimitive};
+use burn_tensor::{DType, Int, Shape, Tensor, TensorPrimitive};
 
-use crate::attention::{AttentionConfig, LayerKv};
+use crate::attention::{AttentionConfig, LayerKv, PoolLayer};
 use crate::backend::LlmBackend;
 use crate::config::Activation;
 use crate::linear::{DenseLinear, Linear};
@@ -62,12 +62,20 @@ pub static FUSED_PROJECTIONS: std::sync::atomic::AtomicBool =
 /// `bench/gpu.sh` to compare the two on a whole prompt.
 pub static DEQUANT_TRANSPOSED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
+/// Whether 2 to [`GEMV_MAX_TOKENS`] token rows go to the tensor-core [`nf4_mma`] (the default)
+/// rather than the SIMT [`nf4_gemv`]; off by `LLM_CUDA_MMA=0` ([`read_env`]), and where the
+/// device has no bf16 `mma.m16n8k16` ([`probe_mma`]).
+pub static MMA_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// Fewest token rows [`nf4_mma`] takes. On an H200 (docs/benchmarks.md, run 15, 8B shapes) it
+/// took 39-41 us at 2 rows against the SIMT GEMV's 32-33 us, and led from 4 rows on (41 vs
+/// 52-57 us; 51-54 vs 144-168 us at 16).
+pub const MMA_MIN_TOKENS: usize = 3;
 /// Most planes (warps) per GEMV cube.
 const MAX_PLANES: usize = 8;
 
 pub use kernels::{
-    add_rms_norm, decode_attention, gated_act, kv_append, nf4_dequantize, nf4_dequantize_t,
-    nf4_gemv, rms_norm, rope,
+    add_rms_norm, decode_attention, decode_attention_rows, gated_act, kv_append, kv_append_rows,
+    nf4_dequantize, nf4_dequantize_t, nf4_gemv, nf4_mma, rms_norm, rope,
 };
 
 /// KV-cache capacity grows in multiples of this many positions.
@@ -80,6 +88,7 @@ const KV_CHUNK: usize = 128;
 mod kernels {
     use super::MAX_PLANES;
     use burn_cubecl::cubecl;
+    use burn_cubecl::cubecl::cmma;
     use burn_cubecl::cubecl::prelude::*;
 
     /// Weights 8j..8j+8 of a 16-byte vector of codes `q`, looked up in the code book. Byte b of
@@ -303,6 +312,204 @@ mod kernels {
                 }
             }
         }
+    }
+
+    /// [`nf4_gemv`] on tensor cores, for 3 to 16 token rows: the same weights, outputs and
+    /// stacking (q/k/v) or gating (gate/up), one `mma.m16n8k16` (bf16 inputs, f32 accumulation)
+    /// per 16 `k` of 8 output rows. The SIMT GEMV does a multiply-add per weight and token; here
+    /// a weight is dequantized once and the tensor cores take the tokens.
+    ///
+    /// A plane owns 8 output rows (the MMA's n) and walks their `k` in windows of 128: lane
+    /// (g, t) = (lane / 4, lane % 4) loads one 16-byte vector of row g's codes (32 weights
+    /// from `32t`, one absmax) and dequantizes them as bnb's dequantize rounds (code * absmax
+    /// in f32, then to bf16): the B fragments of 8 MMAs. Which `k` an MMA slot holds is ours to
+    /// choose, so long as `x` uses the same: MMA j takes from lane (g, t) its weights 4j, 4j+1
+    /// (fragment rows 2t, 2t+1) and 4j+2, 4j+3 (rows 2t+8, 2t+9), so the A fragment (tokens g
+    /// and g+8) is `x` at the same four positions. Tokens past `tokens` (the MMA's m is 16)
+    /// read token 0's row and are never written. The cube's planes split the windows
+    /// (split-K); their accumulators are summed in shared memory.
+    ///
+    /// Shapes as [`nf4_gemv`]; `k` a multiple of 128, every stacked weight but the last a
+    /// multiple of 8 rows. Cube dim `(32, planes)`, a cube per 8 rows; `NX` = 8, `NQ4` = 4,
+    /// `NP` = 2 (the MMA's registers: two bf16 or two f32).
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn nf4_mma<F: Float, NX: Size, NQ4: Size, NP: Size>(
+        x: &Array<Vector<F, NX>>,
+        packed0: &Array<Vector<u32, NQ4>>,
+        absmax0: &Array<f32>,
+        packed1: &Array<Vector<u32, NQ4>>,
+        absmax1: &Array<f32>,
+        packed2: &Array<Vector<u32, NQ4>>,
+        absmax2: &Array<f32>,
+        code: &Array<f32>,
+        out: &mut Array<F>,
+        n0: u32,
+        n1: u32,
+        n2: u32,
+        cut1: u32,
+        cut2: u32,
+        base1: u32,
+        base2: u32,
+        k: u32,
+        tokens: u32,
+        #[comptime] unroll: usize,
+        #[comptime] gated: bool,
+        #[comptime] gelu: bool,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let lanes = comptime!(if gated { 2usize } else { 1usize });
+        let mut lut = SharedMemory::<f32>::new(16usize);
+        let mut partial = SharedMemory::<f32>::new(comptime!(MAX_PLANES * 32 * 4 * lanes));
+        if UNIT_POS < 16 {
+            lut[UNIT_POS as usize] = code[UNIT_POS as usize];
+        }
+        sync_cube();
+
+        let cube = CUBE_POS_X as usize;
+        let in1 = CUBE_POS_X >= cut1;
+        let in2 = CUBE_POS_X >= cut2;
+        let n_us = select(in2, n2, select(in1, n1, n0)) as usize;
+        let first_cube = select(in2, cut2, select(in1, cut1, u32::new(0))) as usize;
+        let out_base = select(in2, base2, select(in1, base1, u32::new(0))) as usize;
+        let row0 = (cube - first_cube) * 8;
+        let lane = UNIT_POS_X as usize;
+        let g = lane / 4;
+        let t = lane % 4;
+        // Rows past `n` (last cube) read the last row; their sums are not written.
+        let row = select(row0 + g < n_us, row0 + g, n_us - 1);
+        let tok = tokens as usize;
+        let steps = k as usize / 32;
+        let windows = k as usize / 128;
+        let xrow = k as usize / 8;
+        let x_lo = select(g < tok, g, 0) * xrow;
+        let x_hi = select(g + 8 < tok, g + 8, 0) * xrow;
+        let mma = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
+        let mut acc0 = Array::<Vector<f32, NP>>::new(2usize);
+        let mut acc1 = Array::<Vector<f32, NP>>::new(2usize);
+        #[unroll]
+        for i in 0..2usize {
+            acc0[i] = Vector::new(f32::new(0.0));
+            acc1[i] = Vector::new(f32::new(0.0));
+        }
+        let stride = CUBE_DIM_Y as usize;
+        let mut w = UNIT_POS_Y as usize;
+        while w < windows {
+            // Every load of `unroll` windows first, then the math.
+            let mut q = Array::<Vector<u32, NQ4>>::new(comptime!(unroll * lanes));
+            let mut a = Array::<f32>::new(comptime!(unroll * lanes));
+            let mut xl = Array::<Vector<F, NX>>::new(comptime!(unroll * 4));
+            let mut xh = Array::<Vector<F, NX>>::new(comptime!(unroll * 4));
+            #[unroll]
+            for u in 0..unroll {
+                let wu = w + u * stride;
+                // Windows past the end (last pass) read the last one with an absmax of 0.
+                let wc = select(wu < windows, wu, windows - 1);
+                let idx = row * steps + wc * 4 + t;
+                let slot = u * lanes;
+                if comptime!(gated) {
+                    q[slot] = packed0[idx];
+                    a[slot] = select(wu < windows, absmax0[idx / 2], f32::new(0.0));
+                    q[slot + 1] = packed1[idx];
+                    a[slot + 1] = select(wu < windows, absmax1[idx / 2], f32::new(0.0));
+                } else {
+                    // Uniform over the cube: no divergence.
+                    if in2 {
+                        q[slot] = packed2[idx];
+                        a[slot] = select(wu < windows, absmax2[idx / 2], f32::new(0.0));
+                    } else if in1 {
+                        q[slot] = packed1[idx];
+                        a[slot] = select(wu < windows, absmax1[idx / 2], f32::new(0.0));
+                    } else {
+                        q[slot] = packed0[idx];
+                        a[slot] = select(wu < windows, absmax0[idx / 2], f32::new(0.0));
+                    }
+                }
+                // The lane's 32 positions of tokens g and g + 8: four 8-vectors each.
+                let xo = wc * 16 + t * 4;
+                #[unroll]
+                for j in 0..4usize {
+                    xl[u * 4 + j] = x[x_lo + xo + j];
+                    xh[u * 4 + j] = x[x_hi + xo + j];
+                }
+            }
+            #[unroll]
+            for u in 0..unroll {
+                #[unroll]
+                for j in 0..8usize {
+                    // MMA j: the lane's positions 4j..4j+4, in 8-vector j / 2 from element e.
+                    let v = comptime!(j / 2);
+                    let e = comptime!(j % 2 * 4);
+                    let mut fa = Array::<Vector<F, NP>>::new(4usize);
+                    fa[0] = pair::<F, NP>(xl[u * 4 + v][e], xl[u * 4 + v][e + 1]);
+                    fa[1] = pair::<F, NP>(xh[u * 4 + v][e], xh[u * 4 + v][e + 1]);
+                    fa[2] = pair::<F, NP>(xl[u * 4 + v][e + 2], xl[u * 4 + v][e + 3]);
+                    fa[3] = pair::<F, NP>(xh[u * 4 + v][e + 2], xh[u * 4 + v][e + 3]);
+                    #[unroll]
+                    for l in 0..lanes {
+                        let qv = q[u * lanes + l];
+                        let s = a[u * lanes + l];
+                        let mut fb = Array::<Vector<F, NP>>::new(2usize);
+                        fb[0] = pair::<F, NP>(
+                            F::cast_from(code_at(qv, &lut, comptime!(4 * j)) * s),
+                            F::cast_from(code_at(qv, &lut, comptime!(4 * j + 1)) * s),
+                        );
+                        fb[1] = pair::<F, NP>(
+                            F::cast_from(code_at(qv, &lut, comptime!(4 * j + 2)) * s),
+                            F::cast_from(code_at(qv, &lut, comptime!(4 * j + 3)) * s),
+                        );
+                        if comptime!(l == 0) {
+                            mma.execute_inplace(&fa, &fb, &mut acc0);
+                        } else {
+                            mma.execute_inplace(&fa, &fb, &mut acc1);
+                        }
+                    }
+                }
+            }
+            w += stride * unroll;
+        }
+        // Lane (g, t) holds (token g, rows 2t, 2t+1) and (token g + 8, the same rows).
+        let width = comptime!(4 * lanes);
+        let at = (UNIT_POS_Y as usize * 32 + lane) * width;
+        #[unroll]
+        for i in 0..4usize {
+            partial[at + i] = acc0[comptime!(i / 2)][comptime!(i % 2)];
+            if comptime!(gated) {
+                partial[at + 4 + i] = acc1[comptime!(i / 2)][comptime!(i % 2)];
+            }
+        }
+        sync_cube();
+        if UNIT_POS_Y == 0 {
+            #[unroll]
+            for i in 0..4usize {
+                let token = g + comptime!(i / 2 * 8);
+                let r = row0 + 2 * t + comptime!(i % 2);
+                let mut total = f32::new(0.0);
+                let mut second = f32::new(0.0);
+                for p in 0..CUBE_DIM_Y as usize {
+                    total += partial[(p * 32 + lane) * width + i];
+                    if comptime!(gated) {
+                        second += partial[(p * 32 + lane) * width + 4 + i];
+                    }
+                }
+                if token < tok && r < n_us {
+                    if comptime!(gated) {
+                        out[token * n_us + r] = gate_times_up::<F>(total, second, gelu);
+                    } else {
+                        out[out_base + token * n_us + r] = F::cast_from(total);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Two values as one MMA register (the first in the low half).
+    #[cube]
+    fn pair<F: Float, NP: Size>(lo: F, hi: F) -> Vector<F, NP> {
+        let mut v = Vector::<F, NP>::empty();
+        v[0] = lo;
+        v[1] = hi;
+        v
     }
 
     /// `act(gate) * up`, rounded as HF's bf16 ops round: each projection to `F` (a no-op for
@@ -659,6 +866,95 @@ mod kernels {
     ) {
         let d = per_unit * 32;
         let head = CUBE_POS_X as usize;
+        let kv_base = head / groups as usize * cap as usize * d;
+        attend_row::<F>(
+            q,
+            k,
+            v,
+            out,
+            head * d,
+            kv_base,
+            head * d,
+            t_start as usize,
+            t_len as usize,
+            scale,
+            softcap,
+            per_unit,
+            planes,
+        );
+    }
+
+    /// [`decode_attention`] for every row of a batch of single-token sequences whose caches
+    /// are slots of one pool, in one launch: cube `(head, row)`; row `r` reads slot
+    /// `rows_meta[2r]`, positions up to its own `rows_meta[2r + 1]` (inclusive), from
+    /// `window` positions back when `window` > 0 (sliding window).
+    /// `q` `[heads, rows, d]`, `k_pool`/`v_pool` `[slots, kv_heads, cap, d]`, `out`
+    /// `[rows, heads * d]`, all contiguous. Cube dim `(32, planes)`.
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn decode_attention_rows<F: Float>(
+        q: &Array<F>,
+        k_pool: &Array<F>,
+        v_pool: &Array<F>,
+        out: &mut Array<F>,
+        rows_meta: &Array<i32>,
+        rows: u32,
+        kv_heads: u32,
+        cap: u32,
+        window: u32,
+        groups: u32,
+        scale: f32,
+        softcap: f32,
+        #[comptime] per_unit: usize,
+        #[comptime] planes: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let d = per_unit * 32;
+        let head = CUBE_POS_X as usize;
+        let r = CUBE_POS_Y as usize;
+        let heads = CUBE_COUNT_X as usize;
+        let slot = u32::cast_from(rows_meta[2 * r]) as usize;
+        let t_len = u32::cast_from(rows_meta[2 * r + 1]) + 1;
+        let t_start = select(window > 0 && t_len > window, t_len - window, u32::new(0));
+        let kv_base = ((slot * kv_heads as usize + head / groups as usize) * cap as usize) * d;
+        attend_row::<F>(
+            q,
+            k_pool,
+            v_pool,
+            out,
+            (head * rows as usize + r) * d,
+            kv_base,
+            (r * heads + head) * d,
+            t_start as usize,
+            t_len as usize,
+            scale,
+            softcap,
+            per_unit,
+            planes,
+        );
+    }
+
+    /// One query row over one kv head's cached positions `t_start..t_len` ("flash decoding"
+    /// within a cube, see [`decode_attention`]): `q` from `q_off`, keys and values from
+    /// `kv_base` (position `t` at `kv_base + t * d`), the output row at `out_off`.
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn attend_row<F: Float>(
+        q: &Array<F>,
+        k: &Array<F>,
+        v: &Array<F>,
+        out: &mut Array<F>,
+        q_off: usize,
+        kv_base: usize,
+        out_off: usize,
+        t_start: usize,
+        t_len: usize,
+        scale: f32,
+        softcap: f32,
+        #[comptime] per_unit: usize,
+        #[comptime] planes: usize,
+    ) {
+        let d = per_unit * 32;
         let lane = UNIT_POS_X as usize;
         let plane = UNIT_POS_Y as usize;
         let col = lane * per_unit;
@@ -666,16 +962,15 @@ mod kernels {
         let mut acc = Array::<f32>::new(per_unit);
         #[unroll]
         for i in 0..per_unit {
-            qv[i] = f32::cast_from(q[head * d + col + i]);
+            qv[i] = f32::cast_from(q[q_off + col + i]);
             acc[i] = f32::new(0.0);
         }
         // Finite start values: an empty plane merges with weight exp(-1e30 - max) = 0.
         let mut m = f32::new(-1e30);
         let mut l = f32::new(0.0);
-        let base = head / groups as usize * cap as usize * d;
-        let mut t = t_start as usize + plane;
-        while t < t_len as usize {
-            let row = base + t * d + col;
+        let mut t = t_start + plane;
+        while t < t_len {
+            let row = kv_base + t * d + col;
             let mut part = f32::new(0.0);
             #[unroll]
             for i in 0..per_unit {
@@ -723,24 +1018,68 @@ mod kernels {
                 for p in 0..planes {
                     a += sm_acc[p * d + col + i] * (sm_m[p] - mm).exp();
                 }
-                out[head * d + col + i] = F::cast_from(a / ll);
+                out[out_off + col + i] = F::cast_from(a / ll);
             }
+        }
+    }
+
+    /// [`kv_append`] for a batch whose caches are slots of one pool: row `r` goes to slot
+    /// `rows_meta[2r]` at position `rows_meta[2r + 1]`, one unit per (row, head, i < d/2).
+    /// `k`, `v` `[rows, heads, d]`, `cos`, `sin` `[rows, d]`, the pools
+    /// `[slots, heads, cap, d]`, all contiguous.
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn kv_append_rows<F: Float>(
+        k: &Array<F>,
+        v: &Array<F>,
+        cos: &Array<F>,
+        sin: &Array<F>,
+        k_pool: &mut Array<F>,
+        v_pool: &mut Array<F>,
+        rows_meta: &Array<i32>,
+        rows: u32,
+        heads: u32,
+        d: u32,
+        cap: u32,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let rows = rows as usize;
+        let heads = heads as usize;
+        let d = d as usize;
+        let half = d / 2;
+        let idx = ABSOLUTE_POS;
+        if idx < rows * heads * half {
+            let i = idx % half;
+            let h = idx / half % heads;
+            let r = idx / half / heads;
+            let slot = u32::cast_from(rows_meta[2 * r]) as usize;
+            let pos = u32::cast_from(rows_meta[2 * r + 1]) as usize;
+            let src = (r * heads + h) * d;
+            let dst = ((slot * heads + h) * cap as usize + pos) * d;
+            rotate_half_into(k, cos, sin, k_pool, src, dst, r * d, i, half);
+            v_pool[dst + i] = v[src + i];
+            v_pool[dst + i + half] = v[src + i + half];
         }
     }
 }
 
-/// How [`nf4_gemv`] is launched: output rows per cube, planes (warps) per cube, and steps
-/// (16-byte code vectors per row) each unit loads before its math.
+/// How [`nf4_gemv`] or [`nf4_mma`] is launched: output rows per cube, planes (warps) per cube,
+/// and steps (16-byte code vectors per row; windows of 4 for the MMA kernel) each unit loads
+/// before its math.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvConfig {
     pub rows: usize,
     pub planes: usize,
     pub unroll: usize,
+    /// [`nf4_mma`] (tensor cores; `rows` 8) instead of [`nf4_gemv`].
+    pub mma: bool,
 }
 
 impl GemvConfig {
     /// One token: 4 rows per cube share each converted `x`, about 64 steps per unit's row.
-    /// More tokens: 2 rows per cube, the looked-up codes shared over the tokens (see the
+    /// From [`MMA_MIN_TOKENS`] tokens: [`nf4_mma`] when [`MMA_DECODE`] is on and `k` is a
+    /// multiple of 128, 8 rows per cube, the windows split over up to 8 planes (at least 4
+    /// windows each), 2 windows in flight per lane. Otherwise 2 rows per cube, the looked-up codes shared over the tokens (see the
     /// kernel's doc), 2 planes. From the launch-configuration sweep of `llm-bench kernel` on an
     /// H200 (docs/benchmarks.md, run 11): at batch 1 the configurations within 10% of each
     /// other; at batch 16 this one 166 us against 298 us for 1 row per cube on 4096x14336.
@@ -750,12 +1089,24 @@ impl GemvConfig {
                 rows: 4,
                 planes: (k / 32 / 64).clamp(1, MAX_PLANES),
                 unroll: 1,
+                mma: false,
+            }
+        } else if tokens >= MMA_MIN_TOKENS
+            && k.is_multiple_of(128)
+            && MMA_DECODE.load(std::sync::atomic::Ordering::Relaxed)
+        {
+            GemvConfig {
+                rows: 8,
+                planes: (k / 128 / 4).clamp(1, MAX_PLANES),
+                unroll: 2,
+                mma: true,
             }
         } else {
             GemvConfig {
                 rows: 2,
                 planes: 2,
                 unroll: 1,
+                mma: false,
             }
         }
     }
@@ -817,6 +1168,45 @@ fn launch_gemv(
     // cube counts above, `out` holds `bases[i] + tokens * n_i` elements for each stacked
     // weight (blocks not overlapping) or `tokens * n0` (gated), and `partial` holds
     // `MAX_PLANES * rows * lanes * tokens` sums (planes checked).
+    if cfg.mma {
+        assert!(cfg.rows == 8 && k.is_multiple_of(128), "MMA GEMV shapes");
+        // SAFETY: as for `nf4_gemv` below, with 8 rows per cube, windows of 128 `k` (a
+        // multiple of 128, asserted), tokens past `tokens` reading token 0's row and never
+        // written, and `partial` holding `MAX_PLANES * 32 * 4 * lanes` sums.
+        unsafe {
+            nf4_mma::launch_unchecked::<CudaRuntime>(
+                &client,
+                CubeCount::Static(cubes as u32, 1, 1),
+                CubeDim::new_2d(32, cfg.planes as u32),
+                8,
+                4,
+                2,
+                x.into_array_arg(),
+                pick(0).packed.clone().into_array_arg(),
+                pick(0).absmax.clone().into_array_arg(),
+                pick(1).packed.clone().into_array_arg(),
+                pick(1).absmax.clone().into_array_arg(),
+                pick(2).packed.clone().into_array_arg(),
+                pick(2).absmax.clone().into_array_arg(),
+                w0.code.clone().into_array_arg(),
+                out.into_array_arg(),
+                n[0] as u32,
+                pick(1).out_features as u32,
+                pick(2).out_features as u32,
+                cuts[0],
+                cuts[1],
+                bases[1] as u32,
+                bases[2] as u32,
+                k as u32,
+                tokens as u32,
+                cfg.unroll,
+                gated.is_some(),
+                gated == Some(Activation::GeluTanh),
+                dtype.into(),
+            );
+        }
+        return;
+    }
     unsafe {
         nf4_gemv::launch_unchecked::<CudaRuntime>(
             &client,
@@ -1239,7 +1629,26 @@ pub fn use_kernel_cache(dir: Option<&std::path::Path>) {
     });
 }
 
-/// Benchmark switches from the environment: `LLM_CUDA_DEQUANT=nk` turns
+/// Turn [`MMA_DECODE`] off when `device` has no bf16 `mma.m16n8k16` (before Ampere).
+pub fn probe_mma(device: &CudaDevice) {
+    use burn_cubecl::cubecl::features::MmaConfig;
+    let (bf16, f32) = (DType::BF16.into(), DType::F32.into());
+    let wanted = MmaConfig {
+        a_type: bf16,
+        b_type: bf16,
+        cd_type: f32,
+        m: 16,
+        n: 8,
+        k: 16,
+    };
+    let client = CudaRuntime::client(device);
+    if !client.properties().features.matmul.mma.contains(&wanted) {
+        MMA_DECODE.store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Benchmark switches from the environment: `LLM_CUDA_MMA=0` turns [`MMA_DECODE`] off;
+/// `LLM_CUDA_DEQUANT=nk` turns
 /// [`DEQUANT_TRANSPOSED`] off, `kn` (the default) on; `LLM_CUDA_GEMM=cublas` sends prefill
 /// GEMMs to cuBLAS when the library loads, `burn` (the default) keeps Burn's matmul
 /// ([`crate::driver`] says why); another value is reported and ignored.
@@ -1248,6 +1657,12 @@ pub fn read_env() {
         Ok("burn") => crate::driver::USE_CUBLAS.store(false, std::sync::atomic::Ordering::Relaxed),
         Ok("cublas") => crate::driver::USE_CUBLAS.store(true, std::sync::atomic::Ordering::Relaxed),
         Ok(other) => eprintln!("LLM_CUDA_GEMM={other} ignored (cublas or burn)"),
+        Err(_) => {}
+    }
+    match std::env::var("LLM_CUDA_MMA").as_deref() {
+        Ok("0") => MMA_DECODE.store(false, std::sync::atomic::Ordering::Relaxed),
+        Ok("1") => MMA_DECODE.store(true, std::sync::atomic::Ordering::Relaxed),
+        Ok(other) => eprintln!("LLM_CUDA_MMA={other} ignored (0 or 1)"),
         Err(_) => {}
     }
     match std::env::var("LLM_CUDA_DEQUANT").as_deref() {
@@ -1279,6 +1694,106 @@ impl LlmBackend for CudaBf16 {
             .map(|u| u.bytes_reserved)
     }
     const WARM_UP_NF4_DECODE_ROWS: usize = GEMV_MAX_TOKENS;
+    const KV_POOL: bool = true;
+    /// Strictly contiguous (the pooled kernels index it flat; see [`Self::kv_append`]).
+    fn kv_pool_tensor(shape: [usize; 4], device: &CudaDevice) -> Tensor<Self, 4> {
+        from_cube(empty_device_contiguous_dtype(
+            CudaRuntime::client(device),
+            device.clone(),
+            Shape::from(shape.to_vec()),
+            DType::BF16,
+        ))
+    }
+    fn kv_append_rows(
+        k: &Tensor<Self, 2>,
+        v: &Tensor<Self, 2>,
+        kv_heads: usize,
+        tables: &RopeTables<Self>,
+        pool: &PoolLayer<Self>,
+        rows_meta: &Tensor<Self, 1, Int>,
+    ) -> bool {
+        let [rows, width] = k.dims();
+        let d = width / kv_heads;
+        let [_, pool_heads, cap, pool_d] = pool.k.dims();
+        assert!(pool_heads == kv_heads && pool_d == d, "KV pool shape");
+        assert_eq!(rows_meta.dims()[0], 2 * rows, "pool rows");
+        let (cos, sin) = rope_tables(tables, rows, d);
+        let k = contiguous(k);
+        let units = (rows * kv_heads * d / 2) as u32;
+        // SAFETY: unit `u < rows * kv_heads * d / 2` reads row `r < rows` of `k` and `v`
+        // (`[rows, kv_heads * d]` contiguous), of `cos`/`sin` (`[rows, d]`, checked) and
+        // entries `2r`, `2r + 1` of `rows_meta` (`[2 * rows]`, checked), and writes position
+        // `rows_meta[2r + 1] < cap` of slot `rows_meta[2r] < slots` of the pools
+        // (`[slots, kv_heads, cap, d]` strictly contiguous): the forward builds `rows_meta`
+        // from the slots it leased and positions the engine checked against the context (=
+        // `cap`).
+        unsafe {
+            kv_append_rows::launch_unchecked::<CudaRuntime>(
+                &k.client.clone(),
+                CubeCount::Static(units.div_ceil(256), 1, 1),
+                CubeDim::new_1d(256),
+                k.clone().into_array_arg(),
+                contiguous(v).into_array_arg(),
+                cos.into_array_arg(),
+                sin.into_array_arg(),
+                contiguous(&pool.k).into_array_arg(),
+                contiguous(&pool.v).into_array_arg(),
+                rows_meta.clone().into_primitive().into_array_arg(),
+                rows as u32,
+                kv_heads as u32,
+                d as u32,
+                cap as u32,
+                k.dtype.into(),
+            );
+        }
+        true
+    }
+    fn decode_attention_rows(
+        q: &Tensor<Self, 3>,
+        pool: &PoolLayer<Self>,
+        rows_meta: &Tensor<Self, 1, Int>,
+        cfg: &AttentionConfig,
+    ) -> Option<Tensor<Self, 2>> {
+        let [heads, rows, d] = q.dims();
+        let [_, kv_heads, cap, _] = pool.k.dims();
+        // As `decode_attention`: head dims 32..256 in steps of 32.
+        if !d.is_multiple_of(32) || d / 32 > 8 || heads % kv_heads != 0 {
+            return None;
+        }
+        assert_eq!(rows_meta.dims()[0], 2 * rows, "pool rows");
+        let q = contiguous(q);
+        let out = empty_like(&q, vec![rows, heads * d]);
+        const PLANES: usize = 8;
+        // SAFETY: cube `(h, r)` reads row `r` of head `h` of `q` (`[heads, rows, d]`
+        // contiguous), entries `2r`, `2r + 1` of `rows_meta` (`[2 * rows]`, checked), positions
+        // below `rows_meta[2r + 1] + 1 <= cap` of kv head `h / groups` of slot `rows_meta[2r]`
+        // of the pools (`[slots, kv_heads, cap, d]` strictly contiguous; `heads = groups *
+        // kv_heads`), and writes row `r`, head `h` of `out` (`[rows, heads * d]`); shared
+        // memory is sized by the comptime plane count the cube is launched with.
+        unsafe {
+            decode_attention_rows::launch_unchecked::<CudaRuntime>(
+                &q.client.clone(),
+                CubeCount::Static(heads as u32, rows as u32, 1),
+                CubeDim::new_2d(32, PLANES as u32),
+                q.clone().into_array_arg(),
+                contiguous(&pool.k).into_array_arg(),
+                contiguous(&pool.v).into_array_arg(),
+                out.clone().into_array_arg(),
+                rows_meta.clone().into_primitive().into_array_arg(),
+                rows as u32,
+                kv_heads as u32,
+                cap as u32,
+                cfg.sliding_window.unwrap_or(0) as u32,
+                (heads / kv_heads) as u32,
+                cfg.scale as f32,
+                cfg.softcap.unwrap_or(0.0) as f32,
+                d / 32,
+                PLANES,
+                q.dtype.into(),
+            );
+        }
+        Some(from_cube(out))
+    }
     fn float_from_bytes<const D: usize>(
         bytes: &[u8],
         dtype: DType,
@@ -1502,8 +2017,8 @@ impl LlmBackend for CudaBf16 {
         let d = width / kv_heads;
         let start = past.as_ref().map_or(0, |p| p.len);
         let len = start + rows;
-        let (k_cache, v_cache) = match past {
-            Some(p) if p.capacity() >= len => (p.k, p.v),
+        let (k_cache, v_cache, pool) = match past {
+            Some(p) if p.capacity() >= len => (p.k, p.v, p.pool),
             past => {
                 let old = past.as_ref().map_or(0, |p| p.capacity());
                 let cap = len.max(old + old / 2).next_multiple_of(KV_CHUNK);
@@ -1529,7 +2044,7 @@ impl LlmBackend for CudaBf16 {
                     Some(p) => (Some(p.keys()), Some(p.values())),
                     None => (None, None),
                 };
-                (grow(pk), grow(pv))
+                (grow(pk), grow(pv), None)
             }
         };
         let cap = k_cache.dims()[1];
@@ -1564,6 +2079,7 @@ impl LlmBackend for CudaBf16 {
             k: k_cache,
             v: v_cache,
             len,
+            pool,
         }
     }
     fn decode_attention(

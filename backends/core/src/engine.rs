@@ -29,6 +29,10 @@ pub trait CausalLm<B: LlmBackend>: Send + 'static {
     /// Parameter count as PyTorch's `sum(p.numel())` reports it.
     fn num_params(&self) -> usize;
     fn device(&self) -> B::Device;
+    /// Elements of the model's KV-cache pool, if it has one ([`crate::attention::KvPool`]).
+    fn kv_pool_numel(&self) -> Option<usize> {
+        None
+    }
     /// Every linear layer with its checkpoint module name (`model.layers.0.self_attn.q_proj`).
     fn linears(&self) -> Vec<(String, &dyn crate::Linear<B>)>;
 }
@@ -107,14 +111,18 @@ impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
 
     fn info_on_stream(&self) -> serde_json::Value {
         let elem = dtype_bytes::<B>();
-        let kv_bytes: usize = self
-            .seqs
-            .values()
-            .flat_map(|s| s.cache.layers.iter().flatten())
-            .map(|l| {
-                (l.k.dims().iter().product::<usize>() + l.v.dims().iter().product::<usize>()) * elem
-            })
-            .sum();
+        // The pool (reserved at load) plus the caches outside it.
+        let kv_bytes: usize = self.model.kv_pool_numel().unwrap_or(0) * elem
+            + self
+                .seqs
+                .values()
+                .filter(|s| s.cache.slot.is_none())
+                .flat_map(|s| s.cache.layers.iter().flatten())
+                .map(|l| {
+                    (l.k.dims().iter().product::<usize>() + l.v.dims().iter().product::<usize>())
+                        * elem
+                })
+                .sum::<usize>();
         let weight_bytes = weight_bytes::<B, M>(&self.model);
         // The pool's reservation beyond weights and KV: activations, code books, rope tables,
         // freed-but-pooled buffers. Only backends with a device pool report one.

@@ -56,6 +56,10 @@ pub struct LoadOptions {
     /// 0 = the model's own context length.
     #[serde(default)]
     pub max_context: usize,
+    /// Sequences run at once: slots of the KV-cache pool a backend with one plans at load
+    /// ([`crate::attention::KvPool`]); 0 = no pool.
+    #[serde(default)]
+    pub max_batch: usize,
     /// Where compiled kernels and autotune results persist across processes (CUDA only).
     #[serde(default)]
     pub kernel_cache: Option<PathBuf>,
@@ -209,6 +213,7 @@ pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEng
             let device = crate::cuda::parse_device(spec).expect("checked");
             crate::cuda::use_kernel_cache(opts.kernel_cache.as_deref());
             crate::cuda::read_env();
+            crate::cuda::probe_mma(&device);
             build::<A, crate::cuda::CudaBf16>(&source, device, quantization, &opts)
         }
         other => Err(unknown_device(other)),

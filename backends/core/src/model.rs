@@ -5,7 +5,7 @@
 use crate::backend::LlmBackend;
 use burn_tensor::{Int, Tensor, TensorData};
 
-use crate::attention::{Attention, ForwardCtx, LayerKv, Segment};
+use crate::attention::{Attention, ForwardCtx, KvPool, LayerKv, Segment};
 use crate::engine::{CausalLm, SeqChunk};
 use crate::linear::Linear;
 use crate::mlp::GatedMlp;
@@ -80,6 +80,9 @@ pub struct CausalDecoder<B: LlmBackend, L: DecoderLayer<B>> {
     pub final_logit_softcap: Option<f64>,
     pub vocab_size: usize,
     pub max_context: usize,
+    /// Every sequence's KV cache, on backends that pool them ([`LlmBackend::KV_POOL`]) when
+    /// the load asks for a batch size.
+    pub kv_pool: Option<KvPool<B>>,
     pub device: B::Device,
 }
 
@@ -104,11 +107,23 @@ impl<B: LlmBackend, L: DecoderLayer<B>> CausalLm<B> for CausalDecoder<B, L> {
         if let Some(s) = self.embed_scale {
             h = h.mul_scalar(s);
         }
-        let ctx = ForwardCtx::new(
+        let mut ctx = ForwardCtx::new(
             segments,
             self.rope.tables_at(&positions, &self.device),
             &self.device,
         );
+        if let Some(pool) = &self.kv_pool {
+            for chunk in batch.iter_mut() {
+                pool.attach(chunk.cache);
+            }
+            let slots: Option<Vec<usize>> = batch
+                .iter()
+                .map(|c| c.cache.slot.as_ref().map(|s| s.index))
+                .collect();
+            if let Some(slots) = slots {
+                ctx = ctx.with_pool_slots(&slots);
+            }
+        }
         for (i, layer) in self.layers.iter().enumerate() {
             let mut kv: Vec<&mut Option<LayerKv<B>>> =
                 batch.iter_mut().map(|c| &mut c.cache.layers[i]).collect();
@@ -160,6 +175,9 @@ impl<B: LlmBackend, L: DecoderLayer<B>> CausalLm<B> for CausalDecoder<B, L> {
     fn device(&self) -> B::Device {
         self.device.clone()
     }
+    fn kv_pool_numel(&self) -> Option<usize> {
+        self.kv_pool.as_ref().map(|p| p.numel())
+    }
     fn linears(&self) -> Vec<(String, &dyn Linear<B>)> {
         let mut v: Vec<(String, &dyn Linear<B>)> = self
             .layers
@@ -184,6 +202,8 @@ pub struct DecoderSpec {
     pub max_position_embeddings: usize,
     pub rope: crate::config::RopeConfig,
     pub head_dim: usize,
+    /// Key/value heads of every layer's attention (the KV-cache pool's shape).
+    pub num_key_value_heads: usize,
     pub embed_scale: Option<f32>,
     pub final_logit_softcap: Option<f64>,
 }
@@ -225,6 +245,17 @@ impl<B: LlmBackend, L: DecoderLayer<B>> CausalDecoder<B, L> {
         } else {
             root.dense("lm_head", spec.hidden_size, spec.vocab_size)?
         };
+        let max_context = opts.context(spec.max_position_embeddings);
+        let kv_pool = (B::KV_POOL && opts.max_batch > 0).then(|| {
+            KvPool::new(
+                spec.num_hidden_layers,
+                opts.max_batch,
+                spec.num_key_value_heads,
+                max_context,
+                spec.head_dim,
+                &ctx.device,
+            )
+        });
         Ok(CausalDecoder {
             embed_tokens,
             layers,
@@ -235,7 +266,8 @@ impl<B: LlmBackend, L: DecoderLayer<B>> CausalDecoder<B, L> {
             embed_scale: spec.embed_scale,
             final_logit_softcap: spec.final_logit_softcap,
             vocab_size: spec.vocab_size,
-            max_context: opts.context(spec.max_position_embeddings),
+            max_context,
+            kv_pool,
             device: ctx.device.clone(),
         })
     }

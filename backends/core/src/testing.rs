@@ -63,6 +63,17 @@ pub fn load_on<A: Architecture, B: LlmBackend>(
     device_name: &str,
     quantization: Quantization,
 ) -> A::Model<B> {
+    load_batched::<A, B>(path, device, device_name, quantization, 0)
+}
+
+/// [`load_on`] for `max_batch` sequences at once (a backend with a KV pool reserves it).
+pub fn load_batched<A: Architecture, B: LlmBackend>(
+    path: &std::path::Path,
+    device: B::Device,
+    device_name: &str,
+    quantization: Quantization,
+    max_batch: usize,
+) -> A::Model<B> {
     let source = ModelSource::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let ctx = LoadCtx {
         store: source.tensors(),
@@ -75,7 +86,9 @@ pub fn load_on<A: Architecture, B: LlmBackend>(
         source: path.to_path_buf(),
         device: device_name.into(),
         quantization: quantization.name().into(),
-        max_context: 0,
+        // A pool of `max_batch` slots of the whole context: capped to keep it small.
+        max_context: if max_batch > 0 { 512 } else { 0 },
+        max_batch,
         kernel_cache: None,
     };
     A::load::<B>(source.config(), &ctx, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()))

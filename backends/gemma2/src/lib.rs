@@ -177,6 +177,7 @@ fn plan(config: &serde_json::Value, what: &str) -> Result<Plan> {
         max_position_embeddings: c.max_position_embeddings,
         rope,
         head_dim: c.head_dim,
+        num_key_value_heads: c.num_key_value_heads,
         // HF: hidden_states * torch.tensor(hidden_size**0.5, dtype=hidden_states.dtype).
         embed_scale: Some((c.hidden_size as f64).sqrt() as f32),
         final_logit_softcap: c.final_logit_softcapping,

@@ -107,6 +107,7 @@ fn plan(config: &serde_json::Value, what: &str) -> Result<Plan> {
         max_position_embeddings: c.max_position_embeddings,
         rope,
         head_dim,
+        num_key_value_heads: attn.num_kv_heads,
         embed_scale: None,
         final_logit_softcap: None,
     };
