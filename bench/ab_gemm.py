@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
-"""Prefill GEMMs on Burn's matmul against cuBLAS in the real server (bench/gpu.sh ab_gemm).
+"""One server setting against another in the real server (bench/gpu.sh ab_gemm).
 
-The 8B random checkpoint of full.py; one server process per setting of LLM_CUDA_GEMM, in the
-order of GEMMS (default "cublas,burn"), sharing one kernel cache (the first load of a fresh
-machine compiles for minutes, the next one reuses it). Each: load (its phases), driver memory,
-TTFT of a 32-token and of a 512-token prompt (each the second of two runs: the first autotunes
-the shape), decode tok/s at batch 1, driver memory after unload. One JSON object per figure.
+AB="VAR=a,b" picks the environment variable and its values (default
+"LLM_CUDA_GEMM=cublas,burn": prefill GEMMs on cuBLAS against Burn's matmul; e.g.
+"LLM_CUDA_CHUNK_ROWS=0,64": prompts of up to 64 rows through the decode kernels in slices).
+The 8B random checkpoint of full.py; one server process per value, in order, sharing one
+kernel cache (the first load of a fresh machine compiles for minutes, the next one reuses it).
+Each: load (its phases), driver memory, TTFT of a 32-token and of a 512-token prompt (each the
+second of two runs: the first autotunes the shape), decode tok/s at batch 1, 16 concurrent
+streams (`llm bench`, 48 requests after 32 warm-up ones; C16=0 leaves it out), driver memory
+after unload. One JSON object per figure, tagged with the setting.
 """
 import json, os, time
 
@@ -23,24 +27,36 @@ def main():
     kernels = "/tmp/llm-kernels"
     short = ",".join(str(1000 + i) for i in range(32))
     long_prompt = ",".join(str(1000 + (i * 37) % 120000) for i in range(512))
-    for gemm in os.environ.get("GEMMS", "cublas,burn").split(","):
+    var, values = os.environ.get("AB", "LLM_CUDA_GEMM=cublas,burn").split("=", 1)
+    for value in values.split(","):
+        setting = f"{var}={value}"
         base = used_mb()
-        with Server(kernels, f"/tmp/server-{gemm}.log", {"LLM_CUDA_GEMM": gemm}) as s:
+        with Server(kernels, f"/tmp/server-{value}.log", {var: value}) as s:
             t = s.load("big", CKPT, "--quantization", "nf4")
-            emit("load_s", round(t, 2), "s", gemm=gemm, phases_ms=s.phases(),
+            emit("load_s", round(t, 2), "s", setting=setting, phases_ms=s.phases(),
                  note="kernel cache shared by the settings: the first is a cold one")
-            emit("device_mb_after_load", used_mb() - base, "MB", gemm=gemm)
+            emit("device_mb_after_load", used_mb() - base, "MB", setting=setting)
             for _ in range(2):
                 g = s.generate("big", short)
-            emit("ttft_ms_32", ttft(g), "ms", gemm=gemm)
-            emit("decode_tok_s_b1", toks(g), "tok/s", gemm=gemm)
+            emit("ttft_ms_32", ttft(g), "ms", setting=setting)
+            emit("decode_tok_s_b1", toks(g), "tok/s", setting=setting)
             for _ in range(2):
                 g = s.generate("big", long_prompt, new=1)
-            emit("ttft_ms_512", ttft(g), "ms", gemm=gemm)
+            emit("ttft_ms_512", ttft(g), "ms", setting=setting)
+            if os.environ.get("C16", "1") == "1":
+                b = s.llm("bench", "--model", "big", "--concurrency", "16", "--requests", "48",
+                          "--max-new-tokens", "64", "--prompt-ids", short, "--ignore-eos",
+                          "--warmup", "32", "--json")
+                try:
+                    j = json.loads(b.stdout)
+                    emit("bench_tok_s_c16", j.get("tokens_per_second"), "tok/s",
+                         setting=setting, report=j)
+                except json.JSONDecodeError:
+                    log("bench output not JSON", b.stdout[-400:], b.stderr[-400:])
             s.llm("unload", "big")
             time.sleep(1)
-            emit("unload_residual_mb", used_mb() - base, "MB", gemm=gemm)
-        log(f"{gemm} done")
+            emit("unload_residual_mb", used_mb() - base, "MB", setting=setting)
+        log(f"{setting} done")
 
 
 if __name__ == "__main__":

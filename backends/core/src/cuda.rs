@@ -56,6 +56,14 @@ pub static GEMV_TOKENS: std::sync::atomic::AtomicUsize =
 /// activation its own kernel (`llm-bench tiny` compares the two).
 pub static FUSED_PROJECTIONS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
+/// Row counts past [`GEMV_TOKENS`] up to which NF4 layers run the decode kernels on slices of
+/// at most [`GEMV_MAX_TOKENS`] rows (outputs concatenated) instead of dequantize + matmul; 0
+/// (the default): none. From the kernel figures (docs/benchmarks.md, run 15) 3 slices of 16
+/// rows through [`nf4_mma`] take ~150 µs on an 8B gate projection against ~300 µs for
+/// dequantize + Burn's matmul at 64 rows, which would make short prompts and the steps that
+/// mix a newcomer's prompt with 15 decodes cheaper; not yet measured in the server, so off
+/// unless `LLM_CUDA_CHUNK_ROWS=N` ([`read_env`]).
+pub static CHUNK_ROWS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 /// Whether prefill (more rows than [`GEMV_TOKENS`]) dequantizes each NF4 weight to its
 /// `[in, out]` transpose ([`nf4_dequantize_t`]) for the matmul, or to `[out, in]` and multiplies
 /// by a transposed view. Set from `LLM_CUDA_DEQUANT` ([`read_env`]) at each CUDA load, for
@@ -1546,12 +1554,42 @@ fn nf4_layers<'a>(
     group.iter().all(|w| w.in_features == k).then_some(group)
 }
 
+/// Whether `rows` (past [`GEMV_TOKENS`]) go through the decode kernels in slices
+/// ([`CHUNK_ROWS`]).
+fn chunked(rows: usize) -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    rows > GEMV_TOKENS.load(Relaxed) && rows <= CHUNK_ROWS.load(Relaxed)
+}
+
+/// `f` on each slice of at most [`GEMV_MAX_TOKENS`] rows of `x` (views: no copy), output `i`
+/// of every slice concatenated by rows. `None` if `f` declines a slice.
+fn by_chunks(
+    x: &Tensor<CudaBf16, 2>,
+    f: impl Fn(Tensor<CudaBf16, 2>) -> Option<Vec<Tensor<CudaBf16, 2>>>,
+) -> Option<Vec<Tensor<CudaBf16, 2>>> {
+    let rows = x.dims()[0];
+    let mut parts = Vec::new();
+    for start in (0..rows).step_by(GEMV_MAX_TOKENS) {
+        let len = GEMV_MAX_TOKENS.min(rows - start);
+        parts.push(f(x.clone().narrow(0, start, len))?);
+    }
+    let outputs = parts.first()?.len();
+    Some(
+        (0..outputs)
+            .map(|i| Tensor::cat(parts.iter().map(|p| p[i].clone()).collect(), 0))
+            .collect(),
+    )
+}
+
 impl Linear<CudaBf16> for CudaNf4Linear {
     fn forward(&self, x: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
         let [tokens, k] = x.dims();
         assert_eq!(k, self.in_features, "linear input width");
         if tokens <= GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) {
             self.with_bias(self.forward_gemv(x))
+        } else if chunked(tokens) {
+            let mut y = by_chunks(&x, |c| Some(vec![self.forward_gemv(c)])).expect("slices");
+            self.with_bias(y.remove(0))
         } else if let Some(y) = self.forward_cublas(x.clone()) {
             y
         } else {
@@ -1648,6 +1686,7 @@ pub fn probe_mma(device: &CudaDevice) {
 }
 
 /// Benchmark switches from the environment: `LLM_CUDA_MMA=0` turns [`MMA_DECODE`] off;
+/// `LLM_CUDA_CHUNK_ROWS=N` sets [`CHUNK_ROWS`];
 /// `LLM_CUDA_DEQUANT=nk` turns
 /// [`DEQUANT_TRANSPOSED`] off, `kn` (the default) on; `LLM_CUDA_GEMM=cublas` sends prefill
 /// GEMMs to cuBLAS when the library loads, `burn` (the default) keeps Burn's matmul
@@ -1658,6 +1697,12 @@ pub fn read_env() {
         Ok("cublas") => crate::driver::USE_CUBLAS.store(true, std::sync::atomic::Ordering::Relaxed),
         Ok(other) => eprintln!("LLM_CUDA_GEMM={other} ignored (cublas or burn)"),
         Err(_) => {}
+    }
+    if let Ok(v) = std::env::var("LLM_CUDA_CHUNK_ROWS") {
+        match v.parse::<usize>() {
+            Ok(n) => CHUNK_ROWS.store(n, std::sync::atomic::Ordering::Relaxed),
+            Err(_) => eprintln!("LLM_CUDA_CHUNK_ROWS={v} ignored (a row count)"),
+        }
     }
     match std::env::var("LLM_CUDA_MMA").as_deref() {
         Ok("0") => MMA_DECODE.store(false, std::sync::atomic::Ordering::Relaxed),
@@ -1836,6 +1881,9 @@ impl LlmBackend for CudaBf16 {
         x: &Tensor<Self, 2>,
         linears: &[&dyn Linear<Self>],
     ) -> Option<Vec<Tensor<Self, 2>>> {
+        if chunked(x.dims()[0]) {
+            return by_chunks(x, |c| Self::linears_stacked(&c, linears));
+        }
         if x.dims()[0] > GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) {
             // Prefill: the projections' GEMMs between one pair of host waits.
             return prefill_gemms(x, &nf4_layers(x.dims()[1], linears)?);
@@ -1872,6 +1920,12 @@ impl LlmBackend for CudaBf16 {
         up: &dyn Linear<Self>,
         act: Activation,
     ) -> Option<Tensor<Self, 2>> {
+        if chunked(x.dims()[0]) {
+            return by_chunks(x, |c| {
+                Self::gated_linears(&c, gate, up, act).map(|y| vec![y])
+            })
+            .map(|mut y| y.remove(0));
+        }
         if x.dims()[0] > GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) {
             // Prefill: both GEMMs between one pair of host waits, then the activation.
             let mut gu = prefill_gemms(x, &nf4_layers(x.dims()[1], &[gate, up])?)?;
