@@ -1087,10 +1087,11 @@ impl GemvConfig {
     /// One token: 4 rows per cube share each converted `x`, about 64 steps per unit's row.
     /// From [`MMA_MIN_TOKENS`] tokens: [`nf4_mma`] when [`MMA_DECODE`] is on and `k` is a
     /// multiple of 128, 8 rows per cube, the windows split over up to 8 planes (at least 4
-    /// windows each), 2 windows in flight per lane. Otherwise 2 rows per cube, the looked-up codes shared over the tokens (see the
-    /// kernel's doc), 2 planes. From the launch-configuration sweep of `llm-bench kernel` on an
-    /// H200 (docs/benchmarks.md, run 11): at batch 1 the configurations within 10% of each
-    /// other; at batch 16 this one 166 us against 298 us for 1 row per cube on 4096x14336.
+    /// windows each), 2 windows in flight per lane. Otherwise 2 rows per cube, the looked-up
+    /// codes shared over the tokens (see the kernel's doc), 2 planes. From the
+    /// launch-configuration sweep of `llm-bench kernel` on an H200 (docs/benchmarks.md, run
+    /// 11): at batch 1 the configurations within 10% of each other; at batch 16 this one 166 us
+    /// against 298 us for 1 row per cube on 4096x14336.
     pub fn for_shape(tokens: usize, k: usize) -> GemvConfig {
         if tokens == 1 {
             GemvConfig {
@@ -1169,26 +1170,15 @@ fn launch_gemv(
     let x = into_contiguous(x);
     let client = x.client.clone();
     let dtype = x.dtype;
-    // SAFETY: every index the kernel forms is in bounds for these shapes: `x` is
-    // `[tokens, k]` contiguous, each `packed_i`/`absmax_i` holds `n_i * k` weights (k a
-    // multiple of 64, checked at construction), steps past `k` and rows past `n_i` are clamped
-    // on read and add nothing / are skipped on write, a cube's stacked part is found from the
-    // cube counts above, `out` holds `bases[i] + tokens * n_i` elements for each stacked
-    // weight (blocks not overlapping) or `tokens * n0` (gated), and `partial` holds
-    // `MAX_PLANES * rows * lanes * tokens` sums (planes checked).
-    if cfg.mma {
-        assert!(cfg.rows == 8 && k.is_multiple_of(128), "MMA GEMV shapes");
-        // SAFETY: as for `nf4_gemv` below, with 8 rows per cube, windows of 128 `k` (a
-        // multiple of 128, asserted), tokens past `tokens` reading token 0's row and never
-        // written, and `partial` holding `MAX_PLANES * 32 * 4 * lanes` sums.
-        unsafe {
-            nf4_mma::launch_unchecked::<CudaRuntime>(
+    // The two kernels take the same buffers and sizes; they differ in their vector sizes and
+    // comptime switches.
+    macro_rules! launch {
+        ($kernel:ident, [$($size:expr),*], $tokens:expr, [$($comptime:expr),*]) => {
+            $kernel::launch_unchecked::<CudaRuntime>(
                 &client,
                 CubeCount::Static(cubes as u32, 1, 1),
                 CubeDim::new_2d(32, cfg.planes as u32),
-                8,
-                4,
-                2,
+                $($size,)*
                 x.into_array_arg(),
                 pick(0).packed.clone().into_array_arg(),
                 pick(0).absmax.clone().into_array_arg(),
@@ -1206,46 +1196,29 @@ fn launch_gemv(
                 bases[1] as u32,
                 bases[2] as u32,
                 k as u32,
-                tokens as u32,
-                cfg.unroll,
+                $tokens,
+                $($comptime,)*
                 gated.is_some(),
                 gated == Some(Activation::GeluTanh),
                 dtype.into(),
-            );
-        }
-        return;
+            )
+        };
     }
-    unsafe {
-        nf4_gemv::launch_unchecked::<CudaRuntime>(
-            &client,
-            CubeCount::Static(cubes as u32, 1, 1),
-            CubeDim::new_2d(32, cfg.planes as u32),
-            8,
-            4,
-            x.into_array_arg(),
-            pick(0).packed.clone().into_array_arg(),
-            pick(0).absmax.clone().into_array_arg(),
-            pick(1).packed.clone().into_array_arg(),
-            pick(1).absmax.clone().into_array_arg(),
-            pick(2).packed.clone().into_array_arg(),
-            pick(2).absmax.clone().into_array_arg(),
-            w0.code.clone().into_array_arg(),
-            out.into_array_arg(),
-            n[0] as u32,
-            pick(1).out_features as u32,
-            pick(2).out_features as u32,
-            cuts[0],
-            cuts[1],
-            bases[1] as u32,
-            bases[2] as u32,
-            k as u32,
-            tokens,
-            cfg.rows,
-            cfg.unroll,
-            gated.is_some(),
-            gated == Some(Activation::GeluTanh),
-            dtype.into(),
-        );
+    if cfg.mma {
+        assert!(cfg.rows == 8 && k.is_multiple_of(128), "MMA GEMV shapes");
+        // SAFETY: as for `nf4_gemv` below, with 8 rows per cube, windows of 128 `k` (a
+        // multiple of 128, asserted), tokens past `tokens` reading token 0's row and never
+        // written, and `partial` holding `MAX_PLANES * 32 * 4 * lanes` sums.
+        unsafe { launch!(nf4_mma, [8, 4, 2], tokens as u32, [cfg.unroll]) };
+    } else {
+        // SAFETY: every index the kernel forms is in bounds for these shapes: `x` is `[tokens, k]`
+        // contiguous, each `packed_i`/`absmax_i` holds `n_i * k` weights (k a multiple of 64,
+        // checked at construction), steps past `k` and rows past `n_i` are clamped on read and add
+        // nothing / are skipped on write, a cube's stacked part is found from the cube counts
+        // above, `out` holds `bases[i] + tokens * n_i` elements for each stacked weight (blocks not
+        // overlapping) or `tokens * n0` (gated), and `partial` holds `MAX_PLANES * rows * lanes *
+        // tokens` sums (planes checked).
+        unsafe { launch!(nf4_gemv, [8, 4], tokens, [cfg.rows, cfg.unroll]) };
     }
 }
 
