@@ -875,7 +875,33 @@ fn compare_with<A: Architecture>(
         got_all.extend_from_slice(g);
     }
     let batch16 = rel_l2(&got_all, &want_all);
-    let worst = prefill.max(decode).max(batch16);
+    // A mixed step: 15 of them decode one more token while a newcomer's 6-token prompt joins
+    // (with the pool it takes the slot the 16th gave back).
+    caches.truncate(15);
+    let extra = ids(15, 7);
+    let newcomer = ids(6, 8);
+    let mut chunks: Vec<Vec<u32>> = extra.iter().map(|&t| vec![t]).collect();
+    chunks.push(newcomer.clone());
+    let mut new_cache = KvCache::new(gpu.num_layers());
+    let mut batch: Vec<llm_core::engine::SeqChunk<'_, CudaBf16>> = chunks[..15]
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(t, cache)| llm_core::engine::SeqChunk { tokens: t, cache })
+        .collect();
+    batch.push(llm_core::engine::SeqChunk {
+        tokens: &chunks[15],
+        cache: &mut new_cache,
+    });
+    let got_mixed = to_vec(gpu.forward_batch(&mut batch, false));
+    let mut want_mixed = Vec::new();
+    for (s, &t) in seqs.iter().zip(&extra) {
+        let mut full = s.clone();
+        full.push(t);
+        want_mixed.extend_from_slice(&cpu_rows(&full)[s.len() * vocab..]);
+    }
+    want_mixed.extend_from_slice(&cpu_rows(&newcomer)[5 * vocab..]);
+    let mixed = rel_l2(&got_mixed, &want_mixed);
+    let worst = prefill.max(decode).max(batch16).max(mixed);
     emit(
         "cuda_vs_cpu_rel_err",
         arch,
@@ -883,7 +909,8 @@ fn compare_with<A: Architecture>(
         "rel_l2",
         serde_json::json!({"checkpoint": dir.display().to_string(), "quantization": "nf4",
                            "kv_pool": pool, "prefill_32": prefill, "decode_16": decode,
-                           "batch_16x4": batch16, "pass": worst < 5e-2}),
+                           "batch_16x4": batch16, "mixed_15_decode_1_prompt": mixed,
+                           "pass": worst < 5e-2}),
     );
 }
 
