@@ -214,6 +214,9 @@ impl Loop {
     }
 
     fn run(mut self, rx: mpsc::Receiver<Command>) {
+        // What the model holds from its load (a GPU plugin's KV-cache pool) shows before the
+        // first request.
+        self.refresh_memory();
         loop {
             if self.draining.is_some()
                 && self.running.is_empty()
