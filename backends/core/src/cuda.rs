@@ -221,24 +221,22 @@ mod kernels {
                     let row = select(row0 + r < n_us, row0 + r, n_us - 1);
                     let idx = row * steps + sc;
                     let slot = (u * rows + r) * lanes;
-                    if comptime!(gated) {
-                        q[slot] = packed0[idx];
-                        a[slot] = select(su < steps, absmax0[idx / 2], f32::new(0.0));
-                        q[slot + 1] = packed1[idx];
-                        a[slot + 1] = select(su < steps, absmax1[idx / 2], f32::new(0.0));
-                    } else {
-                        // Uniform over the cube: no divergence.
-                        if in2 {
-                            q[slot] = packed2[idx];
-                            a[slot] = select(su < steps, absmax2[idx / 2], f32::new(0.0));
-                        } else if in1 {
-                            q[slot] = packed1[idx];
-                            a[slot] = select(su < steps, absmax1[idx / 2], f32::new(0.0));
-                        } else {
-                            q[slot] = packed0[idx];
-                            a[slot] = select(su < steps, absmax0[idx / 2], f32::new(0.0));
-                        }
-                    }
+                    load_codes(
+                        &mut q,
+                        &mut a,
+                        slot,
+                        idx,
+                        su < steps,
+                        packed0,
+                        absmax0,
+                        packed1,
+                        absmax1,
+                        packed2,
+                        absmax2,
+                        in1,
+                        in2,
+                        gated,
+                    );
                 }
             }
             #[unroll]
@@ -414,25 +412,22 @@ mod kernels {
                 // Windows past the end (last pass) read the last one with an absmax of 0.
                 let wc = select(wu < windows, wu, windows - 1);
                 let idx = row * steps + wc * 4 + t;
-                let slot = u * lanes;
-                if comptime!(gated) {
-                    q[slot] = packed0[idx];
-                    a[slot] = select(wu < windows, absmax0[idx / 2], f32::new(0.0));
-                    q[slot + 1] = packed1[idx];
-                    a[slot + 1] = select(wu < windows, absmax1[idx / 2], f32::new(0.0));
-                } else {
-                    // Uniform over the cube: no divergence.
-                    if in2 {
-                        q[slot] = packed2[idx];
-                        a[slot] = select(wu < windows, absmax2[idx / 2], f32::new(0.0));
-                    } else if in1 {
-                        q[slot] = packed1[idx];
-                        a[slot] = select(wu < windows, absmax1[idx / 2], f32::new(0.0));
-                    } else {
-                        q[slot] = packed0[idx];
-                        a[slot] = select(wu < windows, absmax0[idx / 2], f32::new(0.0));
-                    }
-                }
+                load_codes(
+                    &mut q,
+                    &mut a,
+                    u * lanes,
+                    idx,
+                    wu < windows,
+                    packed0,
+                    absmax0,
+                    packed1,
+                    absmax1,
+                    packed2,
+                    absmax2,
+                    in1,
+                    in2,
+                    gated,
+                );
                 // The lane's 32 positions of tokens g and g + 8: four 8-vectors each.
                 let xo = wc * 16 + t * 4;
                 #[unroll]
@@ -518,6 +513,47 @@ mod kernels {
         v[0] = lo;
         v[1] = hi;
         v
+    }
+
+    /// One step's codes of a row, for [`nf4_gemv`] and [`nf4_mma`]: the 16-byte code vector
+    /// `idx` and its absmax (`idx / 2`; 0 when not `live`, so a step past the end adds nothing)
+    /// into `q[slot]`, `a[slot]`. Gated: gate's at `slot`, up's at `slot + 1`. Else the stacked
+    /// weight this cube's rows belong to (`in1`, `in2`: uniform over the cube, no divergence).
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn load_codes<NQ4: Size>(
+        q: &mut Array<Vector<u32, NQ4>>,
+        a: &mut Array<f32>,
+        slot: usize,
+        idx: usize,
+        live: bool,
+        packed0: &Array<Vector<u32, NQ4>>,
+        absmax0: &Array<f32>,
+        packed1: &Array<Vector<u32, NQ4>>,
+        absmax1: &Array<f32>,
+        packed2: &Array<Vector<u32, NQ4>>,
+        absmax2: &Array<f32>,
+        in1: bool,
+        in2: bool,
+        #[comptime] gated: bool,
+    ) {
+        if comptime!(gated) {
+            q[slot] = packed0[idx];
+            a[slot] = select(live, absmax0[idx / 2], f32::new(0.0));
+            q[slot + 1] = packed1[idx];
+            a[slot + 1] = select(live, absmax1[idx / 2], f32::new(0.0));
+        } else {
+            if in2 {
+                q[slot] = packed2[idx];
+                a[slot] = select(live, absmax2[idx / 2], f32::new(0.0));
+            } else if in1 {
+                q[slot] = packed1[idx];
+                a[slot] = select(live, absmax1[idx / 2], f32::new(0.0));
+            } else {
+                q[slot] = packed0[idx];
+                a[slot] = select(live, absmax0[idx / 2], f32::new(0.0));
+            }
+        }
     }
 
     /// `act(gate) * up`, rounded as HF's bf16 ops round: each projection to `F` (a no-op for
