@@ -3,7 +3,8 @@
 
 AB="VAR=a,b" picks the environment variable and its values (default
 "LLM_CUDA_GEMM=cublas,burn": prefill GEMMs on cuBLAS against Burn's matmul; e.g.
-"LLM_CUDA_CHUNK_ROWS=0,64": prompts of up to 64 rows through the decode kernels in slices).
+"LLM_CUDA_MMA_ROWS=16,64": prompts and mixed steps of 17-64 rows through dequantize + matmul
+against the tensor-core kernel's token tiles).
 The 8B random checkpoint of full.py; one server process per value, in order, sharing one
 kernel cache (the first load of a fresh machine compiles for minutes, the next one reuses it).
 Each: load (its phases), driver memory, TTFT of a 32-token and of a 512-token prompt (each the
@@ -13,7 +14,7 @@ after unload. One JSON object per figure, tagged with the setting.
 """
 import json, os, time
 
-from full import CKPT, Server, ensure_checkpoint, log, toks, ttft
+from full import CKPT, Server, ensure_checkpoint, log, step_summary, toks, ttft
 from smoke import used_mb
 
 
@@ -44,13 +45,14 @@ def main():
                 g = s.generate("big", long_prompt, new=1)
             emit("ttft_ms_512", ttft(g), "ms", setting=setting)
             if os.environ.get("C16", "1") == "1":
+                before = s.steps()
                 b = s.llm("bench", "--model", "big", "--concurrency", "16", "--requests", "48",
                           "--max-new-tokens", "64", "--prompt-ids", short, "--ignore-eos",
                           "--warmup", "32", "--json")
                 try:
                     j = json.loads(b.stdout)
                     emit("bench_tok_s_c16", j.get("tokens_per_second"), "tok/s",
-                         setting=setting, report=j)
+                         setting=setting, report=j, steps=step_summary(before, s.steps()))
                 except json.JSONDecodeError:
                     log("bench output not JSON", b.stdout[-400:], b.stderr[-400:])
             s.llm("unload", "big")

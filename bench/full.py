@@ -167,13 +167,15 @@ class Server:
 
     def __init__(self, kernels, log_path, env=None):
         self.port = free_port()
+        self.metrics_port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [os.path.join(GPU, "llm-server"), "--listen", f"127.0.0.1:{self.port}",
              "--plugin-dir", GPU, "--device", "cuda", "--max-batch", "16", "--max-context",
-             "4096", "--kernel-cache", kernels], stdout=self.log, stderr=self.log,
+             "4096", "--kernel-cache", kernels,
+             "--metrics-listen", f"127.0.0.1:{self.metrics_port}"], stdout=self.log, stderr=self.log,
             env={**os.environ, **(env or {})})
 
     def __enter__(self):
@@ -202,6 +204,21 @@ class Server:
             raise SystemExit(f"load of {source} failed")
         return took
 
+    def steps(self):
+        """The scheduler's steps so far by kind (decode, prefill, mixed), from /metrics:
+        {kind: (steps, seconds, rows)}."""
+        import urllib.request
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
+                                      timeout=10).read().decode()
+        out = {}
+        for kind in ("decode", "prefill", "mixed"):
+            get = lambda name: float((re.findall(
+                r'%s\{model="[^"]*",kind="%s"\} ([0-9.e+-]+)' % (name, kind), text) or ["0"])[0])
+            out[kind] = (get("llm_step_duration_seconds_count"),
+                         get("llm_step_duration_seconds_sum"), get("llm_step_rows_total"))
+        return out
+
+
     def phases(self):
         """The last load's phases as the server logged them (`plugin load phases (ms)`)."""
         text = open(self.log_path).read()
@@ -227,6 +244,18 @@ class Server:
         return g.stderr
 
 
+def step_summary(before, after):
+    """Steps between two `Server.steps()` readings, by kind: count, mean ms, rows per step."""
+    out = {}
+    for kind, (n1, s1, r1) in after.items():
+        n0, s0, r0 = before.get(kind, (0, 0, 0))
+        if n1 > n0:
+            out[kind] = {"steps": int(n1 - n0), "mean_ms": round((s1 - s0) / (n1 - n0) * 1e3, 2),
+                         "total_s": round(s1 - s0, 3),
+                         "rows_per_step": round((r1 - r0) / (n1 - n0), 1)}
+    return out
+
+
 def measure(s, peer, hf):
     """Batch-1 decode, TTFT at 32 and 512 tokens, 1 and 16 concurrent streams."""
     prompt = ",".join(str(1000 + i) for i in range(32))
@@ -247,6 +276,7 @@ def measure(s, peer, hf):
              peer.get("decode_tok_s_b1"))
         return
     for c in (1, 16):
+        before = s.steps()
         b = s.llm("bench", "--model", "big", "--concurrency", str(c), "--requests", str(c * 2),
                   "--max-new-tokens", "64", "--prompt-ids", prompt, "--ignore-eos",
                   "--warmup", str(c), "--json")
@@ -254,7 +284,7 @@ def measure(s, peer, hf):
         try:
             j = json.loads(b.stdout)
             emit(f"bench_tok_s_c{c}", j.get("tokens_per_second"), "tok/s", hf,
-                 peer.get(f"decode_tok_s_b{c}"), report=j)
+                 peer.get(f"decode_tok_s_b{c}"), report=j, steps=step_summary(before, s.steps()))
         except json.JSONDecodeError:
             log("bench output not JSON")
     long_prompt = ",".join(str(1000 + (i * 37) % 120000) for i in range(512))

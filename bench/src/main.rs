@@ -130,7 +130,7 @@ fn kernel(device: &Device, sweep: bool) {
         let cpu = HostLinear::<Cpu>::nf4(q.clone(), None, Default::default());
         let gpu = CudaNf4Linear::new(q, None, device);
         let wd = gpu.dequantize();
-        for b in [1usize, 2, 4, 8, 16, 64] {
+        for b in [1usize, 2, 4, 8, 16, 32, 64] {
             let mut xs = randn(b * k, (b * 7 + n) as u64, 1.0);
             bf16_round(&mut xs);
             let want = to_vec(cpu.forward(Tensor::from_data(
@@ -139,7 +139,10 @@ fn kernel(device: &Device, sweep: bool) {
             )));
             let xg = Tensor::<CudaBf16, 2>::from_data(TensorData::new(xs, [b, k]), device);
             let mut paths = vec!["dequant_matmul"];
-            if b <= llm_core::cuda::GEMV_MAX_TOKENS {
+            // Past 16 rows `gemv` is the tensor-core kernel's token tiles.
+            if b <= llm_core::cuda::GEMV_MAX_TOKENS
+                || llm_core::cuda::GemvConfig::for_shape(b, k).mma
+            {
                 paths.insert(0, "gemv");
             }
             // Past one row `gemv` is the tensor-core kernel (k a multiple of 128); the SIMT
@@ -829,12 +832,22 @@ fn compare_with<A: Architecture>(
         let mut cache = KvCache::new(cpu.num_layers());
         to_vec(cpu.forward(tokens, &mut cache, true))
     };
-    // The prompt in one pass, all rows (Burn's matmul past 16 rows).
+    // The prompt in one pass, all rows (the tensor-core kernel's token tiles; with the pool,
+    // attention row by row).
     let prompt = ids(32, 1);
     let want = cpu_rows(&prompt);
     let mut cache = KvCache::new(gpu.num_layers());
     let prefill = rel_l2(&to_vec(gpu.forward(&prompt, &mut cache, true)), &want);
     // Each cache given back (a pool slot each): the 16 sequences below take all 16.
+    drop(cache);
+    // A prompt past the token tiles and the row-by-row attention: dequantize + matmul, Burn's
+    // attention.
+    let long = ids(80, 2);
+    let mut cache = KvCache::new(gpu.num_layers());
+    let prefill_long = rel_l2(
+        &to_vec(gpu.forward(&long, &mut cache, true)),
+        &cpu_rows(&long),
+    );
     drop(cache);
     // The first 16 prefilled (the GEMV path), the last 16 one per step (the decode kernels).
     let mut cache = KvCache::new(gpu.num_layers());
@@ -901,14 +914,19 @@ fn compare_with<A: Architecture>(
     }
     want_mixed.extend_from_slice(&cpu_rows(&newcomer)[5 * vocab..]);
     let mixed = rel_l2(&got_mixed, &want_mixed);
-    let worst = prefill.max(decode).max(batch16).max(mixed);
+    let worst = prefill
+        .max(prefill_long)
+        .max(decode)
+        .max(batch16)
+        .max(mixed);
     emit(
         "cuda_vs_cpu_rel_err",
         arch,
         worst,
         "rel_l2",
         serde_json::json!({"checkpoint": dir.display().to_string(), "quantization": "nf4",
-                           "kv_pool": pool, "prefill_32": prefill, "decode_16": decode,
+                           "kv_pool": pool, "prefill_32": prefill, "prefill_80": prefill_long,
+                           "decode_16": decode,
                            "batch_16x4": batch16, "mixed_15_decode_1_prompt": mixed,
                            "pass": worst < 5e-2}),
     );

@@ -70,6 +70,13 @@ struct Args {
     /// newcomer never stalls the running streams for more than one chunk.
     #[arg(long, default_value_t = 512)]
     prefill_chunk: usize,
+    /// Token rows one model step feeds at most, decode rows and prompt chunks together (vLLM's
+    /// max-num-batched-tokens): a wave of newcomers' prompts is spread over steps, so running
+    /// streams never wait for one huge step. Default: the prefill chunk rounded up to a power of
+    /// two, and more than --max-batch (on CUDA the load warms prompt shapes up to 512 rows;
+    /// a larger budget compiles and tunes its new shapes on first use).
+    #[arg(long)]
+    max_step_tokens: Option<usize>,
     /// Serve Prometheus metrics (GET /metrics) on this address, e.g. 127.0.0.1:9090.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -102,6 +109,25 @@ fn kernel_cache_dir(arg: Option<&str>) -> Option<PathBuf> {
             .map(PathBuf::from)
             .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
             .map(|d| d.join("llm-serve").join("kernels")),
+    }
+}
+
+/// `--max-step-tokens`, or its default: the prefill chunk rounded up to a power of two (the row
+/// counts a GPU backend's matmuls are tuned by) and past `--max-batch`. Refused when it leaves
+/// no row for a prompt next to a full batch of decodes.
+fn step_tokens(
+    arg: Option<usize>,
+    prefill_chunk: usize,
+    max_batch: usize,
+) -> Result<usize, String> {
+    let max_batch = max_batch.max(1);
+    match arg {
+        Some(n) if n <= max_batch => Err(format!(
+            "--max-step-tokens {n}: must exceed --max-batch ({max_batch}), or prompts could wait \
+             behind a full batch of decodes forever"
+        )),
+        Some(n) => Ok(n),
+        None => Ok(prefill_chunk.max(max_batch + 1).next_power_of_two()),
     }
 }
 
@@ -151,6 +177,7 @@ async fn run(args: Args) -> Result<(), String> {
         max_context: 0,
         max_queue: args.max_queue,
         prefill_chunk: args.prefill_chunk.max(1),
+        max_step_tokens: step_tokens(args.max_step_tokens, args.prefill_chunk, args.max_batch)?,
     };
     let metrics = Arc::new(Metrics::default());
     let registry = Arc::new(Registry::new(
@@ -288,5 +315,20 @@ fn parse_device(s: &str) -> Result<String, String> {
         Ok(s.to_string())
     } else {
         Err(format!("expected cpu, cuda or cuda:N, got {s:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step_tokens;
+
+    #[test]
+    fn step_budget_defaults_to_a_power_of_two_past_the_batch() {
+        assert_eq!(step_tokens(None, 512, 16), Ok(512));
+        assert_eq!(step_tokens(None, 300, 8), Ok(512));
+        assert_eq!(step_tokens(None, 64, 256), Ok(512));
+        assert_eq!(step_tokens(Some(100), 512, 16), Ok(100));
+        let err = step_tokens(Some(16), 512, 16).unwrap_err();
+        assert!(err.contains("--max-step-tokens 16") && err.contains("--max-batch"));
     }
 }

@@ -29,6 +29,28 @@ const TTFT_BUCKETS: &[f64] = &[
 const ITL_BUCKETS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
+const STEP_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25, 1.0, 5.0,
+];
+
+/// What a scheduler step fed the model: every sequence one decode token, only prompt chunks,
+/// or both (a newcomer's prompt joining the others' decode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum StepKind {
+    Decode,
+    Prefill,
+    Mixed,
+}
+
+impl StepKind {
+    fn name(self) -> &'static str {
+        match self {
+            StepKind::Decode => "decode",
+            StepKind::Prefill => "prefill",
+            StepKind::Mixed => "mixed",
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 struct Histogram {
@@ -56,17 +78,14 @@ impl Histogram {
         self.sum += v;
         self.count += 1;
     }
-    fn render(&self, out: &mut String, name: &str, model: &str) {
+    /// The series under `labels` (e.g. `model="a"`).
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
         for (b, c) in self.bounds.iter().zip(&self.counts) {
-            let _ = writeln!(out, "{name}_bucket{{model=\"{model}\",le=\"{b}\"}} {c}");
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{b}\"}} {c}");
         }
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{model=\"{model}\",le=\"+Inf\"}} {}",
-            self.count
-        );
-        let _ = writeln!(out, "{name}_sum{{model=\"{model}\"}} {}", self.sum);
-        let _ = writeln!(out, "{name}_count{{model=\"{model}\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", self.sum);
+        let _ = writeln!(out, "{name}_count{{{labels}}} {}", self.count);
     }
 }
 
@@ -78,6 +97,9 @@ struct Inner {
     completion_tokens: BTreeMap<String, u64>,
     ttft: BTreeMap<String, Histogram>,
     itl: BTreeMap<String, Histogram>,
+    /// (model, step kind) -> step durations, and rows fed.
+    steps: BTreeMap<(String, StepKind), Histogram>,
+    step_rows: BTreeMap<(String, StepKind), u64>,
 }
 
 /// A gauge family: name, help, and how to read it from a model's [`ModelGauges`].
@@ -164,6 +186,19 @@ impl Metrics {
         });
     }
 
+    /// One scheduler step: what it fed (`rows` token rows in all) and how long the model's
+    /// step took (forward, sampling, the host wait for the tokens).
+    pub fn step(&self, model: &str, kind: StepKind, rows: usize, d: Duration) {
+        self.with(|m| {
+            let key = (model.to_string(), kind);
+            *m.step_rows.entry(key.clone()).or_default() += rows as u64;
+            m.steps
+                .entry(key)
+                .or_insert_with(|| Histogram::new(STEP_BUCKETS))
+                .observe(d.as_secs_f64())
+        });
+    }
+
     /// The exposition text (format 0.0.4).
     pub fn render(&self, models: &[ModelGauges]) -> String {
         let mut out = String::new();
@@ -211,8 +246,33 @@ impl Metrics {
         ] {
             header(&mut out, name, "histogram", help);
             for (model, h) in per_model {
-                h.render(&mut out, name, model);
+                h.render(&mut out, name, &format!("model=\"{model}\""));
             }
+        }
+        let name = "llm_step_duration_seconds";
+        header(
+            &mut out,
+            name,
+            "histogram",
+            "Model steps of the scheduler (all running sequences), by kind: decode, prefill, mixed.",
+        );
+        for ((model, kind), h) in &m.steps {
+            let labels = format!("model=\"{model}\",kind=\"{}\"", kind.name());
+            h.render(&mut out, name, &labels);
+        }
+        let name = "llm_step_rows_total";
+        header(
+            &mut out,
+            name,
+            "counter",
+            "Token rows fed to the model, by step kind.",
+        );
+        for ((model, kind), v) in &m.step_rows {
+            let _ = writeln!(
+                out,
+                "{name}{{model=\"{model}\",kind=\"{}\"}} {v}",
+                kind.name()
+            );
         }
         drop(m);
         let gauges: [Gauge; 6] = [
@@ -327,6 +387,23 @@ mod tests {
         assert!(text.contains("llm_time_to_first_token_seconds_bucket{model=\"a\",le=\"0.1\"} 2"));
         assert!(text.contains("llm_time_to_first_token_seconds_bucket{model=\"a\",le=\"+Inf\"} 2"));
         assert!(text.contains("llm_time_to_first_token_seconds_count{model=\"a\"} 2"));
+    }
+
+    #[test]
+    fn steps_are_split_by_kind() {
+        let m = Metrics::default();
+        m.step("a", StepKind::Decode, 16, Duration::from_millis(12));
+        m.step("a", StepKind::Decode, 15, Duration::from_millis(13));
+        m.step("a", StepKind::Mixed, 47, Duration::from_millis(40));
+        let text = m.render(&[]);
+        let series = "llm_step_duration_seconds_bucket{model=\"a\",kind=";
+        assert!(text.contains(&format!("{series}\"decode\",le=\"0.01\"}} 0")));
+        assert!(text.contains(&format!("{series}\"decode\",le=\"0.015\"}} 2")));
+        assert!(text.contains(&format!("{series}\"mixed\",le=\"0.03\"}} 0")));
+        assert!(text.contains(&format!("{series}\"mixed\",le=\"0.05\"}} 1")));
+        assert!(!text.contains("kind=\"prefill\""));
+        assert!(text.contains("llm_step_rows_total{model=\"a\",kind=\"decode\"} 31"));
+        assert!(text.contains("llm_step_rows_total{model=\"a\",kind=\"mixed\"} 47"));
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! sequence (a prompt chunk for newcomers, one decode token for the others), detokenizes and
 //! streams the results. This is continuous batching: sequences join and leave between steps.
 //! Long prompts are fed `prefill_chunk` tokens per step so a newcomer's prefill never stalls the
-//! running streams for more than one chunk. A sequence whose client went away, or whose
+//! running streams for more than one chunk, and a step feeds `max_step_tokens` rows at most
+//! (every decode row, then prompt chunks in arrival order; [`plan_step`]). A sequence whose client went away, or whose
 //! deadline passed, is released before the next step. The wait queue is bounded: past
 //! `max_queue`, `submit` fails at once with RESOURCE_EXHAUSTED.
 
@@ -20,7 +21,7 @@ use tonic::Status;
 
 use crate::detok::StreamDecoder;
 use crate::error::ServerError;
-use crate::metrics::{Metrics, ModelStats};
+use crate::metrics::{Metrics, ModelStats, StepKind};
 use crate::plugin::PluginModel;
 use crate::request::ValidParams;
 use crate::tokenizer::TextModel;
@@ -56,6 +57,10 @@ pub struct SchedulerConfig {
     pub max_queue: usize,
     /// Prompt tokens fed per step per sequence.
     pub prefill_chunk: usize,
+    /// Token rows one step feeds at most (decode rows and prompt chunks together); more than
+    /// `max_batch`, so a prompt always advances. Bounds a step's time for the running streams,
+    /// and the row counts a GPU backend meets (each new one is compiled or autotuned).
+    pub max_step_tokens: usize,
 }
 
 /// Handle to a model's scheduler thread.
@@ -356,16 +361,23 @@ impl Loop {
 
     fn step(&mut self) {
         let now = Instant::now();
-        let chunk = self.cfg.prefill_chunk.max(1);
-        let inputs: Vec<SeqInput> = self
+        let wants: Vec<Option<usize>> = self
             .running
-            .iter_mut()
-            .map(|s| {
+            .iter()
+            .map(|s| (!s.prefilled()).then(|| s.job.prompt.len() - s.fed))
+            .collect();
+        let plan = plan_step(&wants, self.cfg.prefill_chunk, self.cfg.max_step_tokens);
+        // The sequences this step feeds (a prompt past the step's budget waits), in order.
+        let stepping: Vec<usize> = (0..plan.len()).filter(|&i| plan[i] > 0).collect();
+        let inputs: Vec<SeqInput> = stepping
+            .iter()
+            .map(|&i| {
+                let s = &mut self.running[i];
                 let (tokens, sample): (&[u32], bool) = if s.prefilled() {
                     (std::slice::from_ref(&s.last_token), true)
                 } else {
                     s.started.get_or_insert(now);
-                    let end = (s.fed + chunk).min(s.job.prompt.len());
+                    let end = s.fed + plan[i];
                     // Sample only with the prompt's last chunk.
                     (&s.job.prompt[s.fed..end], end == s.job.prompt.len())
                 };
@@ -379,8 +391,21 @@ impl Loop {
             })
             .collect();
         let fed: Vec<(usize, bool)> = inputs.iter().map(|i| (i.n_tokens, i.sample != 0)).collect();
+        let prompts = stepping
+            .iter()
+            .filter(|&&i| !self.running[i].prefilled())
+            .count();
+        let kind = match prompts {
+            0 => StepKind::Decode,
+            p if p == stepping.len() => StepKind::Prefill,
+            _ => StepKind::Mixed,
+        };
+        let rows = fed.iter().map(|&(n, _)| n).sum();
         let mut outputs = vec![SeqOutput::default(); inputs.len()];
-        if let Err(e) = self.model.step(&inputs, &mut outputs) {
+        let t0 = Instant::now();
+        let stepped = self.model.step(&inputs, &mut outputs);
+        self.metrics.step(&self.name, kind, rows, t0.elapsed());
+        if let Err(e) = stepped {
             tracing::error!(error = %e, "step failed");
             let status: Status = e.into();
             for s in std::mem::take(&mut self.running) {
@@ -391,9 +416,8 @@ impl Loop {
         }
         drop(inputs);
         let mut finished = Vec::new();
-        for (i, ((s, out), &(n, sampled))) in
-            self.running.iter_mut().zip(&outputs).zip(&fed).enumerate()
-        {
+        for ((&i, out), &(n, sampled)) in stepping.iter().zip(&outputs).zip(&fed) {
+            let s = &mut self.running[i];
             if !s.prefilled() {
                 s.fed += n;
                 if !sampled {
@@ -426,6 +450,27 @@ impl Loop {
                 .tokens(&self.name, s.job.prompt.len() as u64, s.generated as u64);
         }
     }
+}
+
+/// Rows each running sequence feeds this step: `wants[i]` is `None` for a sequence decoding
+/// (one row, always fed) or `Some(n)` for one with `n` prompt tokens left, which gets up to
+/// `chunk` of them while the step has rows left of `budget`, in order (the earliest admitted
+/// first); 0 = it waits for a later step. With `budget > max_batch` the first prompt always
+/// advances.
+fn plan_step(wants: &[Option<usize>], chunk: usize, budget: usize) -> Vec<usize> {
+    let decoding = wants.iter().filter(|w| w.is_none()).count();
+    let mut left = budget.saturating_sub(decoding);
+    wants
+        .iter()
+        .map(|w| match *w {
+            None => 1,
+            Some(prompt) => {
+                let n = prompt.min(chunk.max(1)).min(left);
+                left -= n;
+                n
+            }
+        })
+        .collect()
 }
 
 /// Apply one sampled token to a sequence and stream it. Returns `Some(Some(reason))` when the
@@ -509,4 +554,27 @@ fn deadline_status(generated: u32) -> Status {
     Status::deadline_exceeded(format!(
         "the request's deadline (grpc-timeout) passed after {generated} generated tokens; the sequence was released"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plan_step;
+
+    #[test]
+    fn decode_rows_go_first_and_prompts_share_what_is_left() {
+        // 15 decoding, a newcomer's 600-token prompt: chunk 512, but 512 rows in all.
+        let mut wants = vec![None; 15];
+        wants.push(Some(600));
+        let plan = plan_step(&wants, 512, 512);
+        assert_eq!(&plan[..15], &[1; 15]);
+        assert_eq!(plan[15], 512 - 15);
+        // Prompts in arrival order: the first takes its chunk, the next what remains, the
+        // last waits.
+        let plan = plan_step(&[Some(300), None, Some(300), Some(10)], 256, 512);
+        assert_eq!(plan, vec![256, 1, 255, 0]);
+        // A short prompt takes only what it has left.
+        let plan = plan_step(&[Some(7), Some(40)], 512, 512);
+        assert_eq!(plan, vec![7, 40]);
+        assert!(plan_step(&[Some(5); 3], 512, 4).iter().sum::<usize>() <= 4);
+    }
 }

@@ -213,6 +213,11 @@ pub fn kv_append_ops<B: LlmBackend>(
     }
 }
 
+/// Longest chunk a pooled step attends row by row ([`LlmBackend::decode_attention_rows`]:
+/// a cube per head and row walking the row's positions); longer prompt chunks go per sequence
+/// through Burn's attention, which shares each key/value load over the chunk's rows.
+pub const POOLED_ROWS_MAX_CHUNK: usize = 64;
+
 /// One sequence's rows in a batched forward.
 #[derive(Debug, Clone, Copy)]
 pub struct Segment {
@@ -423,8 +428,8 @@ impl<B: LlmBackend> Attention<B> {
     }
 
     /// Every sequence's cache a slot of one pool (`ctx.kv_rows`): all rows appended in one
-    /// step, and when every chunk is one token, all attended in one; else attention per
-    /// sequence over its slot. `None` where the backend does not append pooled rows.
+    /// launch, and when every chunk is at most [`POOLED_ROWS_MAX_CHUNK`] rows, all attended in
+    /// one; else attention per sequence over its slot. `None` where the backend does not append pooled rows.
     fn forward_pooled(
         &self,
         q: &Tensor<B, 3>,
@@ -442,7 +447,11 @@ impl<B: LlmBackend> Attention<B> {
         for (seg, layer) in ctx.segments.iter().zip(kv.iter_mut()) {
             layer.as_mut().expect("pooled cache").len = seg.start + seg.len;
         }
-        if ctx.segments.iter().all(|s| s.len == 1) {
+        // Every row attends its slot's positions up to its own (this step's rows are already
+        // in the pool, so a prompt chunk's rows are causal as they stand): one launch for the
+        // whole step when the chunks are short, a step mixing a newcomer's prompt with the
+        // others' decode rows included. A long chunk goes per sequence (tiled attention).
+        if ctx.segments.iter().all(|s| s.len <= POOLED_ROWS_MAX_CHUNK) {
             if let Some(out) = B::decode_attention_rows(q, &pool, rows, &c) {
                 return Some(out);
             }

@@ -27,6 +27,10 @@ pub trait LlmBackend: Backend {
     /// row count the NF4 GEMV serves, each compiled on its own). Float models warm `1..=4`
     /// only: their linears are Burn matmuls, autotuned per row count (seconds per shape).
     const WARM_UP_NF4_DECODE_ROWS: usize = 4;
+    /// Prompt chunk lengths a JIT backend's load of an NF4 model warms up beside the 32-token
+    /// one every load runs (CUDA: one per token-tile count of the tensor-core NF4 kernel, each
+    /// compiled on its own).
+    const WARM_UP_NF4_PROMPT_ROWS: &'static [usize] = &[];
     /// A float linear layer from a loaded weight `[out, in]`.
     fn dense_linear(
         weight: Tensor<Self, 2>,
@@ -139,9 +143,10 @@ pub trait LlmBackend: Backend {
     ) -> bool {
         false
     }
-    /// [`LlmBackend::decode_attention`] for a batch of single-token chunks in one launch: row
-    /// `r` of `q` `[heads, rows, d]` (rope applied) over positions `0..=rows[2r + 1]` of slot
-    /// `rows[2r]` of `pool` (this step's entries appended) -> `[rows, heads * d]`. `None` (the
+    /// [`LlmBackend::decode_attention`] for every row of a step in one launch: row `r` of `q`
+    /// `[heads, rows, d]` (rope applied) over positions `0..=rows[2r + 1]` of slot `rows[2r]`
+    /// of `pool` (this step's entries appended, so a prompt chunk's rows are causal) ->
+    /// `[rows, heads * d]`, the sliding window and softcap applied. `None` (the
     /// default, and for shapes a backend's kernel does not cover): per sequence.
     fn decode_attention_rows(
         _q: &Tensor<Self, 3>,

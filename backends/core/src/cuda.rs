@@ -5,8 +5,10 @@
 //! - up to [`GEMV_MAX_TOKENS`] token rows (decode): [`nf4_gemv`] dequantizes and multiplies in
 //!   one pass, reading each packed weight byte once: a cube per few output rows, their `k`
 //!   range split over its units in 16-byte vectors (32 weights), the NF4 code book in shared
-//!   memory, partial sums reduced over planes and then the cube.
-//! - more rows (prefill): [`nf4_dequantize`] to a bf16 `[out, in]` matrix, then Burn's
+//!   memory, partial sums reduced over planes and then the cube. From 3 rows (k a multiple
+//!   of 128) [`nf4_mma`] instead: the dequantized weights fed to tensor-core MMAs, up to
+//!   [`MMA_MAX_TOKENS`] rows in tiles of 16 (short prompts, steps mixing a prompt with decodes).
+//! - more rows (prefill): [`nf4_dequantize`] to a bf16 `[out, in]` matrix, then cuBLAS or Burn's
 //!   (tensor-core) matmul, the way bnb dequantizes then calls `torch.matmul`.
 //!
 //! Weights live on the device as: packed codes (`out*in/2` bytes, as bnb stores them), one f32
@@ -43,7 +45,8 @@ pub fn parse_device(spec: &str) -> Option<CudaDevice> {
     }
 }
 
-/// Most token rows the fused GEMV handles; more use dequantize + matmul.
+/// Most token rows the SIMT GEMV ([`nf4_gemv`]) handles; [`nf4_mma`] takes up to
+/// [`MMA_MAX_TOKENS`], more use dequantize + matmul.
 pub const GEMV_MAX_TOKENS: usize = 16;
 /// Token rows up to which [`CudaNf4Linear::forward`] uses the fused GEMV; more dequantize and
 /// multiply. On an H200 (docs/benchmarks.md, run 14, 8B shapes) the GEMV took 29-89 us
@@ -56,21 +59,24 @@ pub static GEMV_TOKENS: std::sync::atomic::AtomicUsize =
 /// activation its own kernel (`llm-bench tiny` compares the two).
 pub static FUSED_PROJECTIONS: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
-/// Row counts past [`GEMV_TOKENS`] up to which NF4 layers run the decode kernels on slices of
-/// at most [`GEMV_MAX_TOKENS`] rows (outputs concatenated) instead of dequantize + matmul; 0
-/// (the default): none. From the kernel figures (docs/benchmarks.md, run 15) 3 slices of 16
-/// rows through [`nf4_mma`] take ~150 µs on an 8B gate projection against ~300 µs for
-/// dequantize + Burn's matmul at 64 rows, which would make short prompts and the steps that
-/// mix a newcomer's prompt with 15 decodes cheaper; not yet measured in the server, so off
-/// unless `LLM_CUDA_CHUNK_ROWS=N` ([`read_env`]).
-pub static CHUNK_ROWS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// Most token rows [`nf4_mma`] takes in one launch: 4 tiles of 16 (the MMA's m), the weight
+/// fragments each lane dequantizes used by every tile.
+pub const MMA_MAX_TOKENS: usize = 64;
+/// Row counts past [`GEMV_TOKENS`] up to which NF4 layers run [`nf4_mma`]'s token tiles instead
+/// of dequantize + matmul (short prompts, and the steps that mix a newcomer's prompt chunk with
+/// the others' decode rows). Weights are read and dequantized once either way; the tiles skip
+/// writing and re-reading the bf16 copy (run 15: dequantize + cuBLAS 113-123 µs on the 8B's
+/// 14336-wide shapes at 8-64 rows, against `nf4_mma`'s 51-54 µs for one tile of 16).
+/// `LLM_CUDA_MMA_ROWS=N` ([`read_env`]) lowers it, 16 turns the tiles off.
+pub static MMA_TOKENS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(MMA_MAX_TOKENS);
 /// Whether prefill (more rows than [`GEMV_TOKENS`]) dequantizes each NF4 weight to its
 /// `[in, out]` transpose ([`nf4_dequantize_t`]) for the matmul, or to `[out, in]` and multiplies
 /// by a transposed view. Set from `LLM_CUDA_DEQUANT` ([`read_env`]) at each CUDA load, for
 /// `bench/gpu.sh` to compare the two on a whole prompt.
 pub static DEQUANT_TRANSPOSED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
-/// Whether 2 to [`GEMV_MAX_TOKENS`] token rows go to the tensor-core [`nf4_mma`] (the default)
+/// Whether [`MMA_MIN_TOKENS`] to [`MMA_TOKENS`] token rows go to the tensor-core [`nf4_mma`] (the default)
 /// rather than the SIMT [`nf4_gemv`]; off by `LLM_CUDA_MMA=0` ([`read_env`]), and where the
 /// device has no bf16 `mma.m16n8k16` ([`probe_mma`]).
 pub static MMA_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
@@ -320,10 +326,10 @@ mod kernels {
         }
     }
 
-    /// [`nf4_gemv`] on tensor cores, for 3 to 16 token rows: the same weights, outputs and
+    /// [`nf4_gemv`] on tensor cores, for 3 to 64 token rows: the same weights, outputs and
     /// stacking (q/k/v) or gating (gate/up), one `mma.m16n8k16` (bf16 inputs, f32 accumulation)
-    /// per 16 `k` of 8 output rows. The SIMT GEMV does a multiply-add per weight and token; here
-    /// a weight is dequantized once and the tensor cores take the tokens.
+    /// per 16 `k` of 8 output rows and 16 tokens. The SIMT GEMV does a multiply-add per weight
+    /// and token; here a weight is dequantized once and the tensor cores take the tokens.
     ///
     /// A plane owns 8 output rows (the MMA's n) and walks their `k` in windows of 128: lane
     /// (g, t) = (lane / 4, lane % 4) loads one 16-byte vector of row g's codes (32 weights
@@ -331,13 +337,15 @@ mod kernels {
     /// in f32, then to bf16): the B fragments of 8 MMAs. Which `k` an MMA slot holds is ours to
     /// choose, so long as `x` uses the same: MMA j takes from lane (g, t) its weights 4j, 4j+1
     /// (fragment rows 2t, 2t+1) and 4j+2, 4j+3 (rows 2t+8, 2t+9), so the A fragment (tokens g
-    /// and g+8) is `x` at the same four positions. Tokens past `tokens` (the MMA's m is 16)
-    /// read token 0's row and are never written. The cube's planes split the windows
-    /// (split-K); their accumulators are summed in shared memory.
+    /// and g+8 of a tile) is `x` at the same four positions. `tiles` tiles of 16 tokens reuse
+    /// the window's B fragments (tile 0's `x` is loaded with the codes, the others' when their
+    /// MMAs run: `x` is L1/L2-resident). Tokens past `tokens` read token 0's row and are never
+    /// written. The cube's planes split the windows (split-K); their accumulators are summed in
+    /// shared memory.
     ///
     /// Shapes as [`nf4_gemv`]; `k` a multiple of 128, every stacked weight but the last a
-    /// multiple of 8 rows. Cube dim `(32, planes)`, a cube per 8 rows; `NX` = 8, `NQ4` = 4,
-    /// `NP` = 2 (the MMA's registers: two bf16 or two f32).
+    /// multiple of 8 rows, `tokens <= 16 * tiles`. Cube dim `(32, planes)`, a cube per 8 rows;
+    /// `NX` = 8, `NQ4` = 4, `NP` = 2 (the MMA's registers: two bf16 or two f32).
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub fn nf4_mma<F: Float, NX: Size, NQ4: Size, NP: Size>(
@@ -360,13 +368,14 @@ mod kernels {
         k: u32,
         tokens: u32,
         #[comptime] unroll: usize,
+        #[comptime] tiles: usize,
         #[comptime] gated: bool,
         #[comptime] gelu: bool,
         #[define(F)] _dtype: StorageType,
     ) {
         let lanes = comptime!(if gated { 2usize } else { 1usize });
         let mut lut = SharedMemory::<f32>::new(16usize);
-        let mut partial = SharedMemory::<f32>::new(comptime!(MAX_PLANES * 32 * 4 * lanes));
+        let mut partial = SharedMemory::<f32>::new(comptime!(MAX_PLANES * 32 * 4 * lanes * tiles));
         if UNIT_POS < 16 {
             lut[UNIT_POS as usize] = code[UNIT_POS as usize];
         }
@@ -391,12 +400,14 @@ mod kernels {
         let x_lo = select(g < tok, g, 0) * xrow;
         let x_hi = select(g + 8 < tok, g + 8, 0) * xrow;
         let mma = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
-        let mut acc0 = Array::<Vector<f32, NP>>::new(2usize);
-        let mut acc1 = Array::<Vector<f32, NP>>::new(2usize);
+        // Accumulators of weight l (gate, up) and token tile tt at `l * tiles + tt`.
+        let mut acc = Sequence::<Array<Vector<f32, NP>>>::new();
         #[unroll]
-        for i in 0..2usize {
-            acc0[i] = Vector::new(f32::new(0.0));
-            acc1[i] = Vector::new(f32::new(0.0));
+        for _ in 0..comptime!(lanes * tiles) {
+            let mut c = Array::<Vector<f32, NP>>::new(2usize);
+            c[0] = Vector::new(f32::new(0.0));
+            c[1] = Vector::new(f32::new(0.0));
+            acc.push(c);
         }
         let stride = CUBE_DIM_Y as usize;
         let mut w = UNIT_POS_Y as usize;
@@ -428,7 +439,7 @@ mod kernels {
                     in2,
                     gated,
                 );
-                // The lane's 32 positions of tokens g and g + 8: four 8-vectors each.
+                // The lane's 32 positions of tile 0's tokens g and g + 8: four 8-vectors each.
                 let xo = wc * 16 + t * 4;
                 #[unroll]
                 for j in 0..4usize {
@@ -438,20 +449,15 @@ mod kernels {
             }
             #[unroll]
             for u in 0..unroll {
+                // The window's B fragments, weight l's MMA j at `l * 8 + j`: dequantized once,
+                // used by every token tile.
+                let mut fbs = Sequence::<Array<Vector<F, NP>>>::new();
                 #[unroll]
-                for j in 0..8usize {
-                    // MMA j: the lane's positions 4j..4j+4, in 8-vector j / 2 from element e.
-                    let v = comptime!(j / 2);
-                    let e = comptime!(j % 2 * 4);
-                    let mut fa = Array::<Vector<F, NP>>::new(4usize);
-                    fa[0] = pair::<F, NP>(xl[u * 4 + v][e], xl[u * 4 + v][e + 1]);
-                    fa[1] = pair::<F, NP>(xh[u * 4 + v][e], xh[u * 4 + v][e + 1]);
-                    fa[2] = pair::<F, NP>(xl[u * 4 + v][e + 2], xl[u * 4 + v][e + 3]);
-                    fa[3] = pair::<F, NP>(xh[u * 4 + v][e + 2], xh[u * 4 + v][e + 3]);
+                for l in 0..lanes {
+                    let qv = q[u * lanes + l];
+                    let s = a[u * lanes + l];
                     #[unroll]
-                    for l in 0..lanes {
-                        let qv = q[u * lanes + l];
-                        let s = a[u * lanes + l];
+                    for j in 0..8usize {
                         let mut fb = Array::<Vector<F, NP>>::new(2usize);
                         fb[0] = pair::<F, NP>(
                             F::cast_from(code_at(qv, &lut, comptime!(4 * j)) * s),
@@ -461,45 +467,89 @@ mod kernels {
                             F::cast_from(code_at(qv, &lut, comptime!(4 * j + 2)) * s),
                             F::cast_from(code_at(qv, &lut, comptime!(4 * j + 3)) * s),
                         );
-                        if comptime!(l == 0) {
-                            mma.execute_inplace(&fa, &fb, &mut acc0);
-                        } else {
-                            mma.execute_inplace(&fa, &fb, &mut acc1);
+                        fbs.push(fb);
+                    }
+                }
+                let wc = select(w + u * stride < windows, w + u * stride, windows - 1);
+                #[unroll]
+                for tt in 0..tiles {
+                    let mut tl = Array::<Vector<F, NX>>::new(4usize);
+                    let mut th = Array::<Vector<F, NX>>::new(4usize);
+                    if comptime!(tt == 0) {
+                        #[unroll]
+                        for j in 0..4usize {
+                            tl[j] = xl[u * 4 + j];
+                            th[j] = xh[u * 4 + j];
+                        }
+                    } else {
+                        let lo = g + comptime!(tt * 16);
+                        let r_lo = select(lo < tok, lo, 0) * xrow;
+                        let r_hi = select(lo + 8 < tok, lo + 8, 0) * xrow;
+                        let xo = wc * 16 + t * 4;
+                        #[unroll]
+                        for j in 0..4usize {
+                            tl[j] = x[r_lo + xo + j];
+                            th[j] = x[r_hi + xo + j];
+                        }
+                    }
+                    #[unroll]
+                    for j in 0..8usize {
+                        // MMA j: the lane's positions 4j..4j+4, in 8-vector j / 2 from element e.
+                        let v = comptime!(j / 2);
+                        let e = comptime!(j % 2 * 4);
+                        let mut fa = Array::<Vector<F, NP>>::new(4usize);
+                        fa[0] = pair::<F, NP>(tl[v][e], tl[v][e + 1]);
+                        fa[1] = pair::<F, NP>(th[v][e], th[v][e + 1]);
+                        fa[2] = pair::<F, NP>(tl[v][e + 2], tl[v][e + 3]);
+                        fa[3] = pair::<F, NP>(th[v][e + 2], th[v][e + 3]);
+                        #[unroll]
+                        for l in 0..lanes {
+                            mma.execute_inplace(
+                                &fa,
+                                fbs.index(comptime!(l * 8 + j)),
+                                acc.index_mut(comptime!(l * tiles + tt)),
+                            );
                         }
                     }
                 }
             }
             w += stride * unroll;
         }
-        // Lane (g, t) holds (token g, rows 2t, 2t+1) and (token g + 8, the same rows).
-        let width = comptime!(4 * lanes);
+        // Lane (g, t) holds, per tile tt, (token 16tt + g, rows 2t, 2t+1) and (token
+        // 16tt + g + 8, the same rows); weight l's at `(l * tiles + tt) * 4`.
+        let width = comptime!(4 * lanes * tiles);
         let at = (UNIT_POS_Y as usize * 32 + lane) * width;
         #[unroll]
-        for i in 0..4usize {
-            partial[at + i] = acc0[comptime!(i / 2)][comptime!(i % 2)];
-            if comptime!(gated) {
-                partial[at + 4 + i] = acc1[comptime!(i / 2)][comptime!(i % 2)];
+        for c in 0..comptime!(lanes * tiles) {
+            let sums = acc.index(c);
+            #[unroll]
+            for i in 0..4usize {
+                partial[at + comptime!(c * 4 + i)] = sums[comptime!(i / 2)][comptime!(i % 2)];
             }
         }
         sync_cube();
         if UNIT_POS_Y == 0 {
             #[unroll]
-            for i in 0..4usize {
-                let token = g + comptime!(i / 2 * 8);
-                let r = row0 + 2 * t + comptime!(i % 2);
-                let mut total = f32::new(0.0);
-                let mut second = f32::new(0.0);
-                for p in 0..CUBE_DIM_Y as usize {
-                    total += partial[(p * 32 + lane) * width + i];
-                    if comptime!(gated) {
-                        second += partial[(p * 32 + lane) * width + 4 + i];
+            for tt in 0..tiles {
+                #[unroll]
+                for i in 0..4usize {
+                    let token = g + comptime!(tt * 16 + i / 2 * 8);
+                    let r = row0 + 2 * t + comptime!(i % 2);
+                    let mut total = f32::new(0.0);
+                    let mut second = f32::new(0.0);
+                    for p in 0..CUBE_DIM_Y as usize {
+                        total += partial[(p * 32 + lane) * width + comptime!(tt * 4 + i)];
+                        if comptime!(gated) {
+                            second +=
+                                partial[(p * 32 + lane) * width + comptime!((tiles + tt) * 4 + i)];
+                        }
                     }
-                }
-                if token < tok && r < n_us {
-                    if comptime!(gated) {
-                        out[token * n_us + r] = gate_times_up::<F>(total, second, gelu);
-                    } else {
-                        out[out_base + token * n_us + r] = F::cast_from(total);
+                    if token < tok && r < n_us {
+                        if comptime!(gated) {
+                            out[token * n_us + r] = gate_times_up::<F>(total, second, gelu);
+                        } else {
+                            out[out_base + token * n_us + r] = F::cast_from(total);
+                        }
                     }
                 }
             }
@@ -928,8 +978,9 @@ mod kernels {
         );
     }
 
-    /// [`decode_attention`] for every row of a batch of single-token sequences whose caches
-    /// are slots of one pool, in one launch: cube `(head, row)`; row `r` reads slot
+    /// [`decode_attention`] for every row of a step whose caches are slots of one pool (decode
+    /// rows, and short prompt chunks: their rows are already appended, so attending up to each
+    /// row's own position is causal), in one launch: cube `(head, row)`; row `r` reads slot
     /// `rows_meta[2r]`, positions up to its own `rows_meta[2r + 1]` (inclusive), from
     /// `window` positions back when `window` > 0 (sliding window).
     /// `q` `[heads, rows, d]`, `k_pool`/`v_pool` `[slots, kv_heads, cap, d]`, `out`
@@ -1121,9 +1172,11 @@ pub struct GemvConfig {
 
 impl GemvConfig {
     /// One token: 4 rows per cube share each converted `x`, about 64 steps per unit's row.
-    /// From [`MMA_MIN_TOKENS`] tokens: [`nf4_mma`] when [`MMA_DECODE`] is on and `k` is a
-    /// multiple of 128, 8 rows per cube, the windows split over up to 8 planes (at least 4
-    /// windows each), 2 windows in flight per lane. Otherwise 2 rows per cube, the looked-up
+    /// From [`MMA_MIN_TOKENS`] to [`MMA_MAX_TOKENS`] tokens: [`nf4_mma`] when [`MMA_DECODE`] is
+    /// on and `k` is a multiple of 128, 8 rows per cube, the windows split over up to 8 planes
+    /// (at least 4 windows each), 2 windows in flight per lane up to 16 tokens, 1 past that
+    /// (each further tile of 16 tokens holds 16 more accumulator and 32 more `x` registers).
+    /// Otherwise 2 rows per cube, the looked-up
     /// codes shared over the tokens (see the kernel's doc), 2 planes. From the
     /// launch-configuration sweep of `llm-bench kernel` on an H200 (docs/benchmarks.md, run
     /// 11): at batch 1 the configurations within 10% of each other; at batch 16 this one 166 us
@@ -1136,14 +1189,14 @@ impl GemvConfig {
                 unroll: 1,
                 mma: false,
             }
-        } else if tokens >= MMA_MIN_TOKENS
+        } else if (MMA_MIN_TOKENS..=MMA_MAX_TOKENS).contains(&tokens)
             && k.is_multiple_of(128)
             && MMA_DECODE.load(std::sync::atomic::Ordering::Relaxed)
         {
             GemvConfig {
                 rows: 8,
                 planes: (k / 128 / 4).clamp(1, MAX_PLANES),
-                unroll: 2,
+                unroll: if tokens <= 16 { 2 } else { 1 },
                 mma: true,
             }
         } else {
@@ -1169,7 +1222,12 @@ fn launch_gemv(
     gated: Option<Activation>,
 ) {
     let tokens = x.meta.shape()[0];
-    assert!((1..=GEMV_MAX_TOKENS).contains(&tokens));
+    let most = if cfg.mma {
+        MMA_MAX_TOKENS
+    } else {
+        GEMV_MAX_TOKENS
+    };
+    assert!((1..=most).contains(&tokens));
     assert!(cfg.rows >= 1 && cfg.unroll >= 1 && (1..=MAX_PLANES).contains(&cfg.planes));
     assert!((1..=3).contains(&weights.len()));
     let w0 = weights[0];
@@ -1242,10 +1300,12 @@ fn launch_gemv(
     }
     if cfg.mma {
         assert!(cfg.rows == 8 && k.is_multiple_of(128), "MMA GEMV shapes");
+        let tiles = tokens.div_ceil(16);
         // SAFETY: as for `nf4_gemv` below, with 8 rows per cube, windows of 128 `k` (a
-        // multiple of 128, asserted), tokens past `tokens` reading token 0's row and never
-        // written, and `partial` holding `MAX_PLANES * 32 * 4 * lanes` sums.
-        unsafe { launch!(nf4_mma, [8, 4, 2], tokens as u32, [cfg.unroll]) };
+        // multiple of 128, asserted), `tiles * 16 >= tokens` token rows of which those past
+        // `tokens` read token 0's row and are never written, and `partial` holding
+        // `MAX_PLANES * 32 * 4 * lanes * tiles` sums.
+        unsafe { launch!(nf4_mma, [8, 4, 2], tokens as u32, [cfg.unroll, tiles]) };
     } else {
         // SAFETY: every index the kernel forms is in bounds for these shapes: `x` is `[tokens, k]`
         // contiguous, each `packed_i`/`absmax_i` holds `n_i * k` weights (k a multiple of 64,
@@ -1387,7 +1447,8 @@ impl CudaNf4Linear {
 }
 
 impl CudaNf4Linear {
-    /// `x W^T` through the fused GEMV (`tokens <= GEMV_MAX_TOKENS`).
+    /// `x W^T` through the fused GEMV (`tokens <= GEMV_MAX_TOKENS`, or up to [`MMA_MAX_TOKENS`]
+    /// where [`GemvConfig::for_shape`] picks [`nf4_mma`]).
     pub fn forward_gemv(&self, x: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
         let [tokens, _] = x.dims();
         let x = x.into_primitive().tensor();
@@ -1563,42 +1624,20 @@ fn nf4_layers<'a>(
     group.iter().all(|w| w.in_features == k).then_some(group)
 }
 
-/// Whether `rows` (past [`GEMV_TOKENS`]) go through the decode kernels in slices
-/// ([`CHUNK_ROWS`]).
-fn chunked(rows: usize) -> bool {
+/// Whether NF4 layers of input width `k` take `rows` through the fused kernels (the GEMV, or
+/// [`nf4_mma`]'s token tiles up to [`MMA_TOKENS`]) rather than dequantize + matmul.
+fn fused_rows(rows: usize, k: usize) -> bool {
     use std::sync::atomic::Ordering::Relaxed;
-    rows > GEMV_TOKENS.load(Relaxed) && rows <= CHUNK_ROWS.load(Relaxed)
-}
-
-/// `f` on each slice of at most [`GEMV_MAX_TOKENS`] rows of `x` (views: no copy), output `i`
-/// of every slice concatenated by rows. `None` if `f` declines a slice.
-fn by_chunks(
-    x: &Tensor<CudaBf16, 2>,
-    f: impl Fn(Tensor<CudaBf16, 2>) -> Option<Vec<Tensor<CudaBf16, 2>>>,
-) -> Option<Vec<Tensor<CudaBf16, 2>>> {
-    let rows = x.dims()[0];
-    let mut parts = Vec::new();
-    for start in (0..rows).step_by(GEMV_MAX_TOKENS) {
-        let len = GEMV_MAX_TOKENS.min(rows - start);
-        parts.push(f(x.clone().narrow(0, start, len))?);
-    }
-    let outputs = parts.first()?.len();
-    Some(
-        (0..outputs)
-            .map(|i| Tensor::cat(parts.iter().map(|p| p[i].clone()).collect(), 0))
-            .collect(),
-    )
+    rows <= GEMV_TOKENS.load(Relaxed)
+        || (rows <= MMA_TOKENS.load(Relaxed) && GemvConfig::for_shape(rows, k).mma)
 }
 
 impl Linear<CudaBf16> for CudaNf4Linear {
     fn forward(&self, x: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
         let [tokens, k] = x.dims();
         assert_eq!(k, self.in_features, "linear input width");
-        if tokens <= GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) {
+        if fused_rows(tokens, k) {
             self.with_bias(self.forward_gemv(x))
-        } else if chunked(tokens) {
-            let mut y = by_chunks(&x, |c| Some(vec![self.forward_gemv(c)])).expect("slices");
-            self.with_bias(y.remove(0))
         } else if let Some(y) = self.forward_cublas(x.clone()) {
             y
         } else {
@@ -1630,7 +1669,7 @@ fn nf4_group<'a>(
     linears: &[&'a dyn Linear<CudaBf16>],
 ) -> Option<Vec<&'a CudaNf4Linear>> {
     let [tokens, k] = x.dims();
-    if tokens > GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed)
+    if !fused_rows(tokens, k)
         || linears.len() > 3
         || !FUSED_PROJECTIONS.load(std::sync::atomic::Ordering::Relaxed)
     {
@@ -1695,7 +1734,7 @@ pub fn probe_mma(device: &CudaDevice) {
 }
 
 /// Benchmark switches from the environment: `LLM_CUDA_MMA=0` turns [`MMA_DECODE`] off;
-/// `LLM_CUDA_CHUNK_ROWS=N` sets [`CHUNK_ROWS`];
+/// `LLM_CUDA_MMA_ROWS=N` sets [`MMA_TOKENS`];
 /// `LLM_CUDA_DEQUANT=nk` turns
 /// [`DEQUANT_TRANSPOSED`] off, `kn` (the default) on; `LLM_CUDA_GEMM=cublas` sends prefill
 /// GEMMs to cuBLAS when the library loads, `burn` (the default) keeps Burn's matmul
@@ -1707,10 +1746,12 @@ pub fn read_env() {
         Ok(other) => eprintln!("LLM_CUDA_GEMM={other} ignored (cublas or burn)"),
         Err(_) => {}
     }
-    if let Ok(v) = std::env::var("LLM_CUDA_CHUNK_ROWS") {
+    if let Ok(v) = std::env::var("LLM_CUDA_MMA_ROWS") {
         match v.parse::<usize>() {
-            Ok(n) => CHUNK_ROWS.store(n, std::sync::atomic::Ordering::Relaxed),
-            Err(_) => eprintln!("LLM_CUDA_CHUNK_ROWS={v} ignored (a row count)"),
+            Ok(n) if n <= MMA_MAX_TOKENS => {
+                MMA_TOKENS.store(n, std::sync::atomic::Ordering::Relaxed)
+            }
+            _ => eprintln!("LLM_CUDA_MMA_ROWS={v} ignored (a row count up to {MMA_MAX_TOKENS})"),
         }
     }
     match std::env::var("LLM_CUDA_MMA").as_deref() {
@@ -1748,6 +1789,11 @@ impl LlmBackend for CudaBf16 {
             .map(|u| u.bytes_reserved)
     }
     const WARM_UP_NF4_DECODE_ROWS: usize = GEMV_MAX_TOKENS;
+    /// 32 rows (2 tiles) is the common warm-up's; 3 and 4 tiles; then Burn's matmul at the
+    /// row counts its autotune keys round to (powers of two) up to the server's default step
+    /// budget (`--max-step-tokens` 512): run 16 saw 3.7-4 s steps where a wave of prompts met
+    /// an untuned one mid-serving.
+    const WARM_UP_NF4_PROMPT_ROWS: &'static [usize] = &[48, MMA_MAX_TOKENS, 128, 256, 512];
     const KV_POOL: bool = true;
     /// Strictly contiguous (the pooled kernels index it flat; see [`Self::kv_append`]).
     fn kv_pool_tensor(shape: [usize; 4], device: &CudaDevice) -> Tensor<Self, 4> {
@@ -1890,10 +1936,7 @@ impl LlmBackend for CudaBf16 {
         x: &Tensor<Self, 2>,
         linears: &[&dyn Linear<Self>],
     ) -> Option<Vec<Tensor<Self, 2>>> {
-        if chunked(x.dims()[0]) {
-            return by_chunks(x, |c| Self::linears_stacked(&c, linears));
-        }
-        if x.dims()[0] > GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) {
+        if !fused_rows(x.dims()[0], x.dims()[1]) {
             // Prefill: the projections' GEMMs between one pair of host waits.
             return prefill_gemms(x, &nf4_layers(x.dims()[1], linears)?);
         }
@@ -1929,13 +1972,7 @@ impl LlmBackend for CudaBf16 {
         up: &dyn Linear<Self>,
         act: Activation,
     ) -> Option<Tensor<Self, 2>> {
-        if chunked(x.dims()[0]) {
-            return by_chunks(x, |c| {
-                Self::gated_linears(&c, gate, up, act).map(|y| vec![y])
-            })
-            .map(|mut y| y.remove(0));
-        }
-        if x.dims()[0] > GEMV_TOKENS.load(std::sync::atomic::Ordering::Relaxed) {
+        if !fused_rows(x.dims()[0], x.dims()[1]) {
             // Prefill: both GEMMs between one pair of host waits, then the activation.
             let mut gu = prefill_gemms(x, &nf4_layers(x.dims()[1], &[gate, up])?)?;
             let up = gu.pop()?;

@@ -250,11 +250,11 @@ fn build<A: Architecture, B: LlmBackend>(
     let weights_ms = t0.elapsed().as_millis() as u64;
     let t1 = std::time::Instant::now();
     if B::JIT {
-        let decode_rows = match quantization {
-            Quantization::Nf4 => B::WARM_UP_NF4_DECODE_ROWS,
-            Quantization::None => 4,
+        let (decode_rows, prompt_rows) = match quantization {
+            Quantization::Nf4 => (B::WARM_UP_NF4_DECODE_ROWS, B::WARM_UP_NF4_PROMPT_ROWS),
+            Quantization::None => (4, &[][..]),
         };
-        warm_up(&model, decode_rows);
+        warm_up(&model, decode_rows, prompt_rows);
     }
     // Hand back what the load and warm-up used only transiently (host-side conversions
     // uploaded once, warm-up activations).
@@ -276,10 +276,11 @@ fn build<A: Architecture, B: LlmBackend>(
 /// and decode steps at batch 1 to `decode_rows` ([`LlmBackend::WARM_UP_NF4_DECODE_ROWS`] for
 /// NF4 models, CUDA: 16, every row count the fused GEMV serves, each compiled on its own; 4
 /// for float models, whose Burn matmuls autotune per row count: warming batches 8 and 16 of
-/// those made a tiny model's load take minutes). Longer chunks and new attention lengths still
+/// those made a tiny model's load take minutes), then prompt chunks of `prompt_rows`
+/// ([`LlmBackend::WARM_UP_NF4_PROMPT_ROWS`]). Longer chunks and new attention lengths still
 /// autotune on first use. The kernel cache (`--kernel-cache`) keeps all of it for the next
 /// process.
-fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M, decode_rows: usize) {
+fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M, decode_rows: usize, prompt_rows: &[usize]) {
     let layers = model.num_layers();
     let run = |chunks: &[usize]| {
         let tokens: Vec<Vec<u32>> = chunks.iter().map(|&n| vec![0u32; n]).collect();
@@ -288,6 +289,9 @@ fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M, decode_rows: usize) {
         let _ = model.forward_batch(&mut batch, false).into_data();
     };
     run(&[32.min(model.max_context())]);
+    for &rows in prompt_rows {
+        run(&[rows.min(model.max_context())]);
+    }
     for rows in 1..=decode_rows {
         run(&vec![1; rows]);
     }
