@@ -74,6 +74,10 @@ pub struct Scheduler {
 
 static NEXT_SEQ: AtomicU64 = AtomicU64::new(1);
 
+/// Steps slower than this are logged with what they fed (a 16-sequence decode step of an 8B
+/// model takes ~12 ms on an H200; a 512-token prompt ~60 ms).
+const SLOW_STEP: std::time::Duration = std::time::Duration::from_millis(250);
+
 impl Scheduler {
     pub fn start(
         name: &str,
@@ -404,7 +408,21 @@ impl Loop {
         let mut outputs = vec![SeqOutput::default(); inputs.len()];
         let t0 = Instant::now();
         let stepped = self.model.step(&inputs, &mut outputs);
-        self.metrics.step(&self.name, kind, rows, t0.elapsed());
+        let took = t0.elapsed();
+        self.metrics.step(&self.name, kind, rows, took);
+        if took > SLOW_STEP {
+            // What such a step fed, to tell a backend's first-use compile or tuning (a row
+            // count or chunk shape met for the first time) from a slow path.
+            let chunks: Vec<usize> = fed.iter().map(|&(n, _)| n).collect();
+            tracing::warn!(
+                model = %self.name,
+                ms = took.as_secs_f64() * 1e3,
+                rows,
+                ?kind,
+                ?chunks,
+                "slow step"
+            );
+        }
         if let Err(e) = stepped {
             tracing::error!(error = %e, "step failed");
             let status: Status = e.into();

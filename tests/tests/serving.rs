@@ -74,8 +74,16 @@ async fn wait_until(what: &str, server: &Server, cond: impl Fn(&Server) -> bool)
 #[tokio::test(flavor = "multi_thread")]
 async fn batching_changes_no_result() {
     // 32 different prompts, batch of 8 with a small prefill chunk: sequences join and leave the
-    // batch mid-prompt and mid-generation.
-    let server = smol_server(&["--max-batch", "8", "--prefill-chunk", "4"]);
+    // batch mid-prompt and mid-generation. A step budget of 13 rows cuts prompt chunks short
+    // and makes some prompts wait a step while others decode.
+    let server = smol_server(&[
+        "--max-batch",
+        "8",
+        "--prefill-chunk",
+        "4",
+        "--max-step-tokens",
+        "13",
+    ]);
     server
         .wait_models(&["smol"], Duration::from_secs(120))
         .await;
@@ -99,6 +107,12 @@ async fn batching_changes_no_result() {
         server.metric(r#"llm_requests_total{model="smol",code="OK"}"#),
         64.0
     );
+    // The batched run mixed prompt chunks with decode rows, within the budget on average (the
+    // per-step bound is `plan_step`'s unit test).
+    let mixed = |m: &str| server.metric(&format!(r#"{m}{{model="smol",kind="mixed"}}"#));
+    let steps = mixed("llm_step_duration_seconds_count");
+    assert!(steps > 0.0, "no step mixed prompts with decodes");
+    assert!(mixed("llm_step_rows_total") <= 13.0 * steps);
 }
 
 /// Await all futures concurrently (spawned, so they really overlap).
