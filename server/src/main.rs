@@ -127,7 +127,10 @@ fn step_tokens(
              behind a full batch of decodes forever"
         )),
         Some(n) => Ok(n),
-        None => Ok(prefill_chunk.max(max_batch + 1).next_power_of_two()),
+        None => Ok(prefill_chunk
+            .max(max_batch + 1)
+            .checked_next_power_of_two()
+            .unwrap_or(usize::MAX)),
     }
 }
 

@@ -29,7 +29,7 @@ pub trait LlmBackend: Backend {
     const WARM_UP_NF4_DECODE_ROWS: usize = 4;
     /// Prompt chunk lengths a JIT backend's load of an NF4 model warms up beside the 32-token
     /// one every load runs (CUDA: one per token-tile count of the tensor-core NF4 kernel, each
-    /// compiled on its own).
+    /// compiled on its own, then the row counts its prefill matmuls are autotuned by).
     const WARM_UP_NF4_PROMPT_ROWS: &'static [usize] = &[];
     /// A float linear layer from a loaded weight `[out, in]`.
     fn dense_linear(

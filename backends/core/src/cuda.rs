@@ -48,7 +48,8 @@ pub fn parse_device(spec: &str) -> Option<CudaDevice> {
 /// Most token rows the SIMT GEMV ([`nf4_gemv`]) handles; [`nf4_mma`] takes up to
 /// [`MMA_MAX_TOKENS`], more use dequantize + matmul.
 pub const GEMV_MAX_TOKENS: usize = 16;
-/// Token rows up to which [`CudaNf4Linear::forward`] uses the fused GEMV; more dequantize and
+/// Token rows up to which [`CudaNf4Linear::forward`] uses the fused GEMV; more go to
+/// [`nf4_mma`]'s token tiles up to [`MMA_TOKENS`] ([`fused_config`]), past that dequantize and
 /// multiply. On an H200 (docs/benchmarks.md, run 14, 8B shapes) the GEMV took 29-89 us
 /// at 8 rows against 104-170 us for dequantize + cuBLAS (wall, host waits included), and
 /// 51-170 us against 98-161 us at 16 rows; the GEMV needs no host wait, so it keeps the lead.
@@ -70,13 +71,13 @@ pub const MMA_MAX_TOKENS: usize = 64;
 /// `LLM_CUDA_MMA_ROWS=N` ([`read_env`]) lowers it, 16 turns the tiles off.
 pub static MMA_TOKENS: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(MMA_MAX_TOKENS);
-/// Whether prefill (more rows than [`GEMV_TOKENS`]) dequantizes each NF4 weight to its
+/// Whether prefill (rows past the fused kernels, [`fused_config`]) dequantizes each NF4 weight to its
 /// `[in, out]` transpose ([`nf4_dequantize_t`]) for the matmul, or to `[out, in]` and multiplies
 /// by a transposed view. Set from `LLM_CUDA_DEQUANT` ([`read_env`]) at each CUDA load, for
 /// `bench/gpu.sh` to compare the two on a whole prompt.
 pub static DEQUANT_TRANSPOSED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
-/// Whether [`MMA_MIN_TOKENS`] to [`MMA_TOKENS`] token rows go to the tensor-core [`nf4_mma`] (the default)
+/// Whether [`MMA_MIN_TOKENS`] to [`MMA_MAX_TOKENS`] token rows go to the tensor-core [`nf4_mma`] (the default)
 /// rather than the SIMT [`nf4_gemv`]; off by `LLM_CUDA_MMA=0` ([`read_env`]), and where the
 /// device has no bf16 `mma.m16n8k16` ([`probe_mma`]).
 pub static MMA_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
@@ -1450,6 +1451,12 @@ impl CudaNf4Linear {
     /// `x W^T` through the fused GEMV (`tokens <= GEMV_MAX_TOKENS`, or up to [`MMA_MAX_TOKENS`]
     /// where [`GemvConfig::for_shape`] picks [`nf4_mma`]).
     pub fn forward_gemv(&self, x: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
+        let cfg = GemvConfig::for_shape(x.dims()[0], self.in_features);
+        self.forward_gemv_with(x, cfg)
+    }
+
+    /// [`Self::forward_gemv`] launched as `cfg` says (decided once by the caller).
+    fn forward_gemv_with(&self, x: Tensor<CudaBf16, 2>, cfg: GemvConfig) -> Tensor<CudaBf16, 2> {
         let [tokens, _] = x.dims();
         let x = x.into_primitive().tensor();
         let out = empty_device_contiguous_dtype(
@@ -1458,11 +1465,12 @@ impl CudaNf4Linear {
             Shape::from(vec![tokens, self.out_features]),
             x.dtype,
         );
-        from_cube(self.gemv_into(x, out))
+        from_cube(self.gemv_into_with(x, out, cfg))
     }
 
-    /// `x W^T (+ b)` by dequantizing to bf16 and cuBLAS (what `forward` does past
-    /// [`GEMV_TOKENS`] rows with `LLM_CUDA_GEMM=cublas`); `None` when cuBLAS is off or absent.
+    /// `x W^T (+ b)` by dequantizing to bf16 and cuBLAS (what `forward` does past the fused
+    /// kernels' rows, [`fused_config`], with `LLM_CUDA_GEMM=cublas`); `None` when cuBLAS is off
+    /// or absent.
     pub fn forward_cublas(&self, x: Tensor<CudaBf16, 2>) -> Option<Tensor<CudaBf16, 2>> {
         prefill_gemms(&x, &[self]).map(|mut y| y.remove(0))
     }
@@ -1624,20 +1632,24 @@ fn nf4_layers<'a>(
     group.iter().all(|w| w.in_features == k).then_some(group)
 }
 
-/// Whether NF4 layers of input width `k` take `rows` through the fused kernels (the GEMV, or
-/// [`nf4_mma`]'s token tiles up to [`MMA_TOKENS`]) rather than dequantize + matmul.
-fn fused_rows(rows: usize, k: usize) -> bool {
+/// How NF4 layers of input width `k` launch `rows` through the fused kernels (the GEMV, or
+/// [`nf4_mma`]'s token tiles up to [`MMA_TOKENS`]); `None`: dequantize + matmul. Decided once
+/// per forward and handed to the launch: [`MMA_DECODE`] is process-wide and a load on another
+/// GPU may turn it off meanwhile ([`probe_mma`]), which must not send 17+ rows to the SIMT GEMV.
+fn fused_config(rows: usize, k: usize) -> Option<GemvConfig> {
     use std::sync::atomic::Ordering::Relaxed;
-    rows <= GEMV_TOKENS.load(Relaxed)
-        || (rows <= MMA_TOKENS.load(Relaxed) && GemvConfig::for_shape(rows, k).mma)
+    let cfg = GemvConfig::for_shape(rows, k);
+    let fused = rows <= GEMV_TOKENS.load(Relaxed)
+        || (rows <= MMA_TOKENS.load(Relaxed) && cfg.mma && rows <= MMA_MAX_TOKENS);
+    fused.then_some(cfg)
 }
 
 impl Linear<CudaBf16> for CudaNf4Linear {
     fn forward(&self, x: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
         let [tokens, k] = x.dims();
         assert_eq!(k, self.in_features, "linear input width");
-        if fused_rows(tokens, k) {
-            self.with_bias(self.forward_gemv(x))
+        if let Some(cfg) = fused_config(tokens, k) {
+            self.with_bias(self.forward_gemv_with(x, cfg))
         } else if let Some(y) = self.forward_cublas(x.clone()) {
             y
         } else {
@@ -1661,18 +1673,11 @@ impl Linear<CudaBf16> for CudaNf4Linear {
     }
 }
 
-/// `linears` as NF4 layers one [`nf4_gemv`] launch can take for `x`: each a
-/// [`CudaNf4Linear`] without bias, the same input width and code book, `x` few enough rows for
-/// the GEMV. `None` otherwise (the caller runs each layer).
-fn nf4_group<'a>(
-    x: &Tensor<CudaBf16, 2>,
-    linears: &[&'a dyn Linear<CudaBf16>],
-) -> Option<Vec<&'a CudaNf4Linear>> {
-    let [tokens, k] = x.dims();
-    if !fused_rows(tokens, k)
-        || linears.len() > 3
-        || !FUSED_PROJECTIONS.load(std::sync::atomic::Ordering::Relaxed)
-    {
+/// `linears` as NF4 layers one [`nf4_gemv`] / [`nf4_mma`] launch can take for `x`: each a
+/// [`CudaNf4Linear`] without bias, the same input width (`k`) and code book. `None` otherwise
+/// (the caller runs each layer).
+fn nf4_group<'a>(k: usize, linears: &[&'a dyn Linear<CudaBf16>]) -> Option<Vec<&'a CudaNf4Linear>> {
+    if linears.len() > 3 || !FUSED_PROJECTIONS.load(std::sync::atomic::Ordering::Relaxed) {
         return None;
     }
     let group = nf4_layers(k, linears)?;
@@ -1936,13 +1941,12 @@ impl LlmBackend for CudaBf16 {
         x: &Tensor<Self, 2>,
         linears: &[&dyn Linear<Self>],
     ) -> Option<Vec<Tensor<Self, 2>>> {
-        if !fused_rows(x.dims()[0], x.dims()[1]) {
-            // Prefill: the projections' GEMMs between one pair of host waits.
-            return prefill_gemms(x, &nf4_layers(x.dims()[1], linears)?);
-        }
-        let group = nf4_group(x, linears)?;
         let [tokens, k] = x.dims();
-        let cfg = GemvConfig::for_shape(tokens, k);
+        let Some(cfg) = fused_config(tokens, k) else {
+            // Prefill: the projections' GEMMs between one pair of host waits.
+            return prefill_gemms(x, &nf4_layers(k, linears)?);
+        };
+        let group = nf4_group(k, linears)?;
         let last = group.len() - 1;
         if !group[..last]
             .iter()
@@ -1972,27 +1976,20 @@ impl LlmBackend for CudaBf16 {
         up: &dyn Linear<Self>,
         act: Activation,
     ) -> Option<Tensor<Self, 2>> {
-        if !fused_rows(x.dims()[0], x.dims()[1]) {
+        let [tokens, k] = x.dims();
+        let Some(cfg) = fused_config(tokens, k) else {
             // Prefill: both GEMMs between one pair of host waits, then the activation.
-            let mut gu = prefill_gemms(x, &nf4_layers(x.dims()[1], &[gate, up])?)?;
+            let mut gu = prefill_gemms(x, &nf4_layers(k, &[gate, up])?)?;
             let up = gu.pop()?;
             return Some(Self::gated_act(gu.pop()?, up, act));
-        }
-        let group = nf4_group(x, &[gate, up])?;
+        };
+        let group = nf4_group(k, &[gate, up])?;
         if group[0].out_features != group[1].out_features {
             return None;
         }
-        let [tokens, k] = x.dims();
         let x = contiguous(x);
         let out = empty_like(&x, vec![tokens, group[0].out_features]);
-        launch_gemv(
-            x,
-            &group,
-            out.clone(),
-            [0; 3],
-            GemvConfig::for_shape(tokens, k),
-            Some(act),
-        );
+        launch_gemv(x, &group, out.clone(), [0; 3], cfg, Some(act));
         Some(from_cube(out))
     }
     fn rms_norm(x: Tensor<Self, 2>, norm: &RmsNorm<Self>) -> Tensor<Self, 2> {
