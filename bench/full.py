@@ -218,7 +218,6 @@ class Server:
                          get("llm_step_duration_seconds_sum"), get("llm_step_rows_total"))
         return out
 
-
     def phases(self):
         """The last load's phases as the server logged them (`plugin load phases (ms)`)."""
         text = open(self.log_path).read()

@@ -4,9 +4,9 @@
 //! streams the results. This is continuous batching: sequences join and leave between steps.
 //! Long prompts are fed `prefill_chunk` tokens per step so a newcomer's prefill never stalls the
 //! running streams for more than one chunk, and a step feeds `max_step_tokens` rows at most
-//! (every decode row, then prompt chunks in arrival order; [`plan_step`]). A sequence whose client went away, or whose
-//! deadline passed, is released before the next step. The wait queue is bounded: past
-//! `max_queue`, `submit` fails at once with RESOURCE_EXHAUSTED.
+//! (every decode row, then prompt chunks in arrival order; [`plan_step`]). A sequence whose
+//! client went away, or whose deadline passed, is released before the next step. The wait
+//! queue is bounded: past `max_queue`, `submit` fails at once with RESOURCE_EXHAUSTED.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -395,10 +395,7 @@ impl Loop {
             })
             .collect();
         let fed: Vec<(usize, bool)> = inputs.iter().map(|i| (i.n_tokens, i.sample != 0)).collect();
-        let prompts = stepping
-            .iter()
-            .filter(|&&i| !self.running[i].prefilled())
-            .count();
+        let prompts = stepping.iter().filter(|&&i| wants[i].is_some()).count();
         let kind = match prompts {
             0 => StepKind::Decode,
             p if p == stepping.len() => StepKind::Prefill,

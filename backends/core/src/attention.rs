@@ -429,7 +429,8 @@ impl<B: LlmBackend> Attention<B> {
 
     /// Every sequence's cache a slot of one pool (`ctx.kv_rows`): all rows appended in one
     /// launch, and when every chunk is at most [`POOLED_ROWS_MAX_CHUNK`] rows, all attended in
-    /// one; else attention per sequence over its slot. `None` where the backend does not append pooled rows.
+    /// one; else attention per sequence over its slot. `None` where the backend does not append
+    /// pooled rows.
     fn forward_pooled(
         &self,
         q: &Tensor<B, 3>,

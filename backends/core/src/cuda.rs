@@ -71,15 +71,16 @@ pub const MMA_MAX_TOKENS: usize = 64;
 /// `LLM_CUDA_MMA_ROWS=N` ([`read_env`]) lowers it, 16 turns the tiles off.
 pub static MMA_TOKENS: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(MMA_MAX_TOKENS);
-/// Whether prefill (rows past the fused kernels, [`fused_config`]) dequantizes each NF4 weight to its
-/// `[in, out]` transpose ([`nf4_dequantize_t`]) for the matmul, or to `[out, in]` and multiplies
-/// by a transposed view. Set from `LLM_CUDA_DEQUANT` ([`read_env`]) at each CUDA load, for
-/// `bench/gpu.sh` to compare the two on a whole prompt.
+/// Whether prefill (rows past the fused kernels, [`fused_config`]) dequantizes each NF4 weight
+/// to its `[in, out]` transpose ([`nf4_dequantize_t`]) for the matmul, or to `[out, in]` and
+/// multiplies by a transposed view. Set from `LLM_CUDA_DEQUANT` ([`read_env`]) at each CUDA
+/// load, for `bench/gpu.sh` to compare the two on a whole prompt.
 pub static DEQUANT_TRANSPOSED: std::sync::atomic::AtomicBool =
     std::sync::atomic::AtomicBool::new(true);
-/// Whether [`MMA_MIN_TOKENS`] to [`MMA_MAX_TOKENS`] token rows go to the tensor-core [`nf4_mma`] (the default)
-/// rather than the SIMT [`nf4_gemv`]; off by `LLM_CUDA_MMA=0` ([`read_env`]), and where the
-/// device has no bf16 `mma.m16n8k16` ([`probe_mma`]).
+/// Whether [`MMA_MIN_TOKENS`] to [`MMA_MAX_TOKENS`] token rows go to the tensor-core
+/// [`nf4_mma`] (the default) rather than the SIMT [`nf4_gemv`] (up to 16 rows) or dequantize +
+/// matmul; off by `LLM_CUDA_MMA=0` ([`read_env`]), and where the device has no bf16
+/// `mma.m16n8k16` ([`probe_mma`]).
 pub static MMA_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 /// Fewest token rows [`nf4_mma`] takes. On an H200 (docs/benchmarks.md, run 15, 8B shapes) it
 /// took 39-41 us at 2 rows against the SIMT GEMV's 32-33 us, and led from 4 rows on (41 vs
@@ -398,8 +399,8 @@ mod kernels {
         let steps = k as usize / 32;
         let windows = k as usize / 128;
         let xrow = k as usize / 8;
-        let x_lo = select(g < tok, g, 0) * xrow;
-        let x_hi = select(g + 8 < tok, g + 8, 0) * xrow;
+        let x_lo = x_row(g, tok, xrow);
+        let x_hi = x_row(g + 8, tok, xrow);
         let mma = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
         // Accumulators of weight l (gate, up) and token tile tt at `l * tiles + tt`.
         let mut acc = Sequence::<Array<Vector<f32, NP>>>::new();
@@ -484,8 +485,8 @@ mod kernels {
                         }
                     } else {
                         let lo = g + comptime!(tt * 16);
-                        let r_lo = select(lo < tok, lo, 0) * xrow;
-                        let r_hi = select(lo + 8 < tok, lo + 8, 0) * xrow;
+                        let r_lo = x_row(lo, tok, xrow);
+                        let r_hi = x_row(lo + 8, tok, xrow);
                         let xo = wc * 16 + t * 4;
                         #[unroll]
                         for j in 0..4usize {
@@ -555,6 +556,13 @@ mod kernels {
                 }
             }
         }
+    }
+
+    /// Where `token`'s row of `x` starts (rows of `xrow` vectors); a tile's padding past the
+    /// `tokens` rows reads token 0's (never written back).
+    #[cube]
+    fn x_row(token: usize, tokens: usize, xrow: usize) -> usize {
+        select(token < tokens, token, 0) * xrow
     }
 
     /// Two values as one MMA register (the first in the low half).
@@ -1177,8 +1185,8 @@ impl GemvConfig {
     /// on and `k` is a multiple of 128, 8 rows per cube, the windows split over up to 8 planes
     /// (at least 4 windows each), 2 windows in flight per lane up to 16 tokens, 1 past that
     /// (each further tile of 16 tokens holds 16 more accumulator and 32 more `x` registers).
-    /// Otherwise 2 rows per cube, the looked-up
-    /// codes shared over the tokens (see the kernel's doc), 2 planes. From the
+    /// Otherwise 2 rows per cube, the looked-up codes shared over the tokens (see the kernel's
+    /// doc), 2 planes. From the
     /// launch-configuration sweep of `llm-bench kernel` on an H200 (docs/benchmarks.md, run
     /// 11): at batch 1 the configurations within 10% of each other; at batch 16 this one 166 us
     /// against 298 us for 1 row per cube on 4096x14336.
@@ -1639,8 +1647,7 @@ fn nf4_layers<'a>(
 fn fused_config(rows: usize, k: usize) -> Option<GemvConfig> {
     use std::sync::atomic::Ordering::Relaxed;
     let cfg = GemvConfig::for_shape(rows, k);
-    let fused = rows <= GEMV_TOKENS.load(Relaxed)
-        || (rows <= MMA_TOKENS.load(Relaxed) && cfg.mma && rows <= MMA_MAX_TOKENS);
+    let fused = rows <= GEMV_TOKENS.load(Relaxed) || (rows <= MMA_TOKENS.load(Relaxed) && cfg.mma);
     fused.then_some(cfg)
 }
 
