@@ -12,6 +12,13 @@ mkdir -p "$OUT"
 what="${1:-all}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 export CUBECL_DEBUG_LOG=0
+# TRACE_TUNE=1: CubeCL logs every autotune (its key and candidates' times) and every kernel
+# compile to the processes' stderr (the servers' logs, copied to $OUT at exit), interleaved
+# with the scheduler's "slow step" lines: which shapes a slow step tuned or compiled.
+if [ "${TRACE_TUNE:-0}" = 1 ]; then
+  unset CUBECL_DEBUG_LOG
+  printf '[autotune.logger]\nlevel = "full"\nstderr = true\n[compilation.logger]\nlevel = "basic"\nstderr = true\n' >cubecl.toml
+fi
 # llm-bench's kernel cache: later modes on the same (warm) machine skip the kernel compiles.
 export LLM_BENCH_KERNEL_CACHE="${LLM_BENCH_KERNEL_CACHE:-/tmp/llm-bench-kernels}"
 # Keep cubecl's autotune/kernel cache inside the run.
@@ -47,6 +54,8 @@ save_kernels() {
   for d in /tmp/llm-bench-kernels /tmp/llm-kernels; do [ -d "$d" ] && dirs+=("${d#/}"); done
   [ ${#dirs[@]} -gt 0 ] && tar -C / -cf - "${dirs[@]}" | xz -T0 -6 >"$OUT/kernels.tar.xz"
   ls -la "$OUT/kernels.tar.xz" 2>/dev/null
+  # The servers' whole logs (full.py and the others print only their tails).
+  for f in /tmp/server-*.log; do [ -f "$f" ] && xz -T0 -c "$f" >"$OUT/$(basename "$f").xz"; done
 }
 trap save_kernels EXIT
 chmod +x .gpu/* 2>/dev/null
