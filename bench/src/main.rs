@@ -197,6 +197,9 @@ fn kernel(device: &Device, sweep: bool) {
             if sweep && (b == 1 || (b == 16 && k == 4096 && n == 14336)) {
                 gemv_sweep(device, &gpu, &xg, &want, &shape, b, weight_bytes, copy_gbs);
             }
+            if matches!(b, 4 | 16 | 32 | 64) && llm_core::cuda::GemvConfig::for_shape(b, k).mma {
+                mma_sweep(device, &gpu, &xg, &want, &shape, b, weight_bytes);
+            }
             // The peer in the same run: Burn's dense bf16 matmul with the [N,K] weight transposed.
             let dev = device_us(device, 50, || {
                 let _ = xg.clone().matmul(wd.clone().transpose());
@@ -299,6 +302,60 @@ fn gemv_sweep(
                                        "rel_err": err, "pass": err < 1e-2,
                                        "weight_GBps": weight_bytes / (dev * 1e-6) / 1e9,
                                        "fraction_of_copy": weight_bytes / (dev * 1e-6) / 1e9 / copy_gbs}),
+                );
+            }
+        }
+    }
+}
+
+/// The tensor-core kernel's launch configurations at `batch` token rows: rows per cube (its
+/// groups of 8 sharing each `x` fragment), windows in flight, planes; each checked against
+/// the CPU reference on a poisoned output, then timed.
+fn mma_sweep(
+    device: &Device,
+    gpu: &CudaNf4Linear,
+    xg: &Tensor<CudaBf16, 2>,
+    want: &[f32],
+    shape: &str,
+    batch: usize,
+    weight_bytes: f64,
+) {
+    use llm_core::cuda::GemvConfig;
+    let n = gpu.out_features();
+    let tiles = batch.div_ceil(16);
+    for rows in [8usize, 16, 32].into_iter().filter(|r| r / 8 * tiles <= 4) {
+        for unroll in [1usize, 2] {
+            for planes in [4usize, 8] {
+                let cfg = GemvConfig {
+                    rows,
+                    planes,
+                    unroll,
+                    mma: true,
+                };
+                let out = Tensor::<CudaBf16, 2>::full([batch, n], f32::NAN, device)
+                    .into_primitive()
+                    .tensor();
+                let got = to_vec(Tensor::<CudaBf16, 2>::from_primitive(
+                    TensorPrimitive::Float(gpu.gemv_into_with(
+                        xg.clone().into_primitive().tensor(),
+                        out.clone(),
+                        cfg,
+                    )),
+                ));
+                let err = rel_l2(&got, want);
+                let dev = device_us(device, 50, || {
+                    let _ =
+                        gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out.clone(), cfg);
+                });
+                emit(
+                    "nf4_mma_sweep",
+                    shape,
+                    dev,
+                    "us",
+                    serde_json::json!({"batch": batch, "rows": rows, "planes": planes, "unroll": unroll,
+                                       "default": cfg == GemvConfig::for_shape(batch, gpu.in_features()),
+                                       "rel_err": err, "pass": err < 1e-2,
+                                       "weight_GBps": weight_bytes / (dev * 1e-6) / 1e9}),
                 );
             }
         }

@@ -333,21 +333,25 @@ mod kernels {
     /// per 16 `k` of 8 output rows and 16 tokens. The SIMT GEMV does a multiply-add per weight
     /// and token; here a weight is dequantized once and the tensor cores take the tokens.
     ///
-    /// A plane owns 8 output rows (the MMA's n) and walks their `k` in windows of 128: lane
-    /// (g, t) = (lane / 4, lane % 4) loads one 16-byte vector of row g's codes (32 weights
-    /// from `32t`, one absmax) and dequantizes them as bnb's dequantize rounds (code * absmax
-    /// in f32, then to bf16): the B fragments of 8 MMAs. Which `k` an MMA slot holds is ours to
-    /// choose, so long as `x` uses the same: MMA j takes from lane (g, t) its weights 4j, 4j+1
-    /// (fragment rows 2t, 2t+1) and 4j+2, 4j+3 (rows 2t+8, 2t+9), so the A fragment (tokens g
-    /// and g+8 of a tile) is `x` at the same four positions. `tiles` tiles of 16 tokens reuse
-    /// the window's B fragments (tile 0's `x` is loaded with the codes, the others' when their
-    /// MMAs run: `x` is L1/L2-resident). Tokens past `tokens` read token 0's row and are never
-    /// written. The cube's planes split the windows (split-K); their accumulators are summed in
-    /// shared memory.
+    /// A plane owns `groups` groups of 8 output rows (the MMA's n) and walks their `k` in
+    /// windows of 128: in each group lane (g, t) = (lane / 4, lane % 4) loads one 16-byte
+    /// vector of row g's codes (32 weights from `32t`, one absmax) and dequantizes them as
+    /// bnb's dequantize rounds (code * absmax in f32, then to bf16): the B fragments of 8 MMAs.
+    /// Which `k` an MMA slot holds is ours to choose, so long as `x` uses the same: MMA j takes
+    /// from lane (g, t) its weights 4j, 4j+1 (fragment rows 2t, 2t+1) and 4j+2, 4j+3 (rows
+    /// 2t+8, 2t+9), so the A fragment (tokens g and g+8 of a tile) is `x` at the same four
+    /// positions. `tiles` tiles of 16 tokens reuse a group's B fragments, and every group reuses
+    /// tile 0's A fragments (loaded with the codes; the other tiles' when their MMAs run, `x`
+    /// being L1/L2-resident). Why groups: per window a plane reads 4 KiB of `x` per tile
+    /// against 512 bytes of codes per group, so with one group the `x` side, not the weights,
+    /// is most of the kernel's memory traffic (docs/benchmarks.md, run 17). Tokens past
+    /// `tokens` read token 0's row and are never written. The cube's planes split the windows
+    /// (split-K); their accumulators are summed in shared memory.
     ///
     /// Shapes as [`nf4_gemv`]; `k` a multiple of 128, every stacked weight but the last a
-    /// multiple of 8 rows, `tokens <= 16 * tiles`. Cube dim `(32, planes)`, a cube per 8 rows;
-    /// `NX` = 8, `NQ4` = 4, `NP` = 2 (the MMA's registers: two bf16 or two f32).
+    /// multiple of `8 * groups` rows, `tokens <= 16 * tiles`, `groups * tiles <= 4`. Cube dim
+    /// `(32, planes)`, a cube per `8 * groups` rows; `NX` = 8, `NQ4` = 4, `NP` = 2 (the MMA's
+    /// registers: two bf16 or two f32).
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub fn nf4_mma<F: Float, NX: Size, NQ4: Size, NP: Size>(
@@ -371,13 +375,17 @@ mod kernels {
         tokens: u32,
         #[comptime] unroll: usize,
         #[comptime] tiles: usize,
+        #[comptime] groups: usize,
         #[comptime] gated: bool,
         #[comptime] gelu: bool,
         #[define(F)] _dtype: StorageType,
     ) {
         let lanes = comptime!(if gated { 2usize } else { 1usize });
+        // Accumulators (and fragments) per lane: group gi, weight l (gate, up), tile tt at
+        // `(gi * lanes + l) * tiles + tt`.
+        let accs = comptime!(groups * lanes * tiles);
         let mut lut = SharedMemory::<f32>::new(16usize);
-        let mut partial = SharedMemory::<f32>::new(comptime!(MAX_PLANES * 32 * 4 * lanes * tiles));
+        let mut partial = SharedMemory::<f32>::new(comptime!(MAX_PLANES * 32 * 4 * accs));
         if UNIT_POS < 16 {
             lut[UNIT_POS as usize] = code[UNIT_POS as usize];
         }
@@ -389,12 +397,10 @@ mod kernels {
         let n_us = select(in2, n2, select(in1, n1, n0)) as usize;
         let first_cube = select(in2, cut2, select(in1, cut1, u32::new(0))) as usize;
         let out_base = select(in2, base2, select(in1, base1, u32::new(0))) as usize;
-        let row0 = (cube - first_cube) * 8;
+        let row0 = (cube - first_cube) * comptime!(8 * groups);
         let lane = UNIT_POS_X as usize;
         let g = lane / 4;
         let t = lane % 4;
-        // Rows past `n` (last cube) read the last row; their sums are not written.
-        let row = select(row0 + g < n_us, row0 + g, n_us - 1);
         let tok = tokens as usize;
         let steps = k as usize / 32;
         let windows = k as usize / 128;
@@ -402,10 +408,9 @@ mod kernels {
         let x_lo = x_row(g, tok, xrow);
         let x_hi = x_row(g + 8, tok, xrow);
         let mma = cmma::MmaDefinition::<F, F, f32>::new(16usize, 8usize, 16usize);
-        // Accumulators of weight l (gate, up) and token tile tt at `l * tiles + tt`.
         let mut acc = Sequence::<Array<Vector<f32, NP>>>::new();
         #[unroll]
-        for _ in 0..comptime!(lanes * tiles) {
+        for _ in 0..accs {
             let mut c = Array::<Vector<f32, NP>>::new(2usize);
             c[0] = Vector::new(f32::new(0.0));
             c[1] = Vector::new(f32::new(0.0));
@@ -414,9 +419,10 @@ mod kernels {
         let stride = CUBE_DIM_Y as usize;
         let mut w = UNIT_POS_Y as usize;
         while w < windows {
-            // Every load of `unroll` windows first, then the math.
-            let mut q = Array::<Vector<u32, NQ4>>::new(comptime!(unroll * lanes));
-            let mut a = Array::<f32>::new(comptime!(unroll * lanes));
+            // Every load of `unroll` windows first, then the math. Group gi's codes of window
+            // u at `(u * groups + gi) * lanes`.
+            let mut q = Array::<Vector<u32, NQ4>>::new(comptime!(unroll * groups * lanes));
+            let mut a = Array::<f32>::new(comptime!(unroll * groups * lanes));
             let mut xl = Array::<Vector<F, NX>>::new(comptime!(unroll * 4));
             let mut xh = Array::<Vector<F, NX>>::new(comptime!(unroll * 4));
             #[unroll]
@@ -424,23 +430,28 @@ mod kernels {
                 let wu = w + u * stride;
                 // Windows past the end (last pass) read the last one with an absmax of 0.
                 let wc = select(wu < windows, wu, windows - 1);
-                let idx = row * steps + wc * 4 + t;
-                load_codes(
-                    &mut q,
-                    &mut a,
-                    u * lanes,
-                    idx,
-                    wu < windows,
-                    packed0,
-                    absmax0,
-                    packed1,
-                    absmax1,
-                    packed2,
-                    absmax2,
-                    in1,
-                    in2,
-                    gated,
-                );
+                #[unroll]
+                for gi in 0..groups {
+                    // Rows past `n` (last cube) read the last row; their sums are not written.
+                    let r = row0 + comptime!(gi * 8) + g;
+                    let row = select(r < n_us, r, n_us - 1);
+                    load_codes(
+                        &mut q,
+                        &mut a,
+                        comptime!((u * groups + gi) * lanes),
+                        row * steps + wc * 4 + t,
+                        wu < windows,
+                        packed0,
+                        absmax0,
+                        packed1,
+                        absmax1,
+                        packed2,
+                        absmax2,
+                        in1,
+                        in2,
+                        gated,
+                    );
+                }
                 // The lane's 32 positions of tile 0's tokens g and g + 8: four 8-vectors each.
                 let xo = wc * 16 + t * 4;
                 #[unroll]
@@ -451,78 +462,82 @@ mod kernels {
             }
             #[unroll]
             for u in 0..unroll {
-                // The window's B fragments, weight l's MMA j at `l * 8 + j`: dequantized once,
-                // used by every token tile.
-                let mut fbs = Sequence::<Array<Vector<F, NP>>>::new();
-                #[unroll]
-                for l in 0..lanes {
-                    let qv = q[u * lanes + l];
-                    let s = a[u * lanes + l];
-                    #[unroll]
-                    for j in 0..8usize {
-                        let mut fb = Array::<Vector<F, NP>>::new(2usize);
-                        fb[0] = pair::<F, NP>(
-                            F::cast_from(code_at(qv, &lut, comptime!(4 * j)) * s),
-                            F::cast_from(code_at(qv, &lut, comptime!(4 * j + 1)) * s),
-                        );
-                        fb[1] = pair::<F, NP>(
-                            F::cast_from(code_at(qv, &lut, comptime!(4 * j + 2)) * s),
-                            F::cast_from(code_at(qv, &lut, comptime!(4 * j + 3)) * s),
-                        );
-                        fbs.push(fb);
-                    }
-                }
                 let wc = select(w + u * stride < windows, w + u * stride, windows - 1);
                 #[unroll]
-                for tt in 0..tiles {
-                    let mut tl = Array::<Vector<F, NX>>::new(4usize);
-                    let mut th = Array::<Vector<F, NX>>::new(4usize);
-                    if comptime!(tt == 0) {
+                for gi in 0..groups {
+                    // The group's B fragments, weight l's MMA j at `l * 8 + j`: dequantized
+                    // once, used by every token tile.
+                    let mut fbs = Sequence::<Array<Vector<F, NP>>>::new();
+                    #[unroll]
+                    for l in 0..lanes {
+                        let qv = q[comptime!((u * groups + gi) * lanes + l)];
+                        let s = a[comptime!((u * groups + gi) * lanes + l)];
                         #[unroll]
-                        for j in 0..4usize {
-                            tl[j] = xl[u * 4 + j];
-                            th[j] = xh[u * 4 + j];
-                        }
-                    } else {
-                        let lo = g + comptime!(tt * 16);
-                        let r_lo = x_row(lo, tok, xrow);
-                        let r_hi = x_row(lo + 8, tok, xrow);
-                        let xo = wc * 16 + t * 4;
-                        #[unroll]
-                        for j in 0..4usize {
-                            tl[j] = x[r_lo + xo + j];
-                            th[j] = x[r_hi + xo + j];
+                        for j in 0..8usize {
+                            let mut fb = Array::<Vector<F, NP>>::new(2usize);
+                            fb[0] = pair::<F, NP>(
+                                F::cast_from(code_at(qv, &lut, comptime!(4 * j)) * s),
+                                F::cast_from(code_at(qv, &lut, comptime!(4 * j + 1)) * s),
+                            );
+                            fb[1] = pair::<F, NP>(
+                                F::cast_from(code_at(qv, &lut, comptime!(4 * j + 2)) * s),
+                                F::cast_from(code_at(qv, &lut, comptime!(4 * j + 3)) * s),
+                            );
+                            fbs.push(fb);
                         }
                     }
                     #[unroll]
-                    for j in 0..8usize {
-                        // MMA j: the lane's positions 4j..4j+4, in 8-vector j / 2 from element e.
-                        let v = comptime!(j / 2);
-                        let e = comptime!(j % 2 * 4);
-                        let mut fa = Array::<Vector<F, NP>>::new(4usize);
-                        fa[0] = pair::<F, NP>(tl[v][e], tl[v][e + 1]);
-                        fa[1] = pair::<F, NP>(th[v][e], th[v][e + 1]);
-                        fa[2] = pair::<F, NP>(tl[v][e + 2], tl[v][e + 3]);
-                        fa[3] = pair::<F, NP>(th[v][e + 2], th[v][e + 3]);
+                    for tt in 0..tiles {
+                        let mut tl = Array::<Vector<F, NX>>::new(4usize);
+                        let mut th = Array::<Vector<F, NX>>::new(4usize);
+                        if comptime!(tt == 0) {
+                            #[unroll]
+                            for j in 0..4usize {
+                                tl[j] = xl[u * 4 + j];
+                                th[j] = xh[u * 4 + j];
+                            }
+                        } else {
+                            let lo = g + comptime!(tt * 16);
+                            let r_lo = x_row(lo, tok, xrow);
+                            let r_hi = x_row(lo + 8, tok, xrow);
+                            let xo = wc * 16 + t * 4;
+                            #[unroll]
+                            for j in 0..4usize {
+                                tl[j] = x[r_lo + xo + j];
+                                th[j] = x[r_hi + xo + j];
+                            }
+                        }
                         #[unroll]
-                        for l in 0..lanes {
-                            mma.execute_inplace(
-                                &fa,
-                                fbs.index(comptime!(l * 8 + j)),
-                                acc.index_mut(comptime!(l * tiles + tt)),
-                            );
+                        for j in 0..8usize {
+                            // MMA j: the lane's positions 4j..4j+4, in 8-vector j / 2 from
+                            // element e.
+                            let v = comptime!(j / 2);
+                            let e = comptime!(j % 2 * 4);
+                            let mut fa = Array::<Vector<F, NP>>::new(4usize);
+                            fa[0] = pair::<F, NP>(tl[v][e], tl[v][e + 1]);
+                            fa[1] = pair::<F, NP>(th[v][e], th[v][e + 1]);
+                            fa[2] = pair::<F, NP>(tl[v][e + 2], tl[v][e + 3]);
+                            fa[3] = pair::<F, NP>(th[v][e + 2], th[v][e + 3]);
+                            #[unroll]
+                            for l in 0..lanes {
+                                mma.execute_inplace(
+                                    &fa,
+                                    fbs.index(comptime!(l * 8 + j)),
+                                    acc.index_mut(comptime!((gi * lanes + l) * tiles + tt)),
+                                );
+                            }
                         }
                     }
                 }
             }
             w += stride * unroll;
         }
-        // Lane (g, t) holds, per tile tt, (token 16tt + g, rows 2t, 2t+1) and (token
-        // 16tt + g + 8, the same rows); weight l's at `(l * tiles + tt) * 4`.
-        let width = comptime!(4 * lanes * tiles);
+        // Lane (g, t) holds, per group gi and tile tt, (token 16tt + g, rows 8gi + 2t,
+        // 8gi + 2t + 1) and (token 16tt + g + 8, the same rows).
+        let width = comptime!(4 * accs);
         let at = (UNIT_POS_Y as usize * 32 + lane) * width;
         #[unroll]
-        for c in 0..comptime!(lanes * tiles) {
+        for c in 0..accs {
             let sums = acc.index(c);
             #[unroll]
             for i in 0..4usize {
@@ -532,25 +547,29 @@ mod kernels {
         sync_cube();
         if UNIT_POS_Y == 0 {
             #[unroll]
-            for tt in 0..tiles {
+            for gi in 0..groups {
                 #[unroll]
-                for i in 0..4usize {
-                    let token = g + comptime!(tt * 16 + i / 2 * 8);
-                    let r = row0 + 2 * t + comptime!(i % 2);
-                    let mut total = f32::new(0.0);
-                    let mut second = f32::new(0.0);
-                    for p in 0..CUBE_DIM_Y as usize {
-                        total += partial[(p * 32 + lane) * width + comptime!(tt * 4 + i)];
-                        if comptime!(gated) {
-                            second +=
-                                partial[(p * 32 + lane) * width + comptime!((tiles + tt) * 4 + i)];
+                for tt in 0..tiles {
+                    #[unroll]
+                    for i in 0..4usize {
+                        let token = g + comptime!(tt * 16 + i / 2 * 8);
+                        let r = row0 + comptime!(gi * 8) + 2 * t + comptime!(i % 2);
+                        let first = comptime!((gi * lanes * tiles + tt) * 4 + i);
+                        let mut total = f32::new(0.0);
+                        let mut second = f32::new(0.0);
+                        for p in 0..CUBE_DIM_Y as usize {
+                            total += partial[(p * 32 + lane) * width + first];
+                            if comptime!(gated) {
+                                second +=
+                                    partial[(p * 32 + lane) * width + comptime!(first + tiles * 4)];
+                            }
                         }
-                    }
-                    if token < tok && r < n_us {
-                        if comptime!(gated) {
-                            out[token * n_us + r] = gate_times_up::<F>(total, second, gelu);
-                        } else {
-                            out[out_base + token * n_us + r] = F::cast_from(total);
+                        if token < tok && r < n_us {
+                            if comptime!(gated) {
+                                out[token * n_us + r] = gate_times_up::<F>(total, second, gelu);
+                            } else {
+                                out[out_base + token * n_us + r] = F::cast_from(total);
+                            }
                         }
                     }
                 }
@@ -1175,21 +1194,23 @@ pub struct GemvConfig {
     pub rows: usize,
     pub planes: usize,
     pub unroll: usize,
-    /// [`nf4_mma`] (tensor cores; `rows` 8) instead of [`nf4_gemv`].
+    /// [`nf4_mma`] (tensor cores; `rows` 8, 16 or 32: its groups of 8) instead of
+    /// [`nf4_gemv`].
     pub mma: bool,
 }
 
 impl GemvConfig {
     /// One token: 4 rows per cube share each converted `x`, about 64 steps per unit's row.
     /// From [`MMA_MIN_TOKENS`] to [`MMA_MAX_TOKENS`] tokens: [`nf4_mma`] when [`MMA_DECODE`] is
-    /// on and `k` is a multiple of 128, 8 rows per cube, the windows split over up to 8 planes
-    /// (at least 4 windows each), 2 windows in flight per lane up to 16 tokens, 1 past that
-    /// (each further tile of 16 tokens holds 16 more accumulator and 32 more `x` registers).
-    /// Otherwise 2 rows per cube, the looked-up codes shared over the tokens (see the kernel's
-    /// doc), 2 planes. From the
-    /// launch-configuration sweep of `llm-bench kernel` on an H200 (docs/benchmarks.md, run
-    /// 11): at batch 1 the configurations within 10% of each other; at batch 16 this one 166 us
-    /// against 298 us for 1 row per cube on 4096x14336.
+    /// on and `k` is a multiple of 128, the windows split over up to 8 planes (at least 4
+    /// windows each); up to 16 tokens (one tile) 32 rows per cube (4 groups of 8 sharing each
+    /// `x` fragment), to 32 tokens 16 rows, past that 8 rows, one window in flight per lane
+    /// (each group and tile holds 16 more accumulator registers, each group 16 more for its
+    /// codes). Otherwise 2 rows per cube, the looked-up codes shared over the tokens (see the
+    /// kernel's doc), 2 planes. From the launch-configuration sweeps of `llm-bench kernel` on
+    /// an H200 (docs/benchmarks.md, run 11 for the GEMV: at batch 1 the configurations within
+    /// 10% of each other; at batch 16 this one 166 us against 298 us for 1 row per cube on
+    /// 4096x14336; run 18 for the MMA kernel's groups).
     pub fn for_shape(tokens: usize, k: usize) -> GemvConfig {
         if tokens == 1 {
             GemvConfig {
@@ -1203,9 +1224,13 @@ impl GemvConfig {
             && MMA_DECODE.load(std::sync::atomic::Ordering::Relaxed)
         {
             GemvConfig {
-                rows: 8,
+                rows: match tokens.div_ceil(16) {
+                    1 => 32,
+                    2 => 16,
+                    _ => 8,
+                },
                 planes: (k / 128 / 4).clamp(1, MAX_PLANES),
-                unroll: if tokens <= 16 { 2 } else { 1 },
+                unroll: 1,
                 mma: true,
             }
         } else {
@@ -1248,6 +1273,12 @@ fn launch_gemv(
         );
     }
     let n: Vec<usize> = weights.iter().map(|w| w.out_features).collect();
+    // Every stacked weight but the last fills its cubes exactly: fewer MMA row groups where a
+    // stacked part is no multiple of the cube's rows (8 always divides them: checked below).
+    let mut cfg = cfg;
+    while cfg.mma && cfg.rows > 8 && !n[..n.len() - 1].iter().all(|n| n.is_multiple_of(cfg.rows)) {
+        cfg.rows /= 2;
+    }
     let cubes_of = |n: usize| n.div_ceil(cfg.rows);
     // Where stacked weights 1 and 2 start (cube index); past the end when absent or gated.
     let mut cuts = [u32::MAX; 2];
@@ -1308,13 +1339,24 @@ fn launch_gemv(
         };
     }
     if cfg.mma {
-        assert!(cfg.rows == 8 && k.is_multiple_of(128), "MMA GEMV shapes");
-        let tiles = tokens.div_ceil(16);
-        // SAFETY: as for `nf4_gemv` below, with 8 rows per cube, windows of 128 `k` (a
-        // multiple of 128, asserted), `tiles * 16 >= tokens` token rows of which those past
+        let (tiles, groups) = (tokens.div_ceil(16), cfg.rows / 8);
+        assert!(
+            matches!(cfg.rows, 8 | 16 | 32) && groups * tiles <= 4 && k.is_multiple_of(128),
+            "MMA GEMV shapes"
+        );
+        // SAFETY: as for `nf4_gemv` below, with `8 * groups` rows per cube, windows of 128 `k`
+        // (a multiple of 128, asserted), `tiles * 16 >= tokens` token rows of which those past
         // `tokens` read token 0's row and are never written, and `partial` holding
-        // `MAX_PLANES * 32 * 4 * lanes * tiles` sums.
-        unsafe { launch!(nf4_mma, [8, 4, 2], tokens as u32, [cfg.unroll, tiles]) };
+        // `MAX_PLANES * 32 * 4 * groups * lanes * tiles` sums (at most 32 KiB: `groups *
+        // tiles <= 4`, asserted).
+        unsafe {
+            launch!(
+                nf4_mma,
+                [8, 4, 2],
+                tokens as u32,
+                [cfg.unroll, tiles, groups]
+            )
+        };
     } else {
         // SAFETY: every index the kernel forms is in bounds for these shapes: `x` is `[tokens, k]`
         // contiguous, each `packed_i`/`absmax_i` holds `n_i * k` weights (k a multiple of 64,
@@ -1955,9 +1997,11 @@ impl LlmBackend for CudaBf16 {
         };
         let group = nf4_group(k, linears)?;
         let last = group.len() - 1;
+        // The MMA kernel's cubes shrink to 8 rows where they must (`launch_gemv`).
+        let unit = if cfg.mma { 8 } else { cfg.rows };
         if !group[..last]
             .iter()
-            .all(|w| w.out_features.is_multiple_of(cfg.rows))
+            .all(|w| w.out_features.is_multiple_of(unit))
         {
             return None;
         }

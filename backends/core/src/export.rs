@@ -277,7 +277,8 @@ fn build<A: Architecture, B: LlmBackend>(
 /// NF4 models, CUDA: 16, every row count the fused GEMV serves, each compiled on its own; 4
 /// for float models, whose Burn matmuls autotune per row count: warming batches 8 and 16 of
 /// those made a tiny model's load take minutes), then prompt chunks of `prompt_rows`
-/// ([`LlmBackend::WARM_UP_NF4_PROMPT_ROWS`]). Longer chunks and new attention lengths still
+/// ([`LlmBackend::WARM_UP_NF4_PROMPT_ROWS`]) and two steps of several sequences with ragged
+/// row counts. Longer chunks and new attention lengths still
 /// autotune on first use. The kernel cache (`--kernel-cache`) keeps all of it for the next
 /// process.
 fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M, decode_rows: usize, prompt_rows: &[usize]) {
@@ -291,6 +292,15 @@ fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M, decode_rows: usize, prompt_
     run(&[32.min(model.max_context())]);
     for &rows in prompt_rows {
         run(&[rows.min(model.max_context())]);
+    }
+    if !prompt_rows.is_empty() {
+        // Steps as serving meets them: several sequences, row counts no tile size divides
+        // (Burn's matmul compiles its partial-tile variants on first use: after a cold load
+        // run 18 saw three compiles in the first such steps), short chunks attended together
+        // and a long one on its own beside decode rows.
+        let most = model.max_context();
+        run(&[40.min(most), 40.min(most), 17.min(most)]);
+        run(&[97.min(most), 1, 1]);
     }
     for rows in 1..=decode_rows {
         run(&vec![1; rows]);
