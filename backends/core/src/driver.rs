@@ -5,14 +5,16 @@
 //! cuBLAS is opt-in (`LLM_CUDA_GEMM=cublas`): dequantize, then `cublasGemmEx` (bf16 in and
 //! out, f32 accumulation), as bitsandbytes' `matmul_4bit` does through `torch.nn.functional
 //! .linear` past one row. Alone its GEMMs beat Burn's matmul (512 rows: 205-382 TFLOPS against
-//! 60-200; the 8B linears 33.1 ms against 50.1), but CubeCL does not hand out its CUDA stream,
-//! so the two meet at host synchronisations: wait for the device (the inputs are written),
-//! enqueue the GEMMs on our own stream, wait for that stream before CubeCL's next kernel reads
-//! the outputs. That stalls the host's run-ahead at every projection group, and in the server
-//! the 8B's 512-token TTFT went from 60.1 to 79.4 ms, 32 tokens from 33.7 to 38.3 ms, and
-//! loading cuBLAS's kernels cost ~590 MB of device memory that an unload does not return
-//! (docs/benchmarks.md, run 14). Worth turning on by default once the GEMMs can be ordered on
-//! CubeCL's stream. Without the library (`libcublas.so.13` on the loader path) it stays off.
+//! 60-200; the 8B linears 33.1 ms against 50.1). CubeCL does not hand out its CUDA stream, so
+//! the two streams meet at two flag words in device memory instead of host waits (those
+//! stalled the host's run-ahead at every projection group: the 8B's 512-token TTFT went from
+//! 60.1 to 79.4 ms in run 14): a one-thread CubeCL kernel stores `v` into the first word
+//! after every kernel before it on CubeCL's stream, cuBLAS's stream waits for that value
+//! (`cuStreamWaitValue32`), runs the GEMMs and writes `v` into the second word
+//! (`cuStreamWriteValue32`), and a one-thread CubeCL kernel spins on that word before
+//! anything after it on CubeCL's stream runs. Loading cuBLAS's kernels costs ~590 MB of device
+//! memory that an unload does not return (docs/benchmarks.md, run 14). Without the library
+//! (`libcublas.so.13` on the loader path) it stays off.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,11 +32,66 @@ use cudarc::driver::{CudaContext, CudaStream};
 /// load, [`crate::cuda::read_env`]); off (the default, module doc), Burn's matmul.
 pub static USE_CUBLAS: AtomicBool = AtomicBool::new(false);
 
-/// A cuBLAS handle on its own stream, per device.
+/// A cuBLAS handle on its own stream, per device, and the flag words ordering it against each
+/// CubeCL stream that called it (module doc), by CubeCL stream id.
 struct Blas {
     blas: CudaBlas,
     stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
+    flags: HashMap<u64, Flags>,
+}
+
+/// Two `u32` words: `[to_blas, from_blas]`, and the value the last call wrote. Per CubeCL
+/// stream: a value written by one stream's kernel must not release another stream's GEMMs.
+struct Flags {
+    /// Keeps the words allocated (CubeCL's pool never moves an allocation).
+    handle: Handle,
+    ptr: u64,
+    count: u32,
+}
+
+/// The one-thread kernels at either side of the GEMMs on CubeCL's stream (module doc).
+mod flag_kernels {
+    use burn_cubecl::cubecl;
+    use burn_cubecl::cubecl::prelude::*;
+
+    /// `flags[0] = value`: every kernel before it on the stream is done.
+    #[cube(launch_unchecked)]
+    pub fn flag_store(flags: &mut Array<Atomic<u32>>, value: u32) {
+        if UNIT_POS == 0 {
+            flags[0].store(value);
+        }
+    }
+
+    /// Spin until `flags[1] == value` (cuBLAS's stream wrote it after its GEMMs). Equality,
+    /// not order: the word cannot move past `value` before this kernel ends (the next
+    /// `flag_store` comes after it on this stream, and the next write after that), so it
+    /// survives the counter wrapping.
+    #[cube(launch_unchecked)]
+    pub fn flag_wait(flags: &Array<Atomic<u32>>, value: u32) {
+        if UNIT_POS == 0 {
+            while flags[1].load() != value {}
+        }
+    }
+}
+
+/// Launch a flag kernel on the calling thread's CubeCL stream.
+fn launch_flag(client: &ComputeClient<CudaRuntime>, flags: &Handle, value: u32, store: bool) {
+    use burn_cubecl::cubecl::prelude::{ArrayArg, CubeCount, CubeDim};
+    // SAFETY: `flags` is a live 2-word allocation; each kernel touches word 0 or 1 only.
+    unsafe {
+        let arg = ArrayArg::from_raw_parts(flags.clone(), 2);
+        let (count, dim) = (CubeCount::Static(1, 1, 1), CubeDim::new_1d(1));
+        if store {
+            flag_kernels::flag_store::launch_unchecked::<CudaRuntime>(
+                client, count, dim, arg, value,
+            );
+        } else {
+            flag_kernels::flag_wait::launch_unchecked::<CudaRuntime>(
+                client, count, dim, arg, value,
+            );
+        }
+    }
 }
 
 /// The device's primary context (the one CubeCL uses), retained once per device.
@@ -113,11 +170,12 @@ pub struct Part {
     pub out_at: usize,
 }
 
-/// Run `parts` (each against the same `x` `[m, k]`) on cuBLAS between one pair of host waits
-/// (module doc). The weights share one buffer and the outputs another, so the device
-/// addresses cost three round trips to CubeCL's server thread, whatever the group's size.
-/// Returns false, having done nothing, when cuBLAS is not [`available`] or a call fails (the
-/// caller falls back).
+/// Run `parts` (each against the same `x` `[m, k]`) on cuBLAS, ordered on the calling thread's
+/// CubeCL stream by the flag words (module doc): no host wait. The weights share one buffer
+/// and the outputs another, so the device addresses cost three round trips to CubeCL's server
+/// thread, whatever the group's size. Returns false when cuBLAS is not [`available`] or a call
+/// fails (the caller falls back to Burn's matmul, which CubeCL's stream runs after whatever
+/// was enqueued here).
 ///
 /// In column-major terms (cuBLAS's) a row-major `[r, c]` matrix is its `[c, r]` transpose, so
 /// `out^T [n, m] = w [n, k] · x^T [k, m]` is `gemm(op(A) = T, op(B) = N)` with `A` = `w` as a
@@ -128,6 +186,7 @@ pub fn linears(
     out: &CubeTensor<CudaRuntime>,
     parts: &[Part],
 ) -> bool {
+    use cudarc::driver::sys;
     if parts.is_empty() || !available() {
         return false;
     }
@@ -151,19 +210,6 @@ pub fn linears(
     }
     let client = x.client.clone();
     let device = x.device.clone();
-    // Device addresses. Each `get_resource` is a round trip through CubeCL's server thread,
-    // queued after every launch this thread made, so once they return those launches are on
-    // the device's queue; the managed resources keep the allocations alive until we return.
-    let mut keep = Vec::with_capacity(3);
-    let mut base = [0u64; 3];
-    for (slot, t) in base.iter_mut().zip([x, w, out]) {
-        let Ok(r) = client.get_resource(t.handle.clone()) else {
-            return false;
-        };
-        *slot = r.resource().ptr;
-        keep.push(r);
-    }
-    let [x_ptr, w_ptr, out_ptr] = base;
     let Ok(mut handles) = handles().lock() else {
         return false;
     };
@@ -174,17 +220,63 @@ pub fn linears(
             None => return false,
         },
     };
-    // Every operand written, every earlier reader of `out`'s memory done: the whole context
-    // idle (CubeCL's stream cannot be waited on alone, it is not handed out).
-    if blas.ctx.synchronize().is_err() {
+    let stream_id = burn_cubecl::cubecl::stream_id::StreamId::current().value;
+    let flags = match blas.flags.entry(stream_id) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            let handle = client.create_from_slice(&[0u8; 8]);
+            let Ok(r) = client.get_resource(handle.clone()) else {
+                return false;
+            };
+            let ptr = r.resource().ptr;
+            e.insert(Flags {
+                handle,
+                ptr,
+                count: 0,
+            })
+        }
+    };
+    flags.count = flags.count.wrapping_add(1);
+    let v = flags.count;
+    // After every kernel this stream has queued (the dequantize writing `w`, whatever wrote
+    // `x`, every earlier reader of `out`'s memory): the first word.
+    launch_flag(&client, &flags.handle, v, true);
+    // Device addresses. Each `get_resource` is a round trip through CubeCL's server thread;
+    // the managed resources keep the allocations alive until we return.
+    let mut keep = Vec::with_capacity(3);
+    let mut base = [0u64; 3];
+    for (slot, t) in base.iter_mut().zip([x, w, out]) {
+        let Ok(r) = client.get_resource(t.handle.clone()) else {
+            return false;
+        };
+        *slot = r.resource().ptr;
+        keep.push(r);
+    }
+    let [x_ptr, w_ptr, out_ptr] = base;
+    if blas.ctx.bind_to_thread().is_err() {
+        return false;
+    }
+    let cu_stream = blas.stream.cu_stream();
+    // SAFETY: the flag word is a live allocation (held by `flags`), the stream ours.
+    let waits = unsafe {
+        sys::cuStreamWaitValue32_v2(
+            cu_stream,
+            flags.ptr,
+            v,
+            sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
+        )
+    };
+    if waits != sys::CUresult::CUDA_SUCCESS {
+        // Nothing enqueued on our stream; the stored word is harmless.
         return false;
     }
     let (one, zero) = (1.0f32, 0.0f32);
     let bf16 = 2u64;
+    let mut done = true;
     for p in parts {
         // SAFETY: the pointers are live device allocations holding the stated bf16 ranges
-        // (checked above), the handle's stream is ours, and we wait for it before the
-        // resources drop.
+        // (checked above), the handle's stream is ours, and CubeCL's stream reuses none of
+        // them before the second flag word says these GEMMs are done.
         let status = unsafe {
             blas::gemm_ex(
                 *blas.blas.handle(),
@@ -210,11 +302,25 @@ pub fn linears(
         };
         if status.is_err() {
             // Nothing half-written is read: the caller recomputes every output.
-            let _ = blas.stream.synchronize();
-            return false;
+            done = false;
+            break;
         }
     }
-    let done = blas.stream.synchronize().is_ok();
+    // SAFETY: as for the wait above.
+    let writes = unsafe {
+        sys::cuStreamWriteValue32_v2(
+            cu_stream,
+            flags.ptr + 4,
+            v,
+            sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
+        )
+    };
+    if writes == sys::CUresult::CUDA_SUCCESS {
+        launch_flag(&client, &flags.handle, v, false);
+    } else {
+        // No word for CubeCL's stream to wait on: wait here instead.
+        done &= blas.stream.synchronize().is_ok();
+    }
     drop(keep);
     done
 }
@@ -223,5 +329,10 @@ fn new_handle(ordinal: usize) -> Option<Blas> {
     let ctx = context(ordinal)?;
     let stream = ctx.new_stream().ok()?;
     let blas = CudaBlas::new(stream.clone()).ok()?;
-    Some(Blas { blas, stream, ctx })
+    Some(Blas {
+        blas,
+        stream,
+        ctx,
+        flags: HashMap::new(),
+    })
 }
