@@ -168,7 +168,20 @@ fn kernel(device: &Device, sweep: bool) {
                         TensorPrimitive::Float(y),
                     ))
                 } else if path == "cublas" {
-                    to_vec(gpu.forward_cublas(xg.clone()).expect("cuBLAS"))
+                    let Some(y) = gpu.forward_cublas(xg.clone()) else {
+                        // The driver said why on stderr, and turned cuBLAS off.
+                        emit(
+                            "nf4_linear",
+                            &shape,
+                            f64::NAN,
+                            "us",
+                            serde_json::json!({"batch": b, "path": path, "pass": false,
+                                               "error": "cuBLAS call failed (stderr)"}),
+                        );
+                        llm_core::cuda::MMA_DECODE.store(mma, Relaxed);
+                        continue;
+                    };
+                    to_vec(y)
                 } else {
                     to_vec(gpu.forward_dequant(xg.clone()))
                 };

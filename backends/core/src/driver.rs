@@ -217,7 +217,7 @@ pub fn linears(
         std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
         std::collections::hash_map::Entry::Vacant(e) => match new_handle(device.index) {
             Some(b) => e.insert(b),
-            None => return false,
+            None => return give_up("no cuBLAS handle"),
         },
     };
     let stream_id = burn_cubecl::cubecl::stream_id::StreamId::current().value;
@@ -226,7 +226,7 @@ pub fn linears(
         std::collections::hash_map::Entry::Vacant(e) => {
             let handle = client.create_from_slice(&[0u8; 8]);
             let Ok(r) = client.get_resource(handle.clone()) else {
-                return false;
+                return give_up("the flag words' address");
             };
             let ptr = r.resource().ptr;
             e.insert(Flags {
@@ -247,14 +247,14 @@ pub fn linears(
     let mut base = [0u64; 3];
     for (slot, t) in base.iter_mut().zip([x, w, out]) {
         let Ok(r) = client.get_resource(t.handle.clone()) else {
-            return false;
+            return give_up("an operand's address");
         };
         *slot = r.resource().ptr;
         keep.push(r);
     }
     let [x_ptr, w_ptr, out_ptr] = base;
-    if blas.ctx.bind_to_thread().is_err() {
-        return false;
+    if let Err(e) = blas.ctx.bind_to_thread() {
+        return give_up(&format!("binding the context: {e:?}"));
     }
     let cu_stream = blas.stream.cu_stream();
     // SAFETY: the flag word is a live allocation (held by `flags`), the stream ours.
@@ -268,7 +268,7 @@ pub fn linears(
     };
     if waits != sys::CUresult::CUDA_SUCCESS {
         // Nothing enqueued on our stream; the stored word is harmless.
-        return false;
+        return give_up(&format!("cuStreamWaitValue32: {waits:?}"));
     }
     let (one, zero) = (1.0f32, 0.0f32);
     let bf16 = 2u64;
@@ -300,9 +300,9 @@ pub fn linears(
                 blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
             )
         };
-        if status.is_err() {
+        if let Err(e) = status {
             // Nothing half-written is read: the caller recomputes every output.
-            done = false;
+            done = give_up(&format!("cublasGemmEx: {e:?}"));
             break;
         }
     }
@@ -320,9 +320,20 @@ pub fn linears(
     } else {
         // No word for CubeCL's stream to wait on: wait here instead.
         done &= blas.stream.synchronize().is_ok();
+        done &= give_up(&format!("cuStreamWriteValue32: {writes:?}"));
     }
     drop(keep);
     done
+}
+
+/// A cuBLAS call or a stream operation failed: say why on stderr and leave cuBLAS off until
+/// the next CUDA load reads `LLM_CUDA_GEMM` again (each failed call would otherwise repeat the
+/// dequantize for nothing). Returns false, for the caller to fall back.
+fn give_up(why: &str) -> bool {
+    if USE_CUBLAS.swap(false, Ordering::Relaxed) {
+        eprintln!("cuBLAS prefill GEMMs off: {why}");
+    }
+    false
 }
 
 fn new_handle(ordinal: usize) -> Option<Blas> {

@@ -66,6 +66,16 @@ pub(crate) fn hand_back_pool<B: LlmBackend>(device: &B::Device) {
     let _ = B::sync(device);
 }
 
+/// What a step reads back for sampling.
+enum Read {
+    /// No sequence samples this step (prompt chunks before their last).
+    Nothing,
+    /// Every sampling sequence is plain greedy: its argmax, taken on the device.
+    Ids(Vec<u32>),
+    /// `[inputs, vocab]` logits for the host's sampler.
+    Logits(Vec<f32>),
+}
+
 /// One sequence's share of a step, borrowed from the ABI call.
 pub struct StepInput<'a> {
     pub seq_id: u64,
@@ -204,15 +214,35 @@ impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
             ),
             false,
         );
-        // One read of every sequence's last-row logits: `[inputs, vocab]`.
-        let logits: Result<Vec<f32>> = if inputs.iter().any(|i| i.sample) {
+        // Greedy rows without a repetition penalty or logprobs need only their argmax: taken on
+        // the device, one id per row comes back instead of the `[inputs, vocab]` logits (16 rows
+        // of a 128K vocabulary are 4 MB to read, convert and scan on the host each decode step).
+        // Burn's argmax keeps the first maximum on every backend, as `sample`'s does (and
+        // torch.argmax), so the ids are the same.
+        let argmax_only = inputs.iter().filter(|i| i.sample).all(|i| {
+            i.params.temperature == 0.0
+                && i.params.repetition_penalty == 1.0
+                && i.params.logprobs == 0
+        });
+        let read = if !inputs.iter().any(|i| i.sample) {
+            Ok(Read::Nothing)
+        } else if argmax_only {
+            logits
+                .argmax(1)
+                .into_data()
+                .iter::<i64>()
+                .map(|id| u32::try_from(id).ok())
+                .collect::<Option<Vec<u32>>>()
+                .map(Read::Ids)
+                .ok_or_else(|| CoreError::internal("argmax out of the vocabulary"))
+        } else {
+            // One read of every sequence's last-row logits: `[inputs, vocab]`.
             logits
                 .into_data()
                 .convert::<f32>()
                 .into_vec()
+                .map(Read::Logits)
                 .map_err(|e| CoreError::internal(format!("reading logits: {e:?}")))
-        } else {
-            Ok(Vec::new())
         };
         let vocab = self.model.vocab_size();
         for (i, ((input, out), mut seq)) in
@@ -220,15 +250,24 @@ impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
         {
             seq.history.extend_from_slice(input.tokens);
             if input.sample {
-                if let Ok(logits) = &logits {
-                    let mut row = logits[i * vocab..(i + 1) * vocab].to_vec();
-                    let rng = seq.rng.get_or_insert_with(|| Rng::new(input.params.seed));
-                    *out = sample(&mut row, &seq.history, &input.params, rng);
+                match &read {
+                    Ok(Read::Ids(ids)) => {
+                        *out = SeqOutput {
+                            token: ids[i],
+                            ..SeqOutput::default()
+                        }
+                    }
+                    Ok(Read::Logits(logits)) => {
+                        let mut row = logits[i * vocab..(i + 1) * vocab].to_vec();
+                        let rng = seq.rng.get_or_insert_with(|| Rng::new(input.params.seed));
+                        *out = sample(&mut row, &seq.history, &input.params, rng);
+                    }
+                    _ => {}
                 }
             }
             self.seqs.insert(input.seq_id, seq);
         }
-        logits.map(|_| ())
+        read.map(|_| ())
     }
 }
 
