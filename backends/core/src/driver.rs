@@ -12,9 +12,12 @@
 //! after every kernel before it on CubeCL's stream, cuBLAS's stream waits for that value
 //! (`cuStreamWaitValue32`), runs the GEMMs and writes `v` into the second word
 //! (`cuStreamWriteValue32`), and a one-thread CubeCL kernel spins on that word before
-//! anything after it on CubeCL's stream runs. Loading cuBLAS's kernels costs ~590 MB of device
-//! memory that an unload does not return (docs/benchmarks.md, run 14). Without the library
-//! (`libcublas.so.13` on the loader path) it stays off.
+//! anything after it on CubeCL's stream runs. On the H200 of run 18 (driver 580) the driver
+//! refused the wait (`CUDA_ERROR_INVALID_VALUE`, on a word of CubeCL's pool), so the process
+//! falls back to run 14's host waits (the whole context idle before the GEMMs, cuBLAS's stream
+//! after them) and says so on stderr once; why it refused is not found yet. Loading cuBLAS's
+//! kernels costs ~590 MB of device memory that an unload does not return (docs/benchmarks.md,
+//! run 14). Without the library (`libcublas.so.13` on the loader path) it stays off.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +34,10 @@ use cudarc::driver::{CudaContext, CudaStream};
 /// Whether prefill GEMMs go to cuBLAS when it loads (set from `LLM_CUDA_GEMM` at each CUDA
 /// load, [`crate::cuda::read_env`]); off (the default, module doc), Burn's matmul.
 pub static USE_CUBLAS: AtomicBool = AtomicBool::new(false);
+
+/// Whether the GEMMs are ordered by the flag words (module doc); off for the process once the
+/// driver refuses a wait on them, and the GEMMs fall back to host waits.
+static STREAM_FLAGS: AtomicBool = AtomicBool::new(true);
 
 /// A cuBLAS handle on its own stream, per device, and the flag words ordering it against each
 /// CubeCL stream that called it (module doc), by CubeCL stream id.
@@ -220,27 +227,31 @@ pub fn linears(
             None => return give_up("no cuBLAS handle"),
         },
     };
-    let stream_id = burn_cubecl::cubecl::stream_id::StreamId::current().value;
-    let flags = match blas.flags.entry(stream_id) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => {
-            let handle = client.create_from_slice(&[0u8; 8]);
-            let Ok(r) = client.get_resource(handle.clone()) else {
-                return give_up("the flag words' address");
-            };
-            let ptr = r.resource().ptr;
-            e.insert(Flags {
-                handle,
-                ptr,
-                count: 0,
-            })
-        }
+    // The first flag word, after every kernel this stream has queued (the dequantize writing
+    // `w`, whatever wrote `x`, every earlier reader of `out`'s memory).
+    let flag = if STREAM_FLAGS.load(Ordering::Relaxed) {
+        let stream_id = burn_cubecl::cubecl::stream_id::StreamId::current().value;
+        let flags = match blas.flags.entry(stream_id) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                let handle = client.create_from_slice(&[0u8; 8]);
+                let Ok(r) = client.get_resource(handle.clone()) else {
+                    return give_up("the flag words' address");
+                };
+                let ptr = r.resource().ptr;
+                e.insert(Flags {
+                    handle,
+                    ptr,
+                    count: 0,
+                })
+            }
+        };
+        flags.count = flags.count.wrapping_add(1);
+        launch_flag(&client, &flags.handle, flags.count, true);
+        Some((flags.handle.clone(), flags.ptr, flags.count))
+    } else {
+        None
     };
-    flags.count = flags.count.wrapping_add(1);
-    let v = flags.count;
-    // After every kernel this stream has queued (the dequantize writing `w`, whatever wrote
-    // `x`, every earlier reader of `out`'s memory): the first word.
-    launch_flag(&client, &flags.handle, v, true);
     // Device addresses. Each `get_resource` is a round trip through CubeCL's server thread;
     // the managed resources keep the allocations alive until we return.
     let mut keep = Vec::with_capacity(3);
@@ -257,18 +268,26 @@ pub fn linears(
         return give_up(&format!("binding the context: {e:?}"));
     }
     let cu_stream = blas.stream.cu_stream();
-    // SAFETY: the flag word is a live allocation (held by `flags`), the stream ours.
-    let waits = unsafe {
-        sys::cuStreamWaitValue32_v2(
-            cu_stream,
-            flags.ptr,
-            v,
-            sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
-        )
-    };
-    if waits != sys::CUresult::CUDA_SUCCESS {
-        // Nothing enqueued on our stream; the stored word is harmless.
-        return give_up(&format!("cuStreamWaitValue32: {waits:?}"));
+    let flag = flag.filter(|&(_, ptr, v)| {
+        // SAFETY: the flag word is a live allocation (held by `blas.flags`), the stream ours.
+        let waits = unsafe {
+            sys::cuStreamWaitValue32_v2(
+                cu_stream,
+                ptr,
+                v,
+                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
+            )
+        };
+        if waits != sys::CUresult::CUDA_SUCCESS && STREAM_FLAGS.swap(false, Ordering::Relaxed) {
+            // The stored word is harmless; nothing was enqueued on our stream.
+            eprintln!("cuBLAS GEMMs ordered by host waits: cuStreamWaitValue32: {waits:?}");
+        }
+        waits == sys::CUresult::CUDA_SUCCESS
+    });
+    // Without the flag words (run 18 on an H200: the driver refused the wait on CubeCL's
+    // memory, CUDA_ERROR_INVALID_VALUE) the GEMMs wait for the whole context to be idle.
+    if flag.is_none() && blas.ctx.synchronize().is_err() {
+        return give_up("waiting for the device");
     }
     let (one, zero) = (1.0f32, 0.0f32);
     let bf16 = 2u64;
@@ -276,7 +295,7 @@ pub fn linears(
     for p in parts {
         // SAFETY: the pointers are live device allocations holding the stated bf16 ranges
         // (checked above), the handle's stream is ours, and CubeCL's stream reuses none of
-        // them before the second flag word says these GEMMs are done.
+        // them before the second flag word (or the host wait below) says these GEMMs are done.
         let status = unsafe {
             blas::gemm_ex(
                 *blas.blas.handle(),
@@ -306,17 +325,22 @@ pub fn linears(
             break;
         }
     }
+    let Some((flags, ptr, v)) = flag else {
+        done &= blas.stream.synchronize().is_ok();
+        drop(keep);
+        return done;
+    };
     // SAFETY: as for the wait above.
     let writes = unsafe {
         sys::cuStreamWriteValue32_v2(
             cu_stream,
-            flags.ptr + 4,
+            ptr + 4,
             v,
             sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
         )
     };
     if writes == sys::CUresult::CUDA_SUCCESS {
-        launch_flag(&client, &flags.handle, v, false);
+        launch_flag(&client, &flags, v, false);
     } else {
         // No word for CubeCL's stream to wait on: wait here instead.
         done &= blas.stream.synchronize().is_ok();

@@ -287,7 +287,9 @@ fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M, decode_rows: usize, prompt_
         let tokens: Vec<Vec<u32>> = chunks.iter().map(|&n| vec![0u32; n]).collect();
         let mut caches: Vec<KvCache<B>> = chunks.iter().map(|_| KvCache::new(layers)).collect();
         let mut batch = SeqChunk::zip(tokens.iter().map(Vec::as_slice), &mut caches);
-        let _ = model.forward_batch(&mut batch, false).into_data();
+        // The argmax a greedy step takes on the device (`Engine::step_batch`): Burn's reduce
+        // autotunes per row-count bucket (run 18: 0.3-3 s at first use).
+        let _ = model.forward_batch(&mut batch, false).argmax(1).into_data();
     };
     run(&[32.min(model.max_context())]);
     for &rows in prompt_rows {
