@@ -272,7 +272,6 @@ fn gemv_sweep(
     copy_gbs: f64,
 ) {
     use llm_core::cuda::GemvConfig;
-    let n = gpu.out_features();
     // Each (rows, unroll, planes) is its own compiled kernel: 48 in all.
     let (rows, unrolls, planes_list): (&[usize], &[usize], &[usize]) = if batch == 1 {
         (&[2, 4, 8], &[1, 2, 4], &[1, 2, 4, 8])
@@ -288,23 +287,7 @@ fn gemv_sweep(
                     unroll,
                     mma: false,
                 };
-                let run = || {
-                    let out = Tensor::<CudaBf16, 2>::full([batch, n], f32::NAN, device)
-                        .into_primitive()
-                        .tensor();
-                    gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out, cfg)
-                };
-                let got = to_vec(Tensor::<CudaBf16, 2>::from_primitive(
-                    TensorPrimitive::Float(run()),
-                ));
-                let err = rel_l2(&got, want);
-                let out = Tensor::<CudaBf16, 2>::empty([batch, n], device)
-                    .into_primitive()
-                    .tensor();
-                let dev = device_us(device, 50, || {
-                    let _ =
-                        gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out.clone(), cfg);
-                });
+                let (err, dev) = check_and_time(device, gpu, xg, want, cfg);
                 emit(
                     "nf4_gemv_sweep",
                     shape,
@@ -321,6 +304,33 @@ fn gemv_sweep(
     }
 }
 
+/// The fused kernel launched as `cfg` on `xg`: its relative error against `want` (output
+/// poisoned with NaN first, so a skipped element shows) and its device µs over 50 launches.
+fn check_and_time(
+    device: &Device,
+    gpu: &CudaNf4Linear,
+    xg: &Tensor<CudaBf16, 2>,
+    want: &[f32],
+    cfg: llm_core::cuda::GemvConfig,
+) -> (f64, f64) {
+    let shape = [xg.dims()[0], gpu.out_features()];
+    let out = Tensor::<CudaBf16, 2>::full(shape, f32::NAN, device)
+        .into_primitive()
+        .tensor();
+    let got = to_vec(Tensor::<CudaBf16, 2>::from_primitive(
+        TensorPrimitive::Float(gpu.gemv_into_with(
+            xg.clone().into_primitive().tensor(),
+            out.clone(),
+            cfg,
+        )),
+    ));
+    let err = rel_l2(&got, want);
+    let dev = device_us(device, 50, || {
+        let _ = gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out.clone(), cfg);
+    });
+    (err, dev)
+}
+
 /// The tensor-core kernel's launch configurations at `batch` token rows: rows per cube (its
 /// groups of 8 sharing each `x` fragment), windows in flight, planes; each checked against
 /// the CPU reference on a poisoned output, then timed.
@@ -334,7 +344,6 @@ fn mma_sweep(
     weight_bytes: f64,
 ) {
     use llm_core::cuda::GemvConfig;
-    let n = gpu.out_features();
     let tiles = batch.div_ceil(16);
     for rows in [8usize, 16, 32].into_iter().filter(|r| r / 8 * tiles <= 4) {
         for unroll in [1usize, 2] {
@@ -345,21 +354,7 @@ fn mma_sweep(
                     unroll,
                     mma: true,
                 };
-                let out = Tensor::<CudaBf16, 2>::full([batch, n], f32::NAN, device)
-                    .into_primitive()
-                    .tensor();
-                let got = to_vec(Tensor::<CudaBf16, 2>::from_primitive(
-                    TensorPrimitive::Float(gpu.gemv_into_with(
-                        xg.clone().into_primitive().tensor(),
-                        out.clone(),
-                        cfg,
-                    )),
-                ));
-                let err = rel_l2(&got, want);
-                let dev = device_us(device, 50, || {
-                    let _ =
-                        gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out.clone(), cfg);
-                });
+                let (err, dev) = check_and_time(device, gpu, xg, want, cfg);
                 emit(
                     "nf4_mma_sweep",
                     shape,
