@@ -1054,9 +1054,13 @@ fn prefill(device: &Device) {
                 );
             }
             // cuBLAS (the server's opt-in, `LLM_CUDA_GEMM=cublas`): dequantize `[out, in]`,
-            // host waits around `cublasGemmEx`, so wall time, waits included.
-            if llm_core::driver::available() {
-                let y = to_vec(gpu.forward_cublas(x.clone()).expect("cuBLAS"));
+            // `cublasGemmEx` ordered by flag words or host waits (`llm_core::driver`), so wall
+            // time, waits included. A failed call turns cuBLAS off (said on stderr).
+            let cublas = llm_core::driver::available()
+                .then(|| gpu.forward_cublas(x.clone()))
+                .flatten();
+            if let Some(y) = cublas {
+                let y = to_vec(y);
                 let err = rel_l2(&y, &outs[0]);
                 let dequant = device_us(device, 20, || {
                     let _ = gpu.dequantize();
@@ -1083,7 +1087,7 @@ fn prefill(device: &Device) {
                     f64::NAN,
                     "us",
                     serde_json::json!({"rows": rows, "layout": "cublas",
-                                       "error": "cuBLAS not loaded (libcublas.so.13 not on the loader path, or LLM_CUDA_GEMM=burn)"}),
+                                       "error": "cuBLAS not loaded (libcublas.so.13 not on the loader path, or LLM_CUDA_GEMM=burn) or its call failed (stderr)"}),
                 );
             }
             let err = rel_l2(&outs[1], &outs[0]);

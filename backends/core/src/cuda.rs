@@ -341,8 +341,8 @@ mod kernels {
     /// from lane (g, t) its weights 4j, 4j+1 (fragment rows 2t, 2t+1) and 4j+2, 4j+3 (rows
     /// 2t+8, 2t+9), so the A fragment (tokens g and g+8 of a tile) is `x` at the same four
     /// positions. `tiles` tiles of 16 tokens reuse a group's B fragments, and every group reuses
-    /// tile 0's A fragments (loaded with the codes; the other tiles' when their MMAs run, `x`
-    /// being L1/L2-resident). Why groups: per window a plane reads 4 KiB of `x` per tile
+    /// tile 0's A fragments (loaded with the codes; the other tiles' are loaded again by each
+    /// group when its MMAs run, `x` being L1/L2-resident). Why groups: per window a plane reads 4 KiB of `x` per tile
     /// against 512 bytes of codes per group, so with one group the `x` side, not the weights,
     /// is most of the kernel's memory traffic (docs/benchmarks.md, run 17). Tokens past
     /// `tokens` read token 0's row and are never written. The cube's planes split the windows
@@ -1205,12 +1205,15 @@ impl GemvConfig {
     /// on and `k` is a multiple of 128, the windows split over up to 8 planes (at least 4
     /// windows each); up to 16 tokens (one tile) 32 rows per cube (4 groups of 8 sharing each
     /// `x` fragment), to 32 tokens 16 rows, past that 8 rows, one window in flight per lane
-    /// (each group and tile holds 16 more accumulator registers, each group 16 more for its
-    /// codes). Otherwise 2 rows per cube, the looked-up codes shared over the tokens (see the
-    /// kernel's doc), 2 planes. From the launch-configuration sweeps of `llm-bench kernel` on
-    /// an H200 (docs/benchmarks.md, run 11 for the GEMV: at batch 1 the configurations within
-    /// 10% of each other; at batch 16 this one 166 us against 298 us for 1 row per cube on
-    /// 4096x14336; run 18 for the MMA kernel's groups).
+    /// (each group and tile holds 4 more accumulator registers, 8 gated; each group 4 more for
+    /// its codes and 16 for its B fragments). Otherwise 2 rows per cube, the looked-up codes
+    /// shared over the tokens (see the kernel's doc), 2 planes. The GEMV's from the
+    /// launch-configuration sweep of `llm-bench kernel` on an H200 (docs/benchmarks.md, run 11:
+    /// at batch 1 the configurations within 10% of each other; at batch 16 this one 166 us
+    /// against 298 us for 1 row per cube on 4096x14336). The MMA kernel's groups are not tuned
+    /// yet (run 18): in the server 32 rows per cube took the 16-row decode step from 12.18 to
+    /// 11.91 ms and 16 rows the 32-token prompt from 12.3 to 10.6 ms, but at batch 4 on
+    /// 4096x4096 16 rows per cube (12.7 us) beat 32 (15.9): the sweep at 16-64 rows decides.
     pub fn for_shape(tokens: usize, k: usize) -> GemvConfig {
         if tokens == 1 {
             GemvConfig {
@@ -1276,7 +1279,11 @@ fn launch_gemv(
     // Every stacked weight but the last fills its cubes exactly: fewer MMA row groups where a
     // stacked part is no multiple of the cube's rows (8 always divides them: checked below).
     let mut cfg = cfg;
-    while cfg.mma && cfg.rows > 8 && !n[..n.len() - 1].iter().all(|n| n.is_multiple_of(cfg.rows)) {
+    while cfg.mma
+        && gated.is_none()
+        && cfg.rows > 8
+        && !n[..n.len() - 1].iter().all(|n| n.is_multiple_of(cfg.rows))
+    {
         cfg.rows /= 2;
     }
     let cubes_of = |n: usize| n.div_ceil(cfg.rows);
@@ -1581,7 +1588,7 @@ impl CudaNf4Linear {
 
 /// Prefill (more rows than the GEMV takes): `x W_i^T (+ b_i)` for each of `layers`, every
 /// weight dequantized to bf16 `[out, in]` into one buffer and all the GEMMs run by cuBLAS
-/// between one pair of host waits ([`crate::driver`]), into one output buffer handed out as a
+/// ordered against CubeCL's stream by [`crate::driver::linears`], into one output buffer handed out as a
 /// contiguous tensor per layer. `None` when cuBLAS is off or absent (the caller uses Burn's
 /// matmul).
 fn prefill_gemms(
@@ -1992,7 +1999,7 @@ impl LlmBackend for CudaBf16 {
     ) -> Option<Vec<Tensor<Self, 2>>> {
         let [tokens, k] = x.dims();
         let Some(cfg) = fused_config(tokens, k) else {
-            // Prefill: the projections' GEMMs between one pair of host waits.
+            // Prefill: the projections' GEMMs in one cuBLAS call group.
             return prefill_gemms(x, &nf4_layers(k, linears)?);
         };
         let group = nf4_group(k, linears)?;
@@ -2029,7 +2036,7 @@ impl LlmBackend for CudaBf16 {
     ) -> Option<Tensor<Self, 2>> {
         let [tokens, k] = x.dims();
         let Some(cfg) = fused_config(tokens, k) else {
-            // Prefill: both GEMMs between one pair of host waits, then the activation.
+            // Prefill: both GEMMs in one cuBLAS call group, then the activation.
             let mut gu = prefill_gemms(x, &nf4_layers(k, &[gate, up])?)?;
             let up = gu.pop()?;
             return Some(Self::gated_act(gu.pop()?, up, act));

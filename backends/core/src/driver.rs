@@ -178,7 +178,8 @@ pub struct Part {
 }
 
 /// Run `parts` (each against the same `x` `[m, k]`) on cuBLAS, ordered on the calling thread's
-/// CubeCL stream by the flag words (module doc): no host wait. The weights share one buffer
+/// CubeCL stream by the flag words (module doc; host waits where the driver refuses them). The
+/// weights share one buffer
 /// and the outputs another, so the device addresses cost three round trips to CubeCL's server
 /// thread, whatever the group's size. Returns false when cuBLAS is not [`available`] or a call
 /// fails (the caller falls back to Burn's matmul, which CubeCL's stream runs after whatever
@@ -227,6 +228,17 @@ pub fn linears(
             None => return give_up("no cuBLAS handle"),
         },
     };
+    // Device addresses. Each `get_resource` is a round trip through CubeCL's server thread;
+    // the managed resources keep the allocations alive until we return.
+    let mut keep = Vec::with_capacity(3);
+    let mut base = [0u64; 3];
+    for (slot, t) in base.iter_mut().zip([x, w, out]) {
+        let Ok(r) = client.get_resource(t.handle.clone()) else {
+            return give_up("an operand's address");
+        };
+        *slot = r.resource().ptr;
+        keep.push(r);
+    }
     // The first flag word, after every kernel this stream has queued (the dequantize writing
     // `w`, whatever wrote `x`, every earlier reader of `out`'s memory).
     let flag = if STREAM_FLAGS.load(Ordering::Relaxed) {
@@ -234,10 +246,15 @@ pub fn linears(
         let flags = match blas.flags.entry(stream_id) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(e) => {
+                // Pool memory holds stale values until CubeCL's stream writes the zeros: wait
+                // for them once, so no stale word can match a value or be overwritten later.
                 let handle = client.create_from_slice(&[0u8; 8]);
                 let Ok(r) = client.get_resource(handle.clone()) else {
                     return give_up("the flag words' address");
                 };
+                if blas.ctx.synchronize().is_err() {
+                    return give_up("zeroing the flag words");
+                }
                 let ptr = r.resource().ptr;
                 e.insert(Flags {
                     handle,
@@ -252,17 +269,6 @@ pub fn linears(
     } else {
         None
     };
-    // Device addresses. Each `get_resource` is a round trip through CubeCL's server thread;
-    // the managed resources keep the allocations alive until we return.
-    let mut keep = Vec::with_capacity(3);
-    let mut base = [0u64; 3];
-    for (slot, t) in base.iter_mut().zip([x, w, out]) {
-        let Ok(r) = client.get_resource(t.handle.clone()) else {
-            return give_up("an operand's address");
-        };
-        *slot = r.resource().ptr;
-        keep.push(r);
-    }
     let [x_ptr, w_ptr, out_ptr] = base;
     if let Err(e) = blas.ctx.bind_to_thread() {
         return give_up(&format!("binding the context: {e:?}"));

@@ -224,17 +224,24 @@ impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
                 && i.params.repetition_penalty == 1.0
                 && i.params.logprobs == 0
         });
+        let vocab = self.model.vocab_size();
         let read = if !inputs.iter().any(|i| i.sample) {
             Ok(Read::Nothing)
         } else if argmax_only {
-            logits
+            let ids = logits
                 .argmax(1)
                 .into_data()
                 .iter::<i64>()
-                .map(|id| u32::try_from(id).ok())
-                .collect::<Option<Vec<u32>>>()
-                .map(Read::Ids)
-                .ok_or_else(|| CoreError::internal("argmax out of the vocabulary"))
+                // A row with no finite maximum (all NaN or -inf) leaves Burn's reduce at its
+                // start index (u32::MAX, or -1 in an i32): token 0, as the host's argmax gives.
+                .map(|id| {
+                    usize::try_from(id)
+                        .ok()
+                        .filter(|&t| t < vocab)
+                        .map_or(0, |t| t as u32)
+                })
+                .collect::<Vec<u32>>();
+            Ok(Read::Ids(ids))
         } else {
             // One read of every sequence's last-row logits: `[inputs, vocab]`.
             logits
@@ -244,7 +251,6 @@ impl<B: LlmBackend, M: CausalLm<B>> Engine<B, M> {
                 .map(Read::Logits)
                 .map_err(|e| CoreError::internal(format!("reading logits: {e:?}")))
         };
-        let vocab = self.model.vocab_size();
         for (i, ((input, out), mut seq)) in
             inputs.iter().zip(outputs.iter_mut()).zip(seqs).enumerate()
         {

@@ -288,7 +288,7 @@ fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M, decode_rows: usize, prompt_
         let mut caches: Vec<KvCache<B>> = chunks.iter().map(|_| KvCache::new(layers)).collect();
         let mut batch = SeqChunk::zip(tokens.iter().map(Vec::as_slice), &mut caches);
         // The argmax a greedy step takes on the device (`Engine::step_batch`): Burn's reduce
-        // autotunes per row-count bucket (run 18: 0.3-3 s at first use).
+        // autotunes per row-count bucket (run 18: 0.3-0.75 s at first use).
         let _ = model.forward_batch(&mut batch, false).argmax(1).into_data();
     };
     run(&[32.min(model.max_context())]);

@@ -178,6 +178,31 @@ mod tests {
         assert_eq!(sample(&mut l, &[], &params(), &mut Rng::new(0)).token, 1);
     }
 
+    /// The engine takes plain greedy rows' argmax with Burn's `argmax` on the device instead of
+    /// `sample` (`Engine::step_batch`): both must pick the first maximum, ties included.
+    #[test]
+    fn burn_argmax_is_greedys_first_max() {
+        use burn_tensor::{Tensor, TensorData};
+        let rows = [
+            vec![0.0f32, 3.0, 3.0, -1.0],
+            vec![2.0, 2.0, 2.0, 2.0],
+            vec![-5.0, -4.0, -4.0, -6.0],
+            vec![1.0, 0.5, 7.0, 7.0],
+        ];
+        let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+        let t = Tensor::<crate::export::Cpu, 2>::from_data(
+            TensorData::new(flat, [rows.len(), 4]),
+            &Default::default(),
+        );
+        let device: Vec<i64> = t.argmax(1).into_data().iter::<i64>().collect();
+        let host: Vec<i64> = rows
+            .iter()
+            .map(|r| sample(&mut r.clone(), &[], &params(), &mut Rng::new(0)).token as i64)
+            .collect();
+        assert_eq!(device, vec![1, 0, 1, 2]);
+        assert_eq!(device, host);
+    }
+
     #[test]
     fn repetition_penalty_matches_hf() {
         let mut l = vec![2.0, -2.0, 1.0];
