@@ -104,7 +104,11 @@ async fn batching_changes_no_result() {
         assert_eq!(a, t.as_ref().unwrap(), "prompt {i}: batched result differs");
     }
     assert_eq!(
-        server.metric(r#"llm_requests_total{model="smol",code="OK"}"#),
+        server.metric_reaching(
+            r#"llm_requests_total{model="smol",code="OK"}"#,
+            64.0,
+            Duration::from_secs(5)
+        ),
         64.0
     );
     // The batched run mixed prompt chunks with decode rows, within the budget on average (the
