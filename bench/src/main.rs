@@ -207,11 +207,19 @@ fn kernel(device: &Device, sweep: bool) {
                                        "fraction_of_copy": weight_bytes / (dev * 1e-6) / 1e9 / copy_gbs}),
                 );
             }
+            // Launch-configuration sweeps: the GEMV's (the `sweep` mode), the MMA kernel's.
+            let mut sweeps = Vec::new();
             if sweep && (b == 1 || (b == 16 && k == 4096 && n == 14336)) {
-                gemv_sweep(device, &gpu, &xg, &want, &shape, b, weight_bytes, copy_gbs);
+                sweeps.push(("nf4_gemv_sweep", gemv_configs(b)));
             }
             if matches!(b, 4 | 16 | 32 | 64) && llm_core::cuda::GemvConfig::for_shape(b, k).mma {
-                mma_sweep(device, &gpu, &xg, &want, &shape, b, weight_bytes);
+                sweeps.push(("nf4_mma_sweep", mma_configs(b)));
+            }
+            for (metric, configs) in sweeps {
+                let (x, w) = (&xg, weight_bytes);
+                sweep_configs(
+                    device, &gpu, x, &want, &shape, b, w, copy_gbs, metric, &configs,
+                );
             }
             // The peer in the same run: Burn's dense bf16 matmul with the [N,K] weight transposed.
             let dev = device_us(device, 50, || {
@@ -258,10 +266,10 @@ fn gemv_for_ncu(device: &Device) {
     }
 }
 
-/// The GEMV under each launch configuration (rows per cube, planes, steps loaded ahead),
-/// each checked against the CPU reference on a poisoned output, then timed.
+/// Every launch configuration of `configs` on `xg` (`batch` rows): each checked against the
+/// CPU reference on a poisoned output, then timed, one `metric` object per configuration.
 #[allow(clippy::too_many_arguments)]
-fn gemv_sweep(
+fn sweep_configs(
     device: &Device,
     gpu: &CudaNf4Linear,
     xg: &Tensor<CudaBf16, 2>,
@@ -270,38 +278,70 @@ fn gemv_sweep(
     batch: usize,
     weight_bytes: f64,
     copy_gbs: f64,
+    metric: &str,
+    configs: &[llm_core::cuda::GemvConfig],
 ) {
-    use llm_core::cuda::GemvConfig;
-    // Each (rows, unroll, planes) is its own compiled kernel: 48 in all.
+    for &cfg in configs {
+        let (err, dev) = check_and_time(device, gpu, xg, want, cfg);
+        emit(
+            metric,
+            shape,
+            dev,
+            "us",
+            serde_json::json!({"batch": batch, "rows": cfg.rows, "planes": cfg.planes,
+                               "unroll": cfg.unroll,
+                               "default": cfg == llm_core::cuda::GemvConfig::for_shape(batch, gpu.in_features()),
+                               "rel_err": err, "pass": err < 1e-2,
+                               "weight_GBps": weight_bytes / (dev * 1e-6) / 1e9,
+                               "fraction_of_copy": weight_bytes / (dev * 1e-6) / 1e9 / copy_gbs}),
+        );
+    }
+}
+
+/// The GEMV's launch configurations (rows per cube, steps loaded ahead, planes): each its own
+/// compiled kernel, 48 at batch 1, 12 at more rows.
+fn gemv_configs(batch: usize) -> Vec<llm_core::cuda::GemvConfig> {
     let (rows, unrolls, planes_list): (&[usize], &[usize], &[usize]) = if batch == 1 {
         (&[2, 4, 8], &[1, 2, 4], &[1, 2, 4, 8])
     } else {
         (&[1, 2], &[1, 2], &[2, 4, 8])
     };
-    for &r in rows {
+    configs(rows, unrolls, planes_list, false)
+}
+
+/// The tensor-core kernel's launch configurations at `batch` token rows: rows per cube (its
+/// groups of 8 sharing each `x` fragment; at most 4 groups x tiles of 16 tokens), windows in
+/// flight, planes.
+fn mma_configs(batch: usize) -> Vec<llm_core::cuda::GemvConfig> {
+    let tiles = batch.div_ceil(16);
+    let rows: Vec<usize> = [8, 16, 32]
+        .into_iter()
+        .filter(|r| r / 8 * tiles <= 4)
+        .collect();
+    configs(&rows, &[1, 2], &[4, 8], true)
+}
+
+/// Every (rows, unroll, planes) combination.
+fn configs(
+    rows: &[usize],
+    unrolls: &[usize],
+    planes_list: &[usize],
+    mma: bool,
+) -> Vec<llm_core::cuda::GemvConfig> {
+    let mut out = Vec::new();
+    for &rows in rows {
         for &unroll in unrolls {
             for &planes in planes_list {
-                let cfg = GemvConfig {
-                    rows: r,
+                out.push(llm_core::cuda::GemvConfig {
+                    rows,
                     planes,
                     unroll,
-                    mma: false,
-                };
-                let (err, dev) = check_and_time(device, gpu, xg, want, cfg);
-                emit(
-                    "nf4_gemv_sweep",
-                    shape,
-                    dev,
-                    "us",
-                    serde_json::json!({"batch": batch, "rows": r, "planes": planes, "unroll": unroll,
-                                       "default": cfg == GemvConfig::for_shape(batch, gpu.in_features()),
-                                       "rel_err": err, "pass": err < 1e-2,
-                                       "weight_GBps": weight_bytes / (dev * 1e-6) / 1e9,
-                                       "fraction_of_copy": weight_bytes / (dev * 1e-6) / 1e9 / copy_gbs}),
-                );
+                    mma,
+                });
             }
         }
     }
+    out
 }
 
 /// The fused kernel launched as `cfg` on `xg`: its relative error against `want` (output
@@ -329,45 +369,6 @@ fn check_and_time(
         let _ = gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out.clone(), cfg);
     });
     (err, dev)
-}
-
-/// The tensor-core kernel's launch configurations at `batch` token rows: rows per cube (its
-/// groups of 8 sharing each `x` fragment), windows in flight, planes; each checked against
-/// the CPU reference on a poisoned output, then timed.
-fn mma_sweep(
-    device: &Device,
-    gpu: &CudaNf4Linear,
-    xg: &Tensor<CudaBf16, 2>,
-    want: &[f32],
-    shape: &str,
-    batch: usize,
-    weight_bytes: f64,
-) {
-    use llm_core::cuda::GemvConfig;
-    let tiles = batch.div_ceil(16);
-    for rows in [8usize, 16, 32].into_iter().filter(|r| r / 8 * tiles <= 4) {
-        for unroll in [1usize, 2] {
-            for planes in [4usize, 8] {
-                let cfg = GemvConfig {
-                    rows,
-                    planes,
-                    unroll,
-                    mma: true,
-                };
-                let (err, dev) = check_and_time(device, gpu, xg, want, cfg);
-                emit(
-                    "nf4_mma_sweep",
-                    shape,
-                    dev,
-                    "us",
-                    serde_json::json!({"batch": batch, "rows": rows, "planes": planes, "unroll": unroll,
-                                       "default": cfg == GemvConfig::for_shape(batch, gpu.in_features()),
-                                       "rel_err": err, "pass": err < 1e-2,
-                                       "weight_GBps": weight_bytes / (dev * 1e-6) / 1e9}),
-                );
-            }
-        }
-    }
 }
 
 /// The fused per-layer kernels (RMSNorm, rotary embedding, gated SiLU / GELU-tanh) against
