@@ -2,7 +2,7 @@
 # GPU checks and benchmarks, run on the device machine in one call (see docs/benchmarks.md).
 # Expects what `bench/build-gpu.sh` builds here: .gpu/bundle.tar.xz (carried, not committed)
 # with llm-bench, llm-server, llm, libllama_backend.so, libqwen2_backend.so.
-#   bench/gpu.sh [tiny|shapes|kernel|prefill|upload|sweep|gemv|fused|smoke|full|models|ab_gemm|cycles|all]
+#   bench/gpu.sh [tiny|shapes|kernel|prefill|upload|sweep|gemv|gemv_full|fused|smoke|full|models|ab_gemm|cycles|all]
 # `full` and `models` (not part of `all`) need `bench/build-gpu.sh full`: all five plugins and the
 # bitsandbytes wheel in .gpu/.
 set -uo pipefail
@@ -87,6 +87,20 @@ if [ "$what" = gemv ]; then
     .gpu/llm-bench gemv >"$OUT/ncu-gemv.csv" 2>"$OUT/ncu-gemv.stderr"
   echo "ncu exit: $?"
   python3 bench/ncu_gemv.py "$OUT/ncu-gemv.csv" | tee "$OUT/gemv.jsonl"
+fi
+if [ "$what" = gemv_full ]; then
+  # Nsight Compute's full set (occupancy, registers, warp stall reasons, pipe use, SASS) on three
+  # launches of the batch-1 GEMV at 4096x14336 (launches 21-40 of `llm-bench gemv`): what
+  # bounds the kernel, not only how long it takes.
+  timeout 300 ncu --clock-control none --kernel-name regex:nf4_gemv --launch-skip 22 \
+    --launch-count 2 --set full --import-source yes -o "$OUT/gemv-full" \
+    .gpu/llm-bench gemv >"$OUT/ncu-gemv-full.stdout" 2>"$OUT/ncu-gemv-full.stderr"
+  echo "ncu exit: $?"
+  ncu -i "$OUT/gemv-full.ncu-rep" --page details --csv >"$OUT/gemv-full-details.csv"
+  ncu -i "$OUT/gemv-full.ncu-rep" --page source --print-source sass --csv \
+    >"$OUT/gemv-full-sass.csv" 2>"$OUT/gemv-full-sass.stderr"
+  grep -E "Duration|Registers Per|Achieved Occupancy|Theoretical Occupancy|Issue Slots Busy|Memory Throughput|DRAM Throughput|No Eligible|Executed Ipc" \
+    "$OUT/gemv-full-details.csv" | cut -c1-220
 fi
 if [ "$what" = smoke ] || [ "$what" = all ]; then
   timeout 150 python3 bench/smoke.py 2>"$OUT/smoke.stderr" | tee "$OUT/smoke.jsonl"
