@@ -38,6 +38,8 @@ PY
 if [ -n "$cublas_dir" ]; then
   export LD_LIBRARY_PATH="$cublas_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   echo "cuBLAS from $cublas_dir" | tee "$OUT/cublas.txt"
+  # CUPTI finds CubeCL's stream for cuBLAS (llm_core::driver); without it cuBLAS stays off.
+  ls "$cublas_dir" | grep -i cupti | tee -a "$OUT/cublas.txt"
 else
   echo "cuBLAS not found: prefill on Burn's matmul" | tee "$OUT/cublas.txt"
 fi

@@ -141,7 +141,7 @@ fn kernel(device: &Device, sweep: bool) {
             let mut paths = vec!["dequant_matmul"];
             // Past 16 rows `gemv` is the tensor-core kernel's token tiles.
             if b <= llm_core::cuda::GEMV_MAX_TOKENS
-                || llm_core::cuda::GemvConfig::for_shape(b, k).mma
+                || llm_core::cuda::GemvConfig::for_shape(b, n, k).mma
             {
                 paths.insert(0, "gemv");
             }
@@ -157,7 +157,7 @@ fn kernel(device: &Device, sweep: bool) {
             for path in paths {
                 let mma = llm_core::cuda::MMA_DECODE.load(Relaxed);
                 llm_core::cuda::MMA_DECODE.store(mma && path != "gemv_simt", Relaxed);
-                let path_mma = llm_core::cuda::GemvConfig::for_shape(b, k).mma;
+                let path_mma = llm_core::cuda::GemvConfig::for_shape(b, n, k).mma;
                 let got = if path == "gemv" || path == "gemv_simt" {
                     // Poison the output buffer: a kernel that skips an element shows as NaN.
                     let out = Tensor::<CudaBf16, 2>::full([b, n], f32::NAN, device)
@@ -212,7 +212,7 @@ fn kernel(device: &Device, sweep: bool) {
             if sweep && (b == 1 || (b == 16 && k == 4096 && n == 14336)) {
                 sweeps.push(("nf4_gemv_sweep", gemv_configs(b)));
             }
-            if matches!(b, 4 | 16 | 32 | 64) && llm_core::cuda::GemvConfig::for_shape(b, k).mma {
+            if matches!(b, 4 | 16 | 32 | 64) && llm_core::cuda::GemvConfig::for_shape(b, n, k).mma {
                 sweeps.push(("nf4_mma_sweep", mma_configs(b)));
             }
             for (metric, configs) in sweeps {
@@ -290,7 +290,7 @@ fn sweep_configs(
             "us",
             serde_json::json!({"batch": batch, "rows": cfg.rows, "planes": cfg.planes,
                                "unroll": cfg.unroll,
-                               "default": cfg == llm_core::cuda::GemvConfig::for_shape(batch, gpu.in_features()),
+                               "default": cfg == llm_core::cuda::GemvConfig::for_shape(batch, gpu.out_features(), gpu.in_features()),
                                "rel_err": err, "pass": err < 1e-2,
                                "weight_GBps": weight_bytes / (dev * 1e-6) / 1e9,
                                "fraction_of_copy": weight_bytes / (dev * 1e-6) / 1e9 / copy_gbs}),
@@ -719,8 +719,9 @@ impl KvRows<'_> {
 }
 
 /// q/k/v in one GEMV launch and gate/up with the activation in one launch, against the CPU
-/// reference (host NF4 linears, f32; Burn-op activation) on Llama-3.1-8B shapes at 1 and 4
-/// token rows; wall time per call against the separate launches they replace.
+/// reference (host NF4 linears, f32; Burn-op activation) on Llama-3.1-8B shapes at 1 token
+/// row (the SIMT GEMV) and 4, 16, 32, 48 (the MMA kernel at one, two, three token tiles, each
+/// with its own rows per cube); wall time per call against the separate launches they replace.
 fn fused_projections(device: &Device) {
     use llm_core::backend::LlmBackend;
     use llm_core::config::Activation;
@@ -739,7 +740,7 @@ fn fused_projections(device: &Device) {
     let (vc, vg) = layer(kv, hidden, 33);
     let (gc, gg) = layer(inter, hidden, 34);
     let (uc, ug) = layer(inter, hidden, 35);
-    for rows in [1usize, 4] {
+    for rows in [1usize, 4, 16, 32, 48] {
         let mut xs = randn(rows * hidden, 36 + rows as u64, 1.0);
         bf16_round(&mut xs);
         let xc = Tensor::<Cpu, 2>::from_data(TensorData::new(xs.clone(), [rows, hidden]), &cpu);
@@ -1055,8 +1056,8 @@ fn prefill(device: &Device) {
                 );
             }
             // cuBLAS (the server's opt-in, `LLM_CUDA_GEMM=cublas`): dequantize `[out, in]`,
-            // `cublasGemmEx` ordered by flag words or host waits (`llm_core::driver`), so wall
-            // time, waits included. A failed call turns cuBLAS off (said on stderr).
+            // `cublasGemmEx` on CubeCL's stream (`llm_core::driver`); wall time. A failed call
+            // turns cuBLAS off (said on stderr).
             let cublas = llm_core::driver::available()
                 .then(|| gpu.forward_cublas(x.clone()))
                 .flatten();

@@ -1202,19 +1202,19 @@ pub struct GemvConfig {
 impl GemvConfig {
     /// One token: 4 rows per cube share each converted `x`, about 64 steps per unit's row.
     /// From [`MMA_MIN_TOKENS`] to [`MMA_MAX_TOKENS`] tokens: [`nf4_mma`] when [`MMA_DECODE`] is
-    /// on and `k` is a multiple of 128, the windows split over up to 8 planes (at least 4
-    /// windows each); up to 16 tokens (one tile) 32 rows per cube (4 groups of 8 sharing each
-    /// `x` fragment), to 32 tokens 16 rows, past that 8 rows, one window in flight per lane
-    /// (each group and tile holds 4 more accumulator registers, 8 gated; each group 4 more for
-    /// its codes and 16 for its B fragments). Otherwise 2 rows per cube, the looked-up codes
-    /// shared over the tokens (see the kernel's doc), 2 planes. The GEMV's from the
-    /// launch-configuration sweep of `llm-bench kernel` on an H200 (docs/benchmarks.md, run 11:
-    /// at batch 1 the configurations within 10% of each other; at batch 16 this one 166 us
-    /// against 298 us for 1 row per cube on 4096x14336). The MMA kernel's groups are not tuned
-    /// yet (run 18): in the server 32 rows per cube took the 16-row decode step from 12.18 to
-    /// 11.91 ms and 16 rows the 32-token prompt from 12.3 to 10.6 ms, but at batch 4 on
-    /// 4096x4096 16 rows per cube (12.7 us) beat 32 (15.9): the sweep at 16-64 rows decides.
-    pub fn for_shape(tokens: usize, k: usize) -> GemvConfig {
+    /// on and `k` is a multiple of 128. Otherwise 2 rows per cube, the looked-up codes shared
+    /// over the tokens (see the kernel's doc), 2 planes. `n` is the output rows the launch
+    /// covers (stacked weights together; gated: one of gate and up).
+    ///
+    /// The GEMV's from the launch-configuration sweep of `llm-bench kernel` on an H200
+    /// (docs/benchmarks.md, run 11: at batch 1 the configurations within 10% of each other; at
+    /// batch 16 this one 166 us against 298 us for 1 row per cube on 4096x14336). The MMA
+    /// kernel's from run 19's sweep (4096x4096, 14336x4096, 4096x14336): one token tile, 16
+    /// rows per cube (2 groups sharing each `x` fragment) on 8 planes, 4 past 512 cubes (the
+    /// 14336-row shape: 37.3 us against 43.6 for run 18's 32 rows on 8); two tiles, 16 rows on
+    /// 4 planes with 2 windows in flight (14336x4096: 58.6 us against 75.0); three or four, 8
+    /// rows on 4 planes (49.3 us against 77.4 at 4096x4096).
+    pub fn for_shape(tokens: usize, n: usize, k: usize) -> GemvConfig {
         if tokens == 1 {
             GemvConfig {
                 rows: 4,
@@ -1226,14 +1226,17 @@ impl GemvConfig {
             && k.is_multiple_of(128)
             && MMA_DECODE.load(std::sync::atomic::Ordering::Relaxed)
         {
+            let windows = (k / 128 / 4).clamp(1, MAX_PLANES);
+            let (rows, planes, unroll) = match tokens.div_ceil(16) {
+                1 if n.div_ceil(16) > 512 => (16, windows.min(4), 1),
+                1 => (16, windows, 1),
+                2 => (16, windows.min(4), 2),
+                _ => (8, windows.min(4), 1),
+            };
             GemvConfig {
-                rows: match tokens.div_ceil(16) {
-                    1 => 32,
-                    2 => 16,
-                    _ => 8,
-                },
-                planes: (k / 128 / 4).clamp(1, MAX_PLANES),
-                unroll: 1,
+                rows,
+                planes,
+                unroll,
                 mma: true,
             }
         } else {
@@ -1442,7 +1445,7 @@ impl CudaNf4Linear {
         out: CubeTensor<CudaRuntime>,
     ) -> CubeTensor<CudaRuntime> {
         let tokens = x.meta.shape()[0];
-        let cfg = GemvConfig::for_shape(tokens, self.in_features);
+        let cfg = GemvConfig::for_shape(tokens, self.out_features, self.in_features);
         self.gemv_into_with(x, out, cfg)
     }
 
@@ -1508,7 +1511,7 @@ impl CudaNf4Linear {
     /// `x W^T` through the fused GEMV (`tokens <= GEMV_MAX_TOKENS`, or up to [`MMA_MAX_TOKENS`]
     /// where [`GemvConfig::for_shape`] picks [`nf4_mma`]).
     pub fn forward_gemv(&self, x: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
-        let cfg = GemvConfig::for_shape(x.dims()[0], self.in_features);
+        let cfg = GemvConfig::for_shape(x.dims()[0], self.out_features, self.in_features);
         self.forward_gemv_with(x, cfg)
     }
 
@@ -1693,9 +1696,9 @@ fn nf4_layers<'a>(
 /// [`nf4_mma`]'s token tiles up to [`MMA_TOKENS`]); `None`: dequantize + matmul. Decided once
 /// per forward and handed to the launch: [`MMA_DECODE`] is process-wide and a load on another
 /// GPU may turn it off meanwhile ([`probe_mma`]), which must not send 17+ rows to the SIMT GEMV.
-fn fused_config(rows: usize, k: usize) -> Option<GemvConfig> {
+fn fused_config(rows: usize, n: usize, k: usize) -> Option<GemvConfig> {
     use std::sync::atomic::Ordering::Relaxed;
-    let cfg = GemvConfig::for_shape(rows, k);
+    let cfg = GemvConfig::for_shape(rows, n, k);
     let fused = rows <= GEMV_TOKENS.load(Relaxed) || (rows <= MMA_TOKENS.load(Relaxed) && cfg.mma);
     fused.then_some(cfg)
 }
@@ -1704,7 +1707,7 @@ impl Linear<CudaBf16> for CudaNf4Linear {
     fn forward(&self, x: Tensor<CudaBf16, 2>) -> Tensor<CudaBf16, 2> {
         let [tokens, k] = x.dims();
         assert_eq!(k, self.in_features, "linear input width");
-        if let Some(cfg) = fused_config(tokens, k) {
+        if let Some(cfg) = fused_config(tokens, self.out_features, k) {
             self.with_bias(self.forward_gemv_with(x, cfg))
         } else if let Some(y) = self.forward_cublas(x.clone()) {
             y
@@ -1998,7 +2001,8 @@ impl LlmBackend for CudaBf16 {
         linears: &[&dyn Linear<Self>],
     ) -> Option<Vec<Tensor<Self, 2>>> {
         let [tokens, k] = x.dims();
-        let Some(cfg) = fused_config(tokens, k) else {
+        let n = linears.iter().map(|l| l.out_features()).sum();
+        let Some(cfg) = fused_config(tokens, n, k) else {
             // Prefill: the projections' GEMMs in one cuBLAS call group.
             return prefill_gemms(x, &nf4_layers(k, linears)?);
         };
@@ -2035,7 +2039,7 @@ impl LlmBackend for CudaBf16 {
         act: Activation,
     ) -> Option<Tensor<Self, 2>> {
         let [tokens, k] = x.dims();
-        let Some(cfg) = fused_config(tokens, k) else {
+        let Some(cfg) = fused_config(tokens, gate.out_features(), k) else {
             // Prefill: both GEMMs in one cuBLAS call group, then the activation.
             let mut gu = prefill_gemms(x, &nf4_layers(k, &[gate, up])?)?;
             let up = gu.pop()?;

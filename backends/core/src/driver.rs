@@ -5,17 +5,18 @@
 //! cuBLAS is opt-in (`LLM_CUDA_GEMM=cublas`): dequantize, then `cublasGemmEx` (bf16 in and
 //! out, f32 accumulation), as bitsandbytes' `matmul_4bit` does through `torch.nn.functional
 //! .linear` past one row. Alone its GEMMs beat Burn's matmul (512 rows: 205-382 TFLOPS against
-//! 60-200; the 8B linears 33.1 ms against 50.1). CubeCL does not hand out its CUDA stream, so
-//! the two streams meet at two flag words in device memory instead of host waits (those
-//! stalled the host's run-ahead at every projection group: the 8B's 512-token TTFT went from
-//! 60.1 to 79.4 ms in run 14): a one-thread CubeCL kernel stores `v` into the first word
-//! after every kernel before it on CubeCL's stream, cuBLAS's stream waits for that value
-//! (`cuStreamWaitValue32`), runs the GEMMs and writes `v` into the second word
-//! (`cuStreamWriteValue32`), and a one-thread CubeCL kernel spins on that word before
-//! anything after it on CubeCL's stream runs. On the H200 of run 18 (driver 580) the driver
-//! refused the wait (`CUDA_ERROR_INVALID_VALUE`, on a word of CubeCL's pool), so the process
-//! falls back to run 14's host waits (the whole context idle before the GEMMs, cuBLAS's stream
-//! after them) and says so on stderr once; why it refused is not found yet. Loading cuBLAS's
+//! 60-200; the 8B linears 33.1 ms against 50.1). The GEMMs must be ordered with CubeCL's
+//! kernels (the dequantize before them, whatever reads their output after), and CubeCL does
+//! not hand out its CUDA stream. So it is found once per CubeCL stream: CUPTI's callback on
+//! `cuLaunchKernel` sees the stream argument of a probe kernel launched through CubeCL
+//! ([`find_stream`]), and cuBLAS then runs on that very stream, in order with CubeCL's kernels
+//! and with no wait at all. Where CUPTI is missing or refuses (one subscriber per process:
+//! Nsight Compute's own) cuBLAS turns off, said once on stderr: host waits (the whole context
+//! idle before the GEMMs, cuBLAS's own stream after them) stalled the host's run-ahead at
+//! every projection group, slower than Burn's matmul (the 8B's 512-token TTFT went from 60.1
+//! to 79.4 ms in run 14).
+//! Run 18 tried flag words in device memory instead (`cuStreamWaitValue32` on cuBLAS's
+//! stream): the H200's driver refused the wait on CubeCL's pool memory. Loading cuBLAS's
 //! kernels costs ~590 MB of device memory that an unload does not return (docs/benchmarks.md,
 //! run 14). Without the library (`libcublas.so.13` on the loader path) it stays off.
 
@@ -29,76 +30,113 @@ use burn_cubecl::cubecl::server::Handle;
 use burn_cubecl::tensor::CubeTensor;
 use burn_tensor::DType;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::driver::{CudaContext, CudaStream};
+use cudarc::cupti::sys as cupti;
+use cudarc::driver::CudaContext;
 
 /// Whether prefill GEMMs go to cuBLAS when it loads (set from `LLM_CUDA_GEMM` at each CUDA
 /// load, [`crate::cuda::read_env`]); off (the default, module doc), Burn's matmul.
 pub static USE_CUBLAS: AtomicBool = AtomicBool::new(false);
 
-/// Whether the GEMMs are ordered by the flag words (module doc); off for the process once the
-/// driver refuses a wait on them, and the GEMMs fall back to host waits.
-static STREAM_FLAGS: AtomicBool = AtomicBool::new(true);
-
-/// A cuBLAS handle on its own stream, per device, and the flag words ordering it against each
-/// CubeCL stream that called it (module doc), by CubeCL stream id.
+/// A cuBLAS handle, per device, and the CUDA stream of each CubeCL stream that called it
+/// (by CubeCL stream id; `None`: not found).
 struct Blas {
     blas: CudaBlas,
-    stream: Arc<CudaStream>,
     ctx: Arc<CudaContext>,
-    flags: HashMap<u64, Flags>,
+    streams: HashMap<u64, Option<usize>>,
 }
 
-/// Two `u32` words: `[to_blas, from_blas]`, and the value the last call wrote. Per CubeCL
-/// stream: a value written by one stream's kernel must not release another stream's GEMMs.
-struct Flags {
-    /// Keeps the words allocated (CubeCL's pool never moves an allocation).
-    handle: Handle,
-    ptr: u64,
-    count: u32,
-}
-
-/// The one-thread kernels at either side of the GEMMs on CubeCL's stream (module doc).
-mod flag_kernels {
+/// The probe kernel whose launch [`find_stream`] watches.
+mod probe_kernel {
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::prelude::*;
 
-    /// `flags[0] = value`: every kernel before it on the stream is done.
     #[cube(launch_unchecked)]
-    pub fn flag_store(flags: &mut Array<Atomic<u32>>, value: u32) {
+    pub fn llm_stream_probe(out: &mut Array<u32>) {
         if UNIT_POS == 0 {
-            flags[0].store(value);
-        }
-    }
-
-    /// Spin until `flags[1] == value` (cuBLAS's stream wrote it after its GEMMs). Equality,
-    /// not order: the word cannot move past `value` before this kernel ends (the next
-    /// `flag_store` comes after it on this stream, and the next write after that), so it
-    /// survives the counter wrapping.
-    #[cube(launch_unchecked)]
-    pub fn flag_wait(flags: &Array<Atomic<u32>>, value: u32) {
-        if UNIT_POS == 0 {
-            while flags[1].load() != value {}
+            out[0] = 1;
         }
     }
 }
 
-/// Launch a flag kernel on the calling thread's CubeCL stream.
-fn launch_flag(client: &ComputeClient<CudaRuntime>, flags: &Handle, value: u32, store: bool) {
-    use burn_cubecl::cubecl::prelude::{ArrayArg, CubeCount, CubeDim};
-    // SAFETY: `flags` is a live 2-word allocation; each kernel touches word 0 or 1 only.
+/// The stream argument of the last `llm_stream_probe` launch CUPTI reported.
+static PROBED_STREAM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// CUPTI's driver-API callback while [`find_stream`] subscribes: on entry to a
+/// `cuLaunchKernel` of the probe kernel, keep its stream.
+unsafe extern "C" fn on_launch(
+    _: *mut std::ffi::c_void,
+    _: cupti::CUpti_CallbackDomain,
+    cbid: cupti::CUpti_CallbackId,
+    data: *const std::ffi::c_void,
+) {
+    if cbid != cupti::CUpti_driver_api_trace_cbid::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel as u32
+        || data.is_null()
+    {
+        return;
+    }
+    // SAFETY: for the driver domain CUPTI passes a `CUpti_CallbackData`, and for
+    // `cuLaunchKernel` its `functionParams` are that call's parameters.
     unsafe {
-        let arg = ArrayArg::from_raw_parts(flags.clone(), 2);
-        let (count, dim) = (CubeCount::Static(1, 1, 1), CubeDim::new_1d(1));
-        if store {
-            flag_kernels::flag_store::launch_unchecked::<CudaRuntime>(
-                client, count, dim, arg, value,
-            );
-        } else {
-            flag_kernels::flag_wait::launch_unchecked::<CudaRuntime>(
-                client, count, dim, arg, value,
-            );
+        let data = &*(data as *const cupti::CUpti_CallbackData);
+        if data.callbackSite != cupti::CUpti_ApiCallbackSite::CUPTI_API_ENTER
+            || data.symbolName.is_null()
+            || data.functionParams.is_null()
+        {
+            return;
+        }
+        let name = std::ffi::CStr::from_ptr(data.symbolName).to_bytes();
+        if name.windows(16).any(|w| w == b"llm_stream_probe") {
+            let params = &*(data.functionParams as *const cupti::cuLaunchKernel_params_st);
+            PROBED_STREAM.store(params.hStream as usize, Ordering::SeqCst);
         }
     }
+}
+
+/// The CUDA stream CubeCL launches the calling thread's kernels on (module doc): subscribe to
+/// CUPTI's launch callbacks, launch the probe kernel through `client`, wait for CubeCL to have
+/// issued it, unsubscribe. `None` when CUPTI is missing or refuses (one subscriber per
+/// process: Nsight Compute's own, or a probe on another thread, which the lock excludes).
+fn find_stream(client: &ComputeClient<CudaRuntime>) -> Option<usize> {
+    use burn_cubecl::cubecl::prelude::{ArrayArg, CubeCount, CubeDim};
+    static PROBING: Mutex<()> = Mutex::new(());
+    let _one = PROBING.lock().ok()?;
+    // SAFETY: only tries `dlopen` on the candidate names.
+    if !unsafe { cupti::is_culib_present() } {
+        return None;
+    }
+    let ok = |r: cupti::CUptiResult| r == cupti::CUptiResult::CUPTI_SUCCESS;
+    let mut subscriber: cupti::CUpti_SubscriberHandle = std::ptr::null_mut();
+    // SAFETY: `on_launch` only reads the callback data CUPTI hands it.
+    if !ok(unsafe { cupti::cuptiSubscribe(&mut subscriber, Some(on_launch), std::ptr::null_mut()) })
+    {
+        return None;
+    }
+    PROBED_STREAM.store(0, Ordering::SeqCst);
+    // SAFETY: a live subscriber; the probe writes word 0 of its 4-byte buffer.
+    let enabled = ok(unsafe {
+        cupti::cuptiEnableCallback(
+            1,
+            subscriber,
+            cupti::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_DRIVER_API,
+            cupti::CUpti_driver_api_trace_cbid::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel as u32,
+        )
+    });
+    if enabled {
+        let buf = client.empty(4);
+        unsafe {
+            probe_kernel::llm_stream_probe::launch_unchecked::<CudaRuntime>(
+                client,
+                CubeCount::Static(1, 1, 1),
+                CubeDim::new_1d(1),
+                ArrayArg::from_raw_parts(buf, 1),
+            );
+        }
+        let _ = burn_cubecl::cubecl::future::block_on(client.sync());
+    }
+    // SAFETY: the subscriber from above.
+    unsafe { cupti::cuptiUnsubscribe(subscriber) };
+    let stream = PROBED_STREAM.swap(0, Ordering::SeqCst);
+    (enabled && stream != 0).then_some(stream)
 }
 
 /// The device's primary context (the one CubeCL uses), retained once per device.
@@ -178,7 +216,7 @@ pub struct Part {
 }
 
 /// Run `parts` (each against the same `x` `[m, k]`) on cuBLAS, ordered on the calling thread's
-/// CubeCL stream by the flag words (module doc; host waits where the driver refuses them). The
+/// CubeCL stream: on that very stream (module doc). The
 /// weights share one buffer
 /// and the outputs another, so the device addresses cost three round trips to CubeCL's server
 /// thread, whatever the group's size. Returns false when cuBLAS is not [`available`] or a call
@@ -194,7 +232,6 @@ pub fn linears(
     out: &CubeTensor<CudaRuntime>,
     parts: &[Part],
 ) -> bool {
-    use cudarc::driver::sys;
     if parts.is_empty() || !available() {
         return false;
     }
@@ -239,69 +276,33 @@ pub fn linears(
         *slot = r.resource().ptr;
         keep.push(r);
     }
-    // The first flag word, after every kernel this stream has queued (the dequantize writing
-    // `w`, whatever wrote `x`, every earlier reader of `out`'s memory).
-    let flag = if STREAM_FLAGS.load(Ordering::Relaxed) {
-        let stream_id = burn_cubecl::cubecl::stream_id::StreamId::current().value;
-        let flags = match blas.flags.entry(stream_id) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                // Pool memory holds stale values until CubeCL's stream writes the zeros: wait
-                // for them once, so no stale word can match a value or be overwritten later.
-                let handle = client.create_from_slice(&[0u8; 8]);
-                let Ok(r) = client.get_resource(handle.clone()) else {
-                    return give_up("the flag words' address");
-                };
-                if blas.ctx.synchronize().is_err() {
-                    return give_up("zeroing the flag words");
-                }
-                let ptr = r.resource().ptr;
-                e.insert(Flags {
-                    handle,
-                    ptr,
-                    count: 0,
-                })
-            }
-        };
-        flags.count = flags.count.wrapping_add(1);
-        launch_flag(&client, &flags.handle, flags.count, true);
-        Some((flags.handle.clone(), flags.ptr, flags.count))
-    } else {
-        None
-    };
+    let stream_id = burn_cubecl::cubecl::stream_id::StreamId::current().value;
+    let cubecl_stream = *blas
+        .streams
+        .entry(stream_id)
+        .or_insert_with(|| find_stream(&client));
     let [x_ptr, w_ptr, out_ptr] = base;
     if let Err(e) = blas.ctx.bind_to_thread() {
         return give_up(&format!("binding the context: {e:?}"));
     }
-    let cu_stream = blas.stream.cu_stream();
-    let flag = flag.filter(|&(_, ptr, v)| {
-        // SAFETY: the flag word is a live allocation (held by `blas.flags`), the stream ours.
-        let waits = unsafe {
-            sys::cuStreamWaitValue32_v2(
-                cu_stream,
-                ptr,
-                v,
-                sys::CUstreamWaitValue_flags::CU_STREAM_WAIT_VALUE_EQ as u32,
-            )
-        };
-        if waits != sys::CUresult::CUDA_SUCCESS && STREAM_FLAGS.swap(false, Ordering::Relaxed) {
-            // The stored word is harmless; nothing was enqueued on our stream.
-            eprintln!("cuBLAS GEMMs ordered by host waits: cuStreamWaitValue32: {waits:?}");
-        }
-        waits == sys::CUresult::CUDA_SUCCESS
-    });
-    // Without the flag words (run 18 on an H200: the driver refused the wait on CubeCL's
-    // memory, CUDA_ERROR_INVALID_VALUE) the GEMMs wait for the whole context to be idle.
-    if flag.is_none() && blas.ctx.synchronize().is_err() {
-        return give_up("waiting for the device");
+    let Some(stream) = cubecl_stream else {
+        // Host waits would be slower than Burn's matmul (module doc).
+        return give_up("CubeCL's CUDA stream not found (CUPTI missing or refused)");
+    };
+    // SAFETY: a live handle, and a live stream of the same context (CubeCL keeps its streams
+    // for the process).
+    if let Err(e) =
+        unsafe { blas::set_stream(*blas.blas.handle(), stream as blas_sys::cudaStream_t) }
+    {
+        return give_up(&format!("cublasSetStream: {e:?}"));
     }
     let (one, zero) = (1.0f32, 0.0f32);
     let bf16 = 2u64;
     let mut done = true;
     for p in parts {
         // SAFETY: the pointers are live device allocations holding the stated bf16 ranges
-        // (checked above), the handle's stream is ours, and CubeCL's stream reuses none of
-        // them before the second flag word (or the host wait below) says these GEMMs are done.
+        // (checked above), and the handle runs on CubeCL's stream, which reuses none of them
+        // before these GEMMs are done.
         let status = unsafe {
             blas::gemm_ex(
                 *blas.blas.handle(),
@@ -331,27 +332,6 @@ pub fn linears(
             break;
         }
     }
-    let Some((flags, ptr, v)) = flag else {
-        done &= blas.stream.synchronize().is_ok();
-        drop(keep);
-        return done;
-    };
-    // SAFETY: as for the wait above.
-    let writes = unsafe {
-        sys::cuStreamWriteValue32_v2(
-            cu_stream,
-            ptr + 4,
-            v,
-            sys::CUstreamWriteValue_flags::CU_STREAM_WRITE_VALUE_DEFAULT as u32,
-        )
-    };
-    if writes == sys::CUresult::CUDA_SUCCESS {
-        launch_flag(&client, &flags, v, false);
-    } else {
-        // No word for CubeCL's stream to wait on: wait here instead.
-        done &= blas.stream.synchronize().is_ok();
-        done &= give_up(&format!("cuStreamWriteValue32: {writes:?}"));
-    }
     drop(keep);
     done
 }
@@ -369,11 +349,10 @@ fn give_up(why: &str) -> bool {
 fn new_handle(ordinal: usize) -> Option<Blas> {
     let ctx = context(ordinal)?;
     let stream = ctx.new_stream().ok()?;
-    let blas = CudaBlas::new(stream.clone()).ok()?;
+    let blas = CudaBlas::new(stream).ok()?;
     Some(Blas {
         blas,
-        stream,
         ctx,
-        flags: HashMap::new(),
+        streams: HashMap::new(),
     })
 }
