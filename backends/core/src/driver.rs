@@ -30,7 +30,6 @@ use burn_cubecl::cubecl::server::Handle;
 use burn_cubecl::tensor::CubeTensor;
 use burn_tensor::DType;
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
-use cudarc::cupti::sys as cupti;
 use cudarc::driver::CudaContext;
 
 /// Whether prefill GEMMs go to cuBLAS when it loads (set from `LLM_CUDA_GEMM` at each CUDA
@@ -61,33 +60,101 @@ mod probe_kernel {
 /// The stream argument of the last `llm_stream_probe` launch CUPTI reported.
 static PROBED_STREAM: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// The three CUPTI calls [`find_stream`] makes and the two structures its callback reads, as
+/// `cupti_callbacks.h` and `cupti_driver_cbid.h` declare them (CUPTI 12-13).
+mod cupti {
+    use std::ffi::{c_char, c_void};
+
+    pub type Subscriber = *mut c_void;
+    pub type Callback = unsafe extern "C" fn(*mut c_void, u32, u32, *const c_void);
+    pub const SUCCESS: i32 = 0;
+    pub const DOMAIN_DRIVER_API: u32 = 1;
+    pub const CBID_CU_LAUNCH_KERNEL: u32 = 307;
+    pub const API_ENTER: u32 = 0;
+
+    /// `CUpti_CallbackData`.
+    #[repr(C)]
+    pub struct CallbackData {
+        pub callback_site: u32,
+        pub function_name: *const c_char,
+        pub function_params: *const c_void,
+        pub function_return_value: *mut c_void,
+        pub symbol_name: *const c_char,
+        pub context: *mut c_void,
+        pub context_uid: u32,
+        pub correlation_data: *mut u64,
+        pub correlation_id: u32,
+    }
+
+    /// `cuLaunchKernel_params`.
+    #[repr(C)]
+    pub struct LaunchKernelParams {
+        pub f: *mut c_void,
+        pub grid: [u32; 3],
+        pub block: [u32; 3],
+        pub shared_mem_bytes: u32,
+        pub h_stream: *mut c_void,
+        pub kernel_params: *mut *mut c_void,
+        pub extra: *mut *mut c_void,
+    }
+
+    pub struct Api {
+        _lib: libloading::Library,
+        pub subscribe: unsafe extern "C" fn(*mut Subscriber, Callback, *mut c_void) -> i32,
+        pub enable_callback: unsafe extern "C" fn(u32, Subscriber, u32, u32) -> i32,
+        pub unsubscribe: unsafe extern "C" fn(Subscriber) -> i32,
+    }
+
+    /// `libcupti.so.13` (or `libcupti.so`) on the loader path, loaded once.
+    pub fn api() -> Option<&'static Api> {
+        static API: std::sync::OnceLock<Option<Api>> = std::sync::OnceLock::new();
+        API.get_or_init(|| {
+            // SAFETY: loading CUPTI runs no initializer of consequence; the symbols are CUPTI's
+            // C functions with the signatures above.
+            unsafe {
+                let lib = ["libcupti.so.13", "libcupti.so"]
+                    .iter()
+                    .find_map(|n| libloading::Library::new(n).ok())?;
+                let subscribe = *lib.get(b"cuptiSubscribe\0").ok()?;
+                let enable_callback = *lib.get(b"cuptiEnableCallback\0").ok()?;
+                let unsubscribe = *lib.get(b"cuptiUnsubscribe\0").ok()?;
+                Some(Api {
+                    _lib: lib,
+                    subscribe,
+                    enable_callback,
+                    unsubscribe,
+                })
+            }
+        })
+        .as_ref()
+    }
+}
+
 /// CUPTI's driver-API callback while [`find_stream`] subscribes: on entry to a
 /// `cuLaunchKernel` of the probe kernel, keep its stream.
 unsafe extern "C" fn on_launch(
     _: *mut std::ffi::c_void,
-    _: cupti::CUpti_CallbackDomain,
-    cbid: cupti::CUpti_CallbackId,
+    _domain: u32,
+    cbid: u32,
     data: *const std::ffi::c_void,
 ) {
-    if cbid != cupti::CUpti_driver_api_trace_cbid::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel as u32
-        || data.is_null()
-    {
+    if cbid != cupti::CBID_CU_LAUNCH_KERNEL || data.is_null() {
         return;
     }
     // SAFETY: for the driver domain CUPTI passes a `CUpti_CallbackData`, and for
     // `cuLaunchKernel` its `functionParams` are that call's parameters.
     unsafe {
-        let data = &*(data as *const cupti::CUpti_CallbackData);
-        if data.callbackSite != cupti::CUpti_ApiCallbackSite::CUPTI_API_ENTER
-            || data.symbolName.is_null()
-            || data.functionParams.is_null()
+        let data = &*(data as *const cupti::CallbackData);
+        if data.callback_site != cupti::API_ENTER
+            || data.symbol_name.is_null()
+            || data.function_params.is_null()
         {
             return;
         }
-        let name = std::ffi::CStr::from_ptr(data.symbolName).to_bytes();
+        let name = std::ffi::CStr::from_ptr(data.symbol_name).to_bytes();
         if name.windows(16).any(|w| w == b"llm_stream_probe") {
-            let params = &*(data.functionParams as *const cupti::cuLaunchKernel_params_st);
-            PROBED_STREAM.store(params.hStream as usize, Ordering::SeqCst);
+            let params = &*(data.function_params as *const cupti::LaunchKernelParams);
+            PROBED_STREAM.store(params.h_stream as usize, Ordering::SeqCst);
         }
     }
 }
@@ -100,29 +167,27 @@ fn find_stream(client: &ComputeClient<CudaRuntime>) -> Option<usize> {
     use burn_cubecl::cubecl::prelude::{ArrayArg, CubeCount, CubeDim};
     static PROBING: Mutex<()> = Mutex::new(());
     let _one = PROBING.lock().ok()?;
-    // SAFETY: only tries `dlopen` on the candidate names.
-    if !unsafe { cupti::is_culib_present() } {
-        return None;
-    }
-    let ok = |r: cupti::CUptiResult| r == cupti::CUptiResult::CUPTI_SUCCESS;
-    let mut subscriber: cupti::CUpti_SubscriberHandle = std::ptr::null_mut();
+    let api = cupti::api()?;
+    let mut subscriber: cupti::Subscriber = std::ptr::null_mut();
     // SAFETY: `on_launch` only reads the callback data CUPTI hands it.
-    if !ok(unsafe { cupti::cuptiSubscribe(&mut subscriber, Some(on_launch), std::ptr::null_mut()) })
+    if unsafe { (api.subscribe)(&mut subscriber, on_launch, std::ptr::null_mut()) }
+        != cupti::SUCCESS
     {
         return None;
     }
     PROBED_STREAM.store(0, Ordering::SeqCst);
-    // SAFETY: a live subscriber; the probe writes word 0 of its 4-byte buffer.
-    let enabled = ok(unsafe {
-        cupti::cuptiEnableCallback(
+    // SAFETY: a live subscriber.
+    let enabled = unsafe {
+        (api.enable_callback)(
             1,
             subscriber,
-            cupti::CUpti_CallbackDomain::CUPTI_CB_DOMAIN_DRIVER_API,
-            cupti::CUpti_driver_api_trace_cbid::CUPTI_DRIVER_TRACE_CBID_cuLaunchKernel as u32,
+            cupti::DOMAIN_DRIVER_API,
+            cupti::CBID_CU_LAUNCH_KERNEL,
         )
-    });
+    } == cupti::SUCCESS;
     if enabled {
         let buf = client.empty(4);
+        // SAFETY: the probe writes word 0 of its 4-byte buffer.
         unsafe {
             probe_kernel::llm_stream_probe::launch_unchecked::<CudaRuntime>(
                 client,
@@ -134,7 +199,7 @@ fn find_stream(client: &ComputeClient<CudaRuntime>) -> Option<usize> {
         let _ = burn_cubecl::cubecl::future::block_on(client.sync());
     }
     // SAFETY: the subscriber from above.
-    unsafe { cupti::cuptiUnsubscribe(subscriber) };
+    unsafe { (api.unsubscribe)(subscriber) };
     let stream = PROBED_STREAM.swap(0, Ordering::SeqCst);
     (enabled && stream != 0).then_some(stream)
 }
