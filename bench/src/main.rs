@@ -212,21 +212,6 @@ fn kernel(device: &Device, sweep: bool) {
             if sweep && (b == 1 || (b == 16 && k == 4096 && n == 14336)) {
                 sweeps.push(("nf4_gemv_sweep", gemv_configs(b)));
             }
-            if b == 1 {
-                // The one-token kernel with its pair table (the default) in a few
-                // configurations, and without it (run 18's default, a code per lookup).
-                let base = llm_core::cuda::GemvConfig::for_shape(1, n, k);
-                let mut pairs = configs(&[2, 4, 8], &[1, 2], &[4, 8], false);
-                pairs.iter_mut().for_each(|c| c.pairs = true);
-                sweeps.push(("nf4_gemv_pairs_sweep", pairs));
-                let planes = (k / 32 / 64).clamp(1, llm_core::cuda::MAX_PLANES);
-                let lut16 = llm_core::cuda::GemvConfig {
-                    planes,
-                    pairs: false,
-                    ..base
-                };
-                sweeps.push(("nf4_gemv_lut16", vec![lut16]));
-            }
             if matches!(b, 4 | 16 | 32 | 64) && llm_core::cuda::GemvConfig::for_shape(b, n, k).mma {
                 sweeps.push(("nf4_mma_sweep", mma_configs(b)));
             }
@@ -304,7 +289,7 @@ fn sweep_configs(
             dev,
             "us",
             serde_json::json!({"batch": batch, "rows": cfg.rows, "planes": cfg.planes,
-                               "unroll": cfg.unroll, "pairs": cfg.pairs,
+                               "unroll": cfg.unroll,
                                "default": cfg == llm_core::cuda::GemvConfig::for_shape(batch, gpu.out_features(), gpu.in_features()),
                                "rel_err": err, "pass": err < 1e-2,
                                "weight_GBps": weight_bytes / (dev * 1e-6) / 1e9,
@@ -352,7 +337,6 @@ fn configs(
                     planes,
                     unroll,
                     mma,
-                    pairs: false,
                 });
             }
         }

@@ -87,15 +87,12 @@ pub static MMA_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 /// 52-57 us; 51-54 vs 144-168 us at 16).
 pub const MMA_MIN_TOKENS: usize = 3;
 /// Most planes (warps) per GEMV cube.
-pub const MAX_PLANES: usize = 8;
+const MAX_PLANES: usize = 8;
 
 pub use kernels::{
     add_rms_norm, decode_attention, decode_attention_rows, gated_act, kv_append, kv_append_rows,
     nf4_dequantize, nf4_dequantize_t, nf4_gemv, nf4_mma, rms_norm, rope,
 };
-
-/// Entries of [`nf4_gemv`]'s pair table (`pairs`): 256 byte values x 32 lanes, 32 KiB of `u32`.
-const PAIR_TABLE: usize = 256 * 32;
 
 /// KV-cache capacity grows in multiples of this many positions.
 const KV_CHUNK: usize = 128;
@@ -105,7 +102,7 @@ const KV_CHUNK: usize = 128;
 /// allocation and a host-to-device copy on every launch; these kernels take their few sizes
 /// as scalars instead.
 mod kernels {
-    use super::{MAX_PLANES, PAIR_TABLE};
+    use super::MAX_PLANES;
     use burn_cubecl::cubecl;
     use burn_cubecl::cubecl::cmma;
     use burn_cubecl::cubecl::prelude::*;
@@ -143,15 +140,6 @@ mod kernels {
     /// (L1-resident: `x` is at most 16 x 28 KiB). Consecutive units read consecutive vectors, so
     /// a plane reads 512 contiguous bytes of a row per step and each weight byte is read once.
     /// The code book sits in shared memory, 16 f32 in 16 distinct banks: lookups never conflict.
-    /// With `pairs` (one token) a lookup serves a byte, two weights: a table of the 256 byte
-    /// values' code pairs as bf16 (high nibble's in the high half), one copy per lane so the
-    /// lanes of a plane never meet in a bank (32 KiB per cube). That halves the lookups and
-    /// their index arithmetic, which bound the one-token kernel (docs/benchmarks.md, run 19:
-    /// 5.9 instructions per weight, one of them a lookup, 50% issue and 71% L1 busy at 39% of
-    /// copy bandwidth); the codes are rounded to bf16 before the multiply (bnb rounds
-    /// code x absmax to bf16 instead; both within the kernel's tolerance). The cubes are then
-    /// persistent, fewer than `cubes` row groups and each looping over them, so that each
-    /// fills its table once.
     /// Each pass issues the loads of `unroll` steps before any math, so several loads per unit
     /// are in flight.
     ///
@@ -170,8 +158,7 @@ mod kernels {
     /// Shapes: `x` `[tokens, k / 8]` of `Vector<F, 8>`, `packed_i` `[n_i * k / 32]` of
     /// `Vector<u32, 4>`, `absmax_i` `[n_i * k / 64]`. Cube dim `(32, planes)`,
     /// `planes <= MAX_PLANES`; cube count: the sum of `ceil(n_i / rows)` over the stacked
-    /// weights (every one but the last a multiple of `rows`), `ceil(n0 / rows)` gated, passed
-    /// as `cubes` (the launch may have fewer cubes: each then takes every `CUBE_COUNT_X`-th).
+    /// weights (every one but the last a multiple of `rows`), `ceil(n0 / rows)` gated.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
     pub fn nf4_gemv<F: Float, NX: Size, NQ4: Size>(
@@ -192,11 +179,9 @@ mod kernels {
         base1: u32,
         base2: u32,
         k: u32,
-        cubes: u32,
         #[comptime] tokens: usize,
         #[comptime] rows: usize,
         #[comptime] unroll: usize,
-        #[comptime] pairs: bool,
         #[comptime] gated: bool,
         #[comptime] gelu: bool,
         #[define(F)] _dtype: StorageType,
@@ -205,188 +190,142 @@ mod kernels {
         let lanes = comptime!(if gated { 2usize } else { 1usize });
         let width = comptime!(rows * lanes * tokens);
         let mut lut = SharedMemory::<f32>::new(16usize);
-        let mut table =
-            SharedMemory::<u32>::new(comptime!(if pairs { PAIR_TABLE } else { 1usize }));
         let mut partial = SharedMemory::<f32>::new(comptime!(MAX_PLANES * rows * lanes * tokens));
         if UNIT_POS < 16 {
             lut[UNIT_POS as usize] = code[UNIT_POS as usize];
         }
         sync_cube();
-        if comptime!(pairs) {
-            // Entry `e * 32 + lane`: the codes of byte value `e` (high nibble in the high half)
-            // as bf16, one copy per lane, so the 32 lanes of a plane read 32 distinct banks.
-            let mut i = UNIT_POS as usize;
-            while i < PAIR_TABLE {
-                let e = i / 32;
-                table[i] = bf16_bits(lut[e / 16]) | (bf16_bits(lut[e % 16]) >> 16);
-                i += CUBE_DIM as usize;
-            }
-            sync_cube();
-        }
-        let lane = UNIT_POS_X as usize;
 
-        // Persistent cubes (launched fewer than `cubes` when `pairs`: each fills its table
-        // once): cube `c` takes row groups c, c + CUBE_COUNT_X, ...
-        let mut c = CUBE_POS_X;
-        while c < cubes {
-            // The weight this cube's rows belong to: stacked weight 1 from cube `cut1`, 2 from
-            // `cut2` (both past the last cube when not stacked).
-            let cube = c as usize;
-            let in1 = c >= cut1;
-            let in2 = c >= cut2;
-            let n_us = select(in2, n2, select(in1, n1, n0)) as usize;
-            let first_cube = select(in2, cut2, select(in1, cut1, u32::new(0))) as usize;
-            let out_base = select(in2, base2, select(in1, base1, u32::new(0))) as usize;
-            let row0 = (cube - first_cube) * rows;
-            let steps = k as usize / 32;
-            let xrow = k as usize / 8;
-            let mut acc = Array::<f32>::new(width);
+        // The weight this cube's rows belong to: stacked weight 1 from cube `cut1`, 2 from
+        // `cut2` (both past the last cube when not stacked).
+        let cube = CUBE_POS_X as usize;
+        let in1 = CUBE_POS_X >= cut1;
+        let in2 = CUBE_POS_X >= cut2;
+        let n_us = select(in2, n2, select(in1, n1, n0)) as usize;
+        let first_cube = select(in2, cut2, select(in1, cut1, u32::new(0))) as usize;
+        let out_base = select(in2, base2, select(in1, base1, u32::new(0))) as usize;
+        let row0 = (cube - first_cube) * rows;
+        let steps = k as usize / 32;
+        let xrow = k as usize / 8;
+        let mut acc = Array::<f32>::new(width);
+        #[unroll]
+        for i in 0..width {
+            acc[i] = f32::new(0.0);
+        }
+        // Steps past the end (last pass) read the last step again with an absmax of 0: they
+        // add nothing.
+        let stride = CUBE_DIM as usize;
+        let mut s = UNIT_POS as usize;
+        while s < steps {
+            let mut q = Array::<Vector<u32, NQ4>>::new(comptime!(rows * unroll * lanes));
+            let mut a = Array::<f32>::new(comptime!(rows * unroll * lanes));
             #[unroll]
-            for i in 0..width {
-                acc[i] = f32::new(0.0);
-            }
-            // Steps past the end (last pass) read the last step again with an absmax of 0: they
-            // add nothing.
-            let stride = CUBE_DIM as usize;
-            let mut s = UNIT_POS as usize;
-            while s < steps {
-                let mut q = Array::<Vector<u32, NQ4>>::new(comptime!(rows * unroll * lanes));
-                let mut a = Array::<f32>::new(comptime!(rows * unroll * lanes));
+            for u in 0..unroll {
+                let su = s + u * stride;
+                let sc = select(su < steps, su, steps - 1);
                 #[unroll]
-                for u in 0..unroll {
-                    let su = s + u * stride;
-                    let sc = select(su < steps, su, steps - 1);
+                for r in 0..rows {
+                    // Rows past `n` (last cube) read the last row; their sums are not written.
+                    let row = select(row0 + r < n_us, row0 + r, n_us - 1);
+                    let idx = row * steps + sc;
+                    let slot = (u * rows + r) * lanes;
+                    load_codes(
+                        &mut q,
+                        &mut a,
+                        slot,
+                        idx,
+                        su < steps,
+                        packed0,
+                        absmax0,
+                        packed1,
+                        absmax1,
+                        packed2,
+                        absmax2,
+                        in1,
+                        in2,
+                        gated,
+                    );
+                }
+            }
+            #[unroll]
+            for u in 0..unroll {
+                let su = s + u * stride;
+                let sc = select(su < steps, su, steps - 1);
+                if comptime!(tokens == 1) {
+                    let mut xf = Array::<f32>::new(32usize);
                     #[unroll]
-                    for r in 0..rows {
-                        // Rows past `n` (last cube) read the last row; their sums are not written.
-                        let row = select(row0 + r < n_us, row0 + r, n_us - 1);
-                        let idx = row * steps + sc;
-                        let slot = (u * rows + r) * lanes;
-                        load_codes(
-                            &mut q,
-                            &mut a,
-                            slot,
-                            idx,
-                            su < steps,
-                            packed0,
-                            absmax0,
-                            packed1,
-                            absmax1,
-                            packed2,
-                            absmax2,
-                            in1,
-                            in2,
-                            gated,
-                        );
-                    }
-                }
-                #[unroll]
-                for u in 0..unroll {
-                    let su = s + u * stride;
-                    let sc = select(su < steps, su, steps - 1);
-                    if comptime!(tokens == 1) {
-                        let mut xf = Array::<f32>::new(32usize);
+                    for j in 0..4usize {
+                        let xv = x[sc * 4 + j];
                         #[unroll]
-                        for j in 0..4usize {
-                            let xv = x[sc * 4 + j];
-                            #[unroll]
-                            for i in 0..8usize {
-                                xf[j * 8 + i] = f32::cast_from(xv[i]);
-                            }
+                        for i in 0..8usize {
+                            xf[j * 8 + i] = f32::cast_from(xv[i]);
+                        }
+                    }
+                    #[unroll]
+                    for w in 0..rows * lanes {
+                        let mut dot = f32::new(0.0);
+                        #[unroll]
+                        for i in 0..32usize {
+                            dot += code_at(q[u * rows * lanes + w], &lut, i) * xf[i];
+                        }
+                        acc[w] += dot * a[u * rows * lanes + w];
+                    }
+                } else {
+                    #[unroll]
+                    for w in 0..rows * lanes {
+                        let mut c = Array::<f32>::new(32usize);
+                        #[unroll]
+                        for i in 0..32usize {
+                            c[i] = code_at(q[u * rows * lanes + w], &lut, i);
                         }
                         #[unroll]
-                        for w in 0..rows * lanes {
+                        for t in 0..tokens {
                             let mut dot = f32::new(0.0);
-                            if comptime!(pairs) {
-                                let qv = q[u * rows * lanes + w];
-                                #[unroll]
-                                for j in 0..4usize {
-                                    let word = qv[j];
-                                    #[unroll]
-                                    for b in 0..4usize {
-                                        let byte =
-                                            ((word >> comptime!(8 * b as u32)) & 0xFF) as usize;
-                                        let v = table[byte * 32 + lane];
-                                        dot +=
-                                            f32::reinterpret(v & 0xFFFF0000u32) * xf[j * 8 + 2 * b];
-                                        dot += f32::reinterpret(v << 16u32) * xf[j * 8 + 2 * b + 1];
-                                    }
-                                }
-                            } else {
-                                #[unroll]
-                                for i in 0..32usize {
-                                    dot += code_at(q[u * rows * lanes + w], &lut, i) * xf[i];
-                                }
-                            }
-                            acc[w] += dot * a[u * rows * lanes + w];
-                        }
-                    } else {
-                        #[unroll]
-                        for w in 0..rows * lanes {
-                            let mut c = Array::<f32>::new(32usize);
                             #[unroll]
-                            for i in 0..32usize {
-                                c[i] = code_at(q[u * rows * lanes + w], &lut, i);
-                            }
-                            #[unroll]
-                            for t in 0..tokens {
-                                let mut dot = f32::new(0.0);
+                            for j in 0..4usize {
+                                let xv = x[t * xrow + sc * 4 + j];
                                 #[unroll]
-                                for j in 0..4usize {
-                                    let xv = x[t * xrow + sc * 4 + j];
-                                    #[unroll]
-                                    for i in 0..8usize {
-                                        dot += c[j * 8 + i] * f32::cast_from(xv[i]);
-                                    }
+                                for i in 0..8usize {
+                                    dot += c[j * 8 + i] * f32::cast_from(xv[i]);
                                 }
-                                acc[w * tokens + t] += dot * a[u * rows * lanes + w];
                             }
+                            acc[w * tokens + t] += dot * a[u * rows * lanes + w];
                         }
                     }
                 }
-                s += stride * unroll;
             }
-            #[unroll]
-            for i in 0..width {
-                let v = plane_sum(acc[i]);
-                if UNIT_POS_X == 0 {
-                    partial[UNIT_POS_Y as usize * width + i] = v;
-                }
-            }
-            sync_cube();
-            // Unit `i < rows * tokens` finishes row `i / tokens` of token `i % tokens`.
-            let i = UNIT_POS as usize;
-            if i < rows * tokens {
-                let r = i / tokens;
-                let t = i % tokens;
-                let row = row0 + r;
-                if row < n_us {
-                    let mut total = f32::new(0.0);
-                    let mut second = f32::new(0.0);
-                    for p in 0..CUBE_DIM_Y as usize {
-                        total += partial[p * width + r * lanes * tokens + t];
-                        if comptime!(gated) {
-                            second += partial[p * width + (r * lanes + 1) * tokens + t];
-                        }
-                    }
-                    if comptime!(gated) {
-                        out[t * n_us + row] = gate_times_up::<F>(total, second, gelu);
-                    } else {
-                        out[out_base + t * n_us + row] = F::cast_from(total);
-                    }
-                }
-            }
-            // `partial` is written again by the next row group.
-            sync_cube();
-            c += CUBE_COUNT_X;
+            s += stride * unroll;
         }
-    }
-
-    /// The bits of `f` rounded to bf16 (to nearest, ties to even), in the high half.
-    #[cube]
-    fn bf16_bits(f: f32) -> u32 {
-        let b = u32::reinterpret(f);
-        (b + 0x7FFFu32 + ((b >> 16u32) & 1u32)) & 0xFFFF0000u32
+        #[unroll]
+        for i in 0..width {
+            let v = plane_sum(acc[i]);
+            if UNIT_POS_X == 0 {
+                partial[UNIT_POS_Y as usize * width + i] = v;
+            }
+        }
+        sync_cube();
+        // Unit `i < rows * tokens` finishes row `i / tokens` of token `i % tokens`.
+        let i = UNIT_POS as usize;
+        if i < rows * tokens {
+            let r = i / tokens;
+            let t = i % tokens;
+            let row = row0 + r;
+            if row < n_us {
+                let mut total = f32::new(0.0);
+                let mut second = f32::new(0.0);
+                for p in 0..CUBE_DIM_Y as usize {
+                    total += partial[p * width + r * lanes * tokens + t];
+                    if comptime!(gated) {
+                        second += partial[p * width + (r * lanes + 1) * tokens + t];
+                    }
+                }
+                if comptime!(gated) {
+                    out[t * n_us + row] = gate_times_up::<F>(total, second, gelu);
+                } else {
+                    out[out_base + t * n_us + row] = F::cast_from(total);
+                }
+            }
+        }
     }
 
     /// [`nf4_gemv`] on tensor cores, for 3 to 64 token rows: the same weights, outputs and
@@ -1258,14 +1197,10 @@ pub struct GemvConfig {
     /// [`nf4_mma`] (tensor cores; `rows` 8, 16 or 32: its groups of 8) instead of
     /// [`nf4_gemv`].
     pub mma: bool,
-    /// [`nf4_gemv`] at one token looks codes up a byte (two weights) at a time, in persistent
-    /// cubes (the kernel's doc).
-    pub pairs: bool,
 }
 
 impl GemvConfig {
-    /// One token: 4 rows per cube share each converted `x`, the pair table (the kernel's doc),
-    /// 4 to 8 planes (a cube holds its table for all its planes).
+    /// One token: 4 rows per cube share each converted `x`, about 64 steps per unit's row.
     /// From [`MMA_MIN_TOKENS`] to [`MMA_MAX_TOKENS`] tokens: [`nf4_mma`] when [`MMA_DECODE`] is
     /// on and `k` is a multiple of 128. Otherwise 2 rows per cube, the looked-up codes shared
     /// over the tokens (see the kernel's doc), 2 planes. `n` is the output rows the launch
@@ -1283,10 +1218,9 @@ impl GemvConfig {
         if tokens == 1 {
             GemvConfig {
                 rows: 4,
-                planes: (k / 32 / 32).clamp(4, MAX_PLANES),
+                planes: (k / 32 / 64).clamp(1, MAX_PLANES),
                 unroll: 1,
                 mma: false,
-                pairs: true,
             }
         } else if (MMA_MIN_TOKENS..=MMA_MAX_TOKENS).contains(&tokens)
             && k.is_multiple_of(128)
@@ -1304,7 +1238,6 @@ impl GemvConfig {
                 planes,
                 unroll,
                 mma: true,
-                pairs: false,
             }
         } else {
             GemvConfig {
@@ -1312,7 +1245,6 @@ impl GemvConfig {
                 planes: 2,
                 unroll: 1,
                 mma: false,
-                pairs: false,
             }
         }
     }
@@ -1385,11 +1317,10 @@ fn launch_gemv(
     // The two kernels take the same buffers and sizes; they differ in their vector sizes and
     // comptime switches.
     macro_rules! launch {
-        ($kernel:ident, $grid:expr, [$($size:expr),*], [$($scalar:expr),*], $tokens:expr,
-         [$($comptime:expr),*]) => {
+        ($kernel:ident, [$($size:expr),*], $tokens:expr, [$($comptime:expr),*]) => {
             $kernel::launch_unchecked::<CudaRuntime>(
                 &client,
-                CubeCount::Static($grid as u32, 1, 1),
+                CubeCount::Static(cubes as u32, 1, 1),
                 CubeDim::new_2d(32, cfg.planes as u32),
                 $($size,)*
                 x.into_array_arg(),
@@ -1409,7 +1340,6 @@ fn launch_gemv(
                 bases[1] as u32,
                 bases[2] as u32,
                 k as u32,
-                $($scalar,)*
                 $tokens,
                 $($comptime,)*
                 gated.is_some(),
@@ -1432,9 +1362,7 @@ fn launch_gemv(
         unsafe {
             launch!(
                 nf4_mma,
-                cubes,
                 [8, 4, 2],
-                [],
                 tokens as u32,
                 [cfg.unroll, tiles, groups]
             )
@@ -1447,38 +1375,8 @@ fn launch_gemv(
         // above, `out` holds `bases[i] + tokens * n_i` elements for each stacked weight (blocks not
         // overlapping) or `tokens * n0` (gated), and `partial` holds `MAX_PLANES * rows * lanes *
         // tokens` sums (planes checked).
-        let pairs = cfg.pairs && tokens == 1;
-        // Persistent cubes for the pair table: as many as fit the SMs at once (its 32 KiB
-        // allow 6 per SM; registers about 32 planes), each filling its table once.
-        let grid = if pairs {
-            cubes.min(sm_count(&client) * (32 / cfg.planes).clamp(1, 6))
-        } else {
-            cubes
-        };
-        unsafe {
-            launch!(
-                nf4_gemv,
-                grid,
-                [8, 4],
-                [cubes as u32],
-                tokens,
-                [cfg.rows, cfg.unroll, pairs]
-            )
-        };
+        unsafe { launch!(nf4_gemv, [8, 4], tokens, [cfg.rows, cfg.unroll]) };
     }
-}
-
-/// The device's streaming multiprocessors (CubeCL's properties, read once: a copy of them
-/// costs host time per launch).
-fn sm_count(client: &burn_cubecl::cubecl::client::ComputeClient<CudaRuntime>) -> usize {
-    static SMS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *SMS.get_or_init(|| {
-        client
-            .properties()
-            .hardware
-            .num_streaming_multiprocessors
-            .unwrap_or(132) as usize
-    })
 }
 
 /// An NF4 weight on the GPU.
