@@ -119,7 +119,7 @@ fn copy_bandwidth(device: &Device) -> f64 {
 fn kernel(device: &Device, sweep: bool) {
     use std::sync::atomic::Ordering::Relaxed;
     let copy_gbs = copy_bandwidth(device);
-    // cuBLAS is opt-in in the server (llm_core::driver); here it is one of the compared paths.
+    // cuBLAS is the server's default where it loads (llm_core::driver); here one of the paths.
     llm_core::driver::USE_CUBLAS.store(true, Relaxed);
 
     for (k, n) in [(4096usize, 4096usize), (4096, 14336), (14336, 4096)] {
@@ -1007,7 +1007,7 @@ fn compare_with<A: Architecture>(
 /// the seven projections of a layer summed, times 32 layers: the linears' share of a prompt.
 fn prefill(device: &Device) {
     use std::sync::atomic::Ordering::Relaxed;
-    // cuBLAS is opt-in in the server (llm_core::driver); here it is one of the compared paths.
+    // cuBLAS is the server's default where it loads (llm_core::driver); here one of the paths.
     llm_core::driver::USE_CUBLAS.store(true, Relaxed);
     // (out, in, projections of this shape per layer)
     let shapes = [
@@ -1055,7 +1055,7 @@ fn prefill(device: &Device) {
                                        "timing": "device"}),
                 );
             }
-            // cuBLAS (the server's opt-in, `LLM_CUDA_GEMM=cublas`): dequantize `[out, in]`,
+            // cuBLAS (the server's default where it loads): dequantize `[out, in]`,
             // `cublasGemmEx` on CubeCL's stream (`llm_core::driver`); wall time. A failed call
             // turns cuBLAS off (said on stderr).
             let cublas = llm_core::driver::available()

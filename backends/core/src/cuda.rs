@@ -1529,7 +1529,7 @@ impl CudaNf4Linear {
     }
 
     /// `x W^T (+ b)` by dequantizing to bf16 and cuBLAS (what `forward` does past the fused
-    /// kernels' rows, [`fused_config`], with `LLM_CUDA_GEMM=cublas`); `None` when cuBLAS is off
+    /// kernels' rows, [`fused_config`], unless `LLM_CUDA_GEMM=burn`); `None` when cuBLAS is off
     /// or absent.
     pub fn forward_cublas(&self, x: Tensor<CudaBf16, 2>) -> Option<Tensor<CudaBf16, 2>> {
         prefill_gemms(&x, &[self]).map(|mut y| y.remove(0))
@@ -1800,16 +1800,21 @@ pub fn probe_mma(device: &CudaDevice) {
 /// Benchmark switches from the environment: `LLM_CUDA_MMA=0` turns [`MMA_DECODE`] off;
 /// `LLM_CUDA_MMA_ROWS=N` sets [`MMA_TOKENS`];
 /// `LLM_CUDA_DEQUANT=nk` turns
-/// [`DEQUANT_TRANSPOSED`] off, `kn` (the default) on; `LLM_CUDA_GEMM=cublas` sends prefill
-/// GEMMs to cuBLAS when the library loads, `burn` (the default) keeps Burn's matmul
-/// ([`crate::driver`] says why); another value is reported and ignored.
+/// [`DEQUANT_TRANSPOSED`] off, `kn` (the default) on; prefill GEMMs go to cuBLAS when the
+/// library loads (and CUPTI finds CubeCL's stream, [`crate::driver`]), unless
+/// `LLM_CUDA_GEMM=burn` keeps Burn's matmul (`cublas`, the default, asks for cuBLAS); another
+/// value is reported and ignored. Every load reads it again (a failed cuBLAS call turns
+/// cuBLAS off until then).
 pub fn read_env() {
-    match std::env::var("LLM_CUDA_GEMM").as_deref() {
-        Ok("burn") => crate::driver::USE_CUBLAS.store(false, std::sync::atomic::Ordering::Relaxed),
-        Ok("cublas") => crate::driver::USE_CUBLAS.store(true, std::sync::atomic::Ordering::Relaxed),
-        Ok(other) => eprintln!("LLM_CUDA_GEMM={other} ignored (cublas or burn)"),
-        Err(_) => {}
-    }
+    let cublas = match std::env::var("LLM_CUDA_GEMM").as_deref() {
+        Ok("burn") => false,
+        Ok("cublas") | Err(_) => true,
+        Ok(other) => {
+            eprintln!("LLM_CUDA_GEMM={other} ignored (cublas or burn)");
+            true
+        }
+    };
+    crate::driver::USE_CUBLAS.store(cublas, std::sync::atomic::Ordering::Relaxed);
     if let Ok(v) = std::env::var("LLM_CUDA_MMA_ROWS") {
         match v.parse::<usize>() {
             Ok(n) if n <= MMA_MAX_TOKENS => {

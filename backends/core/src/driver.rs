@@ -1,11 +1,13 @@
 //! The CUDA driver and cuBLAS beside CubeCL, on the same primary context: host-to-device
-//! copies for loads ([`copy_in`]) and, on request, bf16 GEMMs through cuBLAS for prefill-sized
-//! NF4 linears ([`linears`]).
+//! copies for loads ([`copy_in`]) and bf16 GEMMs through cuBLAS for prefill-sized NF4 linears
+//! ([`linears`]).
 //!
-//! cuBLAS is opt-in (`LLM_CUDA_GEMM=cublas`): dequantize, then `cublasGemmEx` (bf16 in and
-//! out, f32 accumulation), as bitsandbytes' `matmul_4bit` does through `torch.nn.functional
-//! .linear` past one row. Alone its GEMMs beat Burn's matmul (512 rows: 205-382 TFLOPS against
-//! 60-200; the 8B linears 33.1 ms against 50.1). The GEMMs must be ordered with CubeCL's
+//! cuBLAS is the default where it loads (`LLM_CUDA_GEMM=burn` turns it off,
+//! [`crate::cuda::read_env`]): dequantize, then `cublasGemmEx` (bf16 in and out, f32
+//! accumulation), as bitsandbytes' `matmul_4bit` does through `torch.nn.functional.linear` past
+//! one row. Its GEMMs beat Burn's matmul: the 8B's prefill linears at 512 rows take 19.8 ms
+//! against 49.1, its 512-token TTFT 42.7 ms against 59.7 (docs/benchmarks.md, runs 18-19). The
+//! GEMMs must be ordered with CubeCL's
 //! kernels (the dequantize before them, whatever reads their output after), and CubeCL does
 //! not hand out its CUDA stream. So it is found once per CubeCL stream: CUPTI's callback on
 //! `cuLaunchKernel` sees the stream argument of a probe kernel launched through CubeCL
@@ -33,7 +35,8 @@ use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::CudaContext;
 
 /// Whether prefill GEMMs go to cuBLAS when it loads (set from `LLM_CUDA_GEMM` at each CUDA
-/// load, [`crate::cuda::read_env`]); off (the default, module doc), Burn's matmul.
+/// load, [`crate::cuda::read_env`]: on unless `LLM_CUDA_GEMM=burn`); off, Burn's matmul. Off
+/// until a load reads it (llm-bench sets it itself).
 pub static USE_CUBLAS: AtomicBool = AtomicBool::new(false);
 
 /// A cuBLAS handle, per device, and the CUDA stream of each CubeCL stream that called it
