@@ -39,12 +39,11 @@ use cudarc::driver::CudaContext;
 /// until a load reads it (llm-bench sets it itself).
 pub static USE_CUBLAS: AtomicBool = AtomicBool::new(false);
 
-/// A cuBLAS handle, per device, and the CUDA stream of each CubeCL stream that called it
-/// (by CubeCL stream id; `None`: not found).
+/// A cuBLAS handle bound to one CubeCL stream's CUDA stream: one per device and CubeCL stream,
+/// so that no two streams share a handle's workspace.
 struct Blas {
     blas: CudaBlas,
     ctx: Arc<CudaContext>,
-    streams: HashMap<u64, Option<usize>>,
 }
 
 /// The probe kernel whose launch [`find_stream`] watches.
@@ -108,15 +107,23 @@ mod cupti {
         pub unsubscribe: unsafe extern "C" fn(Subscriber) -> i32,
     }
 
-    /// `libcupti.so.13` (or `libcupti.so`) on the loader path, loaded once.
+    /// `libcupti.so.13` on the loader path (PyTorch's CUDA 13 wheels put it beside cuBLAS),
+    /// else the toolkit's `extras/CUPTI/lib64` under `$CUDA_HOME`, `$CUDA_PATH` or
+    /// `/usr/local/cuda`; loaded once.
     pub fn api() -> Option<&'static Api> {
         static API: std::sync::OnceLock<Option<Api>> = std::sync::OnceLock::new();
         API.get_or_init(|| {
             // SAFETY: loading CUPTI runs no initializer of consequence; the symbols are CUPTI's
             // C functions with the signatures above.
             unsafe {
-                let lib = ["libcupti.so.13", "libcupti.so"]
+                let toolkit = ["CUDA_HOME", "CUDA_PATH"]
                     .iter()
+                    .filter_map(|v| std::env::var(v).ok())
+                    .chain(["/usr/local/cuda".to_string()])
+                    .map(|root| format!("{root}/extras/CUPTI/lib64/libcupti.so.13"));
+                let lib = ["libcupti.so.13".to_string(), "libcupti.so".to_string()]
+                    .into_iter()
+                    .chain(toolkit)
                     .find_map(|n| libloading::Library::new(n).ok())?;
                 let subscribe = *lib.get(b"cuptiSubscribe\0").ok()?;
                 let enable_callback = *lib.get(b"cuptiEnableCallback\0").ok()?;
@@ -250,8 +257,9 @@ pub fn copy_in(
 
 /// Handles by device ordinal, created at first use and dropped by [`release`] when a model
 /// leaves the device (so an unload hands cuBLAS's workspace back too).
-fn handles() -> &'static Mutex<HashMap<usize, Blas>> {
-    static HANDLES: OnceLock<Mutex<HashMap<usize, Blas>>> = OnceLock::new();
+/// Keyed by (device ordinal, CubeCL stream id).
+fn handles() -> &'static Mutex<HashMap<(usize, u64), Blas>> {
+    static HANDLES: OnceLock<Mutex<HashMap<(usize, u64), Blas>>> = OnceLock::new();
     HANDLES.get_or_init(Default::default)
 }
 
@@ -269,8 +277,19 @@ pub fn available() -> bool {
 
 /// Drop `device`'s handle and stream (a model was unloaded); the next GEMM makes new ones.
 pub fn release(device: &CudaDevice) {
-    if let Ok(mut h) = handles().lock() {
-        h.remove(&device.index);
+    let Ok(mut h) = handles().lock() else {
+        return;
+    };
+    let keys: Vec<_> = h.keys().filter(|k| k.0 == device.index).copied().collect();
+    for key in keys {
+        if let Some(blas) = h.remove(&key) {
+            // Another model's GEMMs may still run on the device: let them end before the
+            // handle (and the workspace they use) goes.
+            if blas.ctx.bind_to_thread().is_ok() {
+                let _ = blas.ctx.synchronize();
+            }
+            drop(blas);
+        }
     }
 }
 
@@ -326,15 +345,11 @@ pub fn linears(
     let Ok(mut handles) = handles().lock() else {
         return false;
     };
-    let blas = match handles.entry(device.index) {
-        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-        std::collections::hash_map::Entry::Vacant(e) => match new_handle(device.index) {
-            Some(b) => e.insert(b),
-            None => return give_up("no cuBLAS handle"),
-        },
-    };
-    // Device addresses. Each `get_resource` is a round trip through CubeCL's server thread;
-    // the managed resources keep the allocations alive until we return.
+    // Device addresses. Each `get_resource` is a round trip through CubeCL's server: it
+    // flushes the launches CubeCL batches and returns after they are issued, so the dequantize
+    // (and whatever wrote `x`) is on the stream before the GEMMs below are enqueued. Keep
+    // these calls (or an explicit flush) if the addresses are ever cached. The managed
+    // resources keep the allocations alive until we return.
     let mut keep = Vec::with_capacity(3);
     let mut base = [0u64; 3];
     for (slot, t) in base.iter_mut().zip([x, w, out]) {
@@ -345,24 +360,30 @@ pub fn linears(
         keep.push(r);
     }
     let stream_id = burn_cubecl::cubecl::stream_id::StreamId::current().value;
-    let cubecl_stream = *blas
-        .streams
-        .entry(stream_id)
-        .or_insert_with(|| find_stream(&client));
+    let blas = match handles.entry((device.index, stream_id)) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => {
+            // Not cached when it fails: cuBLAS is off until the next load, which probes again.
+            let Some(stream) = find_stream(&client) else {
+                // Host waits would be slower than Burn's matmul (module doc).
+                return give_up("CubeCL's CUDA stream not found (CUPTI missing or refused)");
+            };
+            let Some(blas) = new_handle(device.index) else {
+                return give_up("no cuBLAS handle");
+            };
+            // SAFETY: a live handle, and a live stream of the same context (CubeCL keeps its
+            // streams for the process).
+            if let Err(err) =
+                unsafe { blas::set_stream(*blas.blas.handle(), stream as blas_sys::cudaStream_t) }
+            {
+                return give_up(&format!("cublasSetStream: {err:?}"));
+            }
+            e.insert(blas)
+        }
+    };
     let [x_ptr, w_ptr, out_ptr] = base;
     if let Err(e) = blas.ctx.bind_to_thread() {
         return give_up(&format!("binding the context: {e:?}"));
-    }
-    let Some(stream) = cubecl_stream else {
-        // Host waits would be slower than Burn's matmul (module doc).
-        return give_up("CubeCL's CUDA stream not found (CUPTI missing or refused)");
-    };
-    // SAFETY: a live handle, and a live stream of the same context (CubeCL keeps its streams
-    // for the process).
-    if let Err(e) =
-        unsafe { blas::set_stream(*blas.blas.handle(), stream as blas_sys::cudaStream_t) }
-    {
-        return give_up(&format!("cublasSetStream: {e:?}"));
     }
     let (one, zero) = (1.0f32, 0.0f32);
     let bf16 = 2u64;
@@ -418,9 +439,5 @@ fn new_handle(ordinal: usize) -> Option<Blas> {
     let ctx = context(ordinal)?;
     let stream = ctx.new_stream().ok()?;
     let blas = CudaBlas::new(stream).ok()?;
-    Some(Blas {
-        blas,
-        ctx,
-        streams: HashMap::new(),
-    })
+    Some(Blas { blas, ctx })
 }
