@@ -91,9 +91,9 @@ if [ "$what" = gemv ]; then
   python3 bench/ncu_gemv.py "$OUT/ncu-gemv.csv" | tee "$OUT/gemv.jsonl"
 fi
 if [ "$what" = gemv_full ]; then
-  # Nsight Compute's full set (occupancy, registers, warp stall reasons, pipe use, SASS) on three
-  # launches of the batch-1 GEMV at 4096x14336 (launches 21-40 of `llm-bench gemv`): what
-  # bounds the kernel, not only how long it takes.
+  # Nsight Compute's full set (occupancy, registers, warp stall reasons, pipe use, SASS) on two
+  # launches of the batch-1 GEMV at 14336x4096 (launches 23-24 of `llm-bench gemv`, whose 21-40
+  # are that shape): what bounds the kernel, not only how long it takes.
   timeout 300 ncu --clock-control none --kernel-name regex:nf4_gemv --launch-skip 22 \
     --launch-count 2 --set full --import-source yes -o "$OUT/gemv-full" \
     .gpu/llm-bench gemv >"$OUT/ncu-gemv-full.stdout" 2>"$OUT/ncu-gemv-full.stderr"

@@ -216,10 +216,8 @@ fn kernel(device: &Device, sweep: bool) {
                 sweeps.push(("nf4_mma_sweep", mma_configs(b)));
             }
             for (metric, configs) in sweeps {
-                let (x, w) = (&xg, weight_bytes);
-                sweep_configs(
-                    device, &gpu, x, &want, &shape, b, w, copy_gbs, metric, &configs,
-                );
+                let (w, c) = (weight_bytes, copy_gbs);
+                sweep_configs(device, &gpu, &xg, &want, &shape, b, w, c, metric, &configs);
             }
             // The peer in the same run: Burn's dense bf16 matmul with the [N,K] weight transposed.
             let dev = device_us(device, 50, || {

@@ -181,19 +181,6 @@ impl Server {
             .unwrap_or(0.0)
     }
 
-    /// [`Self::metric`] once it reaches `want`, or its last value after `timeout`: a stream's
-    /// request is counted as its handler ends, which can be just after the client saw the end.
-    pub fn metric_reaching(&self, series: &str, want: f64, timeout: Duration) -> f64 {
-        let end = Instant::now() + timeout;
-        loop {
-            let v = self.metric(series);
-            if v >= want || Instant::now() >= end {
-                return v;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }

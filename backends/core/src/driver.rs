@@ -46,6 +46,9 @@ struct Blas {
     ctx: Arc<CudaContext>,
 }
 
+/// The name of the probe kernel whose launch [`find_stream`] watches.
+const PROBE_NAME: &[u8] = b"llm_stream_probe";
+
 /// The probe kernel whose launch [`find_stream`] watches.
 mod probe_kernel {
     use burn_cubecl::cubecl;
@@ -162,7 +165,7 @@ unsafe extern "C" fn on_launch(
             return;
         }
         let name = std::ffi::CStr::from_ptr(data.symbol_name).to_bytes();
-        if name.windows(16).any(|w| w == b"llm_stream_probe") {
+        if name.windows(PROBE_NAME.len()).any(|w| w == PROBE_NAME) {
             let params = &*(data.function_params as *const cupti::LaunchKernelParams);
             PROBED_STREAM.store(params.h_stream as usize, Ordering::SeqCst);
         }
@@ -172,11 +175,9 @@ unsafe extern "C" fn on_launch(
 /// The CUDA stream CubeCL launches the calling thread's kernels on (module doc): subscribe to
 /// CUPTI's launch callbacks, launch the probe kernel through `client`, wait for CubeCL to have
 /// issued it, unsubscribe. `None` when CUPTI is missing or refuses (one subscriber per
-/// process: Nsight Compute's own, or a probe on another thread, which the lock excludes).
+/// process: Nsight Compute's own). Called with [`handles`] locked, so one probe at a time.
 fn find_stream(client: &ComputeClient<CudaRuntime>) -> Option<usize> {
     use burn_cubecl::cubecl::prelude::{ArrayArg, CubeCount, CubeDim};
-    static PROBING: Mutex<()> = Mutex::new(());
-    let _one = PROBING.lock().ok()?;
     let api = cupti::api()?;
     let mut subscriber: cupti::Subscriber = std::ptr::null_mut();
     // SAFETY: `on_launch` only reads the callback data CUPTI hands it.
