@@ -353,9 +353,7 @@ impl Registry {
         let mut info = old.info.clone();
         info.state = "unloading".into();
         let id = self.begin(info, None);
-        while Arc::strong_count(&old) > 1 {
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        sole_owner(&old).await;
         old.scheduler.drain().await;
         drop(old);
         release_freed_memory();
@@ -462,6 +460,9 @@ impl Registry {
         let id = self.begin(info, None);
         // Handlers that still hold the entry get UNAVAILABLE from the stopped scheduler.
         model.scheduler.shutdown().await;
+        // A handler between `get` and its failed submit still holds the entry (its tokenizer,
+        // the description): free all of it before trimming and answering.
+        sole_owner(&model).await;
         drop(model);
         release_freed_memory();
         drop(id);
@@ -650,9 +651,45 @@ fn description_response(
     }
 }
 
+/// Wait until no handler holds `model` but the caller (each drops it once its submit returns).
+async fn sole_owner(model: &Arc<LoadedModel>) {
+    while Arc::strong_count(model) > 1 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// glibc's heap settings for a server that frees whole models: large blocks (a weight, a
+/// prefill's activations) are mmapped and unmapped when freed, and a per-thread arena gives its
+/// free top back once it passes [`RETAINED_TOP`]. By default glibc raises both thresholds as the
+/// process frees large blocks (up to 32 MB and 64 MB), and `malloc_trim` never shrinks the top
+/// of a per-thread arena (glibc's `mtrim` only madvises free chunks in bins; `heap_trim` runs
+/// from `free` against the trim threshold): CI saw 64 MB stay resident after one unload in 20
+/// until a later cycle reused that arena. Setting the thresholds also turns the raising off.
+pub fn bound_retained_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
+        }
+        // <malloc.h>: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3.
+        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
+        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
+        // SAFETY: mallopt only changes allocator parameters; called before any model loads.
+        unsafe {
+            mallopt(M_MMAP_THRESHOLD, RETAINED_TOP);
+            mallopt(M_TRIM_THRESHOLD, RETAINED_TOP);
+        }
+    }
+}
+
+/// Blocks from this size up are mmapped; a heap's free top past it goes back to the OS.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const RETAINED_TOP: std::ffi::c_int = 4 << 20;
+
 /// Hand the heap pages a freed model leaves behind back to the OS. glibc keeps freed memory in
 /// its per-thread arenas (a model's hundreds of MB of host weights among them), so without this
 /// the server's resident memory after an unload depends on which arenas the next load reuses.
+/// (The arenas' tops are bounded by [`bound_retained_heap`].)
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {

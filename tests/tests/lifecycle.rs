@@ -438,14 +438,19 @@ async fn a_load_of_a_name_being_loaded_is_aborted() {
     assert_eq!(ms[0].source, smol.display().to_string());
 }
 
-fn rss_kb(pid: u32) -> u64 {
+/// A `/proc/PID/status` memory figure in kB (`VmRSS`, or its `RssFile` part: mapped files).
+fn status_kb(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     status
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .expect("VmRSS")
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    status_kb(pid, "VmRSS")
 }
 
 /// 20 load/unload cycles of SmolLM2 (135M parameters, ~540 MB as f32 on the CPU): the server's
@@ -458,6 +463,7 @@ async fn load_unload_cycles_do_not_grow_memory() {
     let pid = server.pid();
     let baseline = rss_kb(pid);
     let mut rss = Vec::new();
+    let mut file = Vec::new();
     for cycle in 0..20 {
         load(&server, "smol", &model, "none").await;
         run_at(server.url(), greedy("smol", vec![1, 2, 3], 4))
@@ -472,14 +478,16 @@ async fn load_unload_cycles_do_not_grow_memory() {
             .await
             .unwrap_or_else(|s| panic!("cycle {cycle}: {s:?}"));
         rss.push(rss_kb(pid));
+        file.push(status_kb(pid, "RssFile"));
     }
     eprintln!("server VmRSS (kB): baseline {baseline}, after each load/unload cycle {rss:?}");
+    eprintln!("of which mapped files (RssFile, kB): {file:?}");
     // Unloading frees the model: every cycle ends near the empty server's footprint (the
     // model is ~540 MB), and after the first cycles nothing accumulates.
     for (i, &r) in rss.iter().enumerate() {
         assert!(
             r <= baseline + 64 * 1024,
-            "cycle {}: {r} kB resident after unload, baseline {baseline} kB: {rss:?}",
+            "cycle {}: {r} kB resident after unload, baseline {baseline} kB: {rss:?} (files {file:?})",
             i + 1
         );
     }
