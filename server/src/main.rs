@@ -143,7 +143,6 @@ fn parse_load(s: &str) -> Result<(String, PathBuf), String> {
 
 #[tokio::main]
 async fn main() {
-    registry::bound_retained_heap();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

@@ -658,38 +658,14 @@ async fn sole_owner(model: &Arc<LoadedModel>) {
     }
 }
 
-/// glibc's heap settings for a server that frees whole models: large blocks (a weight, a
-/// prefill's activations) are mmapped and unmapped when freed, and a per-thread arena gives its
-/// free top back once it passes [`RETAINED_TOP`]. By default glibc raises both thresholds as the
-/// process frees large blocks (up to 32 MB and 64 MB), and `malloc_trim` never shrinks the top
-/// of a per-thread arena (glibc's `mtrim` only madvises free chunks in bins; `heap_trim` runs
-/// from `free` against the trim threshold): CI saw 64 MB stay resident after one unload in 20
-/// until a later cycle reused that arena. Setting the thresholds also turns the raising off.
-pub fn bound_retained_heap() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn mallopt(param: std::ffi::c_int, value: std::ffi::c_int) -> std::ffi::c_int;
-        }
-        // <malloc.h>: M_TRIM_THRESHOLD -1, M_MMAP_THRESHOLD -3.
-        const M_TRIM_THRESHOLD: std::ffi::c_int = -1;
-        const M_MMAP_THRESHOLD: std::ffi::c_int = -3;
-        // SAFETY: mallopt only changes allocator parameters; called before any model loads.
-        unsafe {
-            mallopt(M_MMAP_THRESHOLD, RETAINED_TOP);
-            mallopt(M_TRIM_THRESHOLD, RETAINED_TOP);
-        }
-    }
-}
-
-/// Blocks from this size up are mmapped; a heap's free top past it goes back to the OS.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const RETAINED_TOP: std::ffi::c_int = 4 << 20;
-
 /// Hand the heap pages a freed model leaves behind back to the OS. glibc keeps freed memory in
 /// its per-thread arenas (a model's hundreds of MB of host weights among them), so without this
 /// the server's resident memory after an unload depends on which arenas the next load reuses.
-/// (The arenas' tops are bounded by [`bound_retained_heap`].)
+/// One thing it cannot return: the free top of a per-thread arena (glibc's `mtrim` madvises
+/// free chunks in bins; a thread heap's top shrinks only from `free`, past the trim threshold,
+/// which glibc raises up to 64 MB as large blocks are freed). Those thresholds stay glibc's:
+/// fixing them lower makes a load's 4-32 MB buffers fresh pages each time (run 14: the GPU
+/// machine writes fresh pages at ~0.5 GB/s).
 fn release_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
