@@ -6,7 +6,8 @@ seed's recipe, bench/peer/bench_hf.py) in the same call.
 1. A random bf16 checkpoint with the hub's exact layout (bench/peer/make_random_checkpoint.py).
 2. The peer: from_pretrained with the bnb config, 512-token prefill, decode at batch 1 and 16.
 3. Ours: llm-server --device cuda with an empty kernel cache, `llm load` (quantize on load,
-   timed, with the server's load phases), driver memory before / after load / after unload,
+   timed, with the server's load phases and its peak host memory against the largest shard),
+   driver memory before / after load / after unload,
    DescribeModel's device memory, greedy decode at batch 1 (`llm generate --stats`: TTFT and
    decode tok/s), TTFT of a 512-token prompt, 1 and 16 concurrent streams (`llm bench --json`).
 4. A second server process with the kernel cache the first one filled: load time, the first
@@ -75,6 +76,8 @@ def main():
              note="first load on the machine: empty kernel cache", phases_ms=s.phases())
         emit("device_mb_after_load", used_mb() - base, "MB", hf, peer.get("footprint_MB"),
              note="driver used memory minus the pre-start baseline; peer: get_memory_footprint")
+        emit("host_peak_mb_load", s.host_peak_mb, "MB", largest_shard_mb=largest_shard_mb(CKPT),
+             note="server VmHWM during the load minus VmRSS before it; target: under 2x the largest shard")
         d = s.llm("describe", "big")
         log(d.stdout[-600:])
         measure(s, peer, hf)
@@ -158,6 +161,19 @@ def ttft(text):
     return float(re.search(r"TTFT ([0-9.]+) ms", text).group(1))
 
 
+def proc_kb(status, field):
+    """A `/proc/PID/status` figure in kB."""
+    for line in open(status):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def largest_shard_mb(ckpt):
+    return round(max(os.path.getsize(os.path.join(ckpt, f)) for f in os.listdir(ckpt)
+                     if f.endswith(".safetensors")) / 2**20)
+
+
 def toks(text):
     return float(re.search(r"([0-9.]+) tok/s", text).group(1))
 
@@ -196,9 +212,16 @@ class Server:
                               capture_output=True, text=True, timeout=timeout)
 
     def load(self, name, source, *extra):
+        # Peak host memory of the load: VmHWM after it (reset to VmRSS by clear_refs "5") minus
+        # VmRSS before it; mapped checkpoint pages count. The issue's bound: 2x the largest shard.
+        status = f"/proc/{self.proc.pid}/status"
+        with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:
+            f.write("5")
+        before = proc_kb(status, "VmRSS")
         t = time.time()
         r = self.llm("load", name, source, "--device", "cuda", *extra)
         took = time.time() - t
+        self.host_peak_mb = round((proc_kb(status, "VmHWM") - before) / 1024)
         log(r.stdout[-300:], r.stderr[-300:])
         if r.returncode != 0:
             raise SystemExit(f"load of {source} failed")

@@ -705,11 +705,12 @@ impl TensorStore for GgufFile {
 
     fn raw(&self, name: &str) -> Result<RawTensor<'_>> {
         let (_, info) = self.info(name)?;
-        Ok(RawTensor {
-            dtype: StoredDtype::Ggml(info.ty),
-            shape: info.dims.iter().rev().copied().collect(),
-            data: &self.mmap[info.offset..info.offset + info.nbytes],
-        })
+        Ok(RawTensor::mapped(
+            StoredDtype::Ggml(info.ty),
+            info.dims.iter().rev().copied().collect(),
+            &self.mmap,
+            info.offset..info.offset + info.nbytes,
+        ))
     }
 }
 

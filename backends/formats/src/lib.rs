@@ -5,14 +5,17 @@
 //! safetensors, sharded or not) or a GGUF file. Both expose:
 //! - an HF-style `config.json` value (GGUF metadata is translated to HF keys, the way transformers'
 //!   `load_gguf_checkpoint` does it),
-//! - tensors under HF checkpoint names, converted to f32 one at a time (peak host memory stays
-//!   near one tensor, the files are memory-mapped),
+//! - tensors under HF checkpoint names, converted to f32 one at a time (the files are
+//!   memory-mapped, and a tensor's mapped pages leave the resident set once it is read: peak host
+//!   memory stays near the tensors in use, not the shards read so far),
 //! - raw bytes for tensors that must be kept as stored (pre-quantized checkpoints).
 
 pub mod gguf;
 pub mod safetensors_dir;
 
 use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
 
 pub use gguf::GgufFile;
 pub use safetensors_dir::SafetensorsDir;
@@ -90,11 +93,53 @@ pub struct F32Tensor {
     pub data: Vec<f32>,
 }
 
-/// Raw stored bytes of a tensor, borrowed from the mapped file.
+/// Raw stored bytes of a tensor, borrowed from the mapped file. Dropping it takes the tensor's
+/// pages out of the process's resident set: a load that reads every shard through its mapping
+/// would otherwise count all of them (16 GB for an 8B model) until the files close, where HF's
+/// loader holds about a shard at a time.
 pub struct RawTensor<'a> {
     pub dtype: StoredDtype,
     pub shape: Vec<usize>,
     pub data: &'a [u8],
+    /// The read-only file mapping `data` lies in, and `data`'s offset in it.
+    mapping: (&'a Mmap, usize),
+}
+
+impl<'a> RawTensor<'a> {
+    /// Bytes `range` of `mmap`, a read-only shared mapping of a model file (`Mmap::map`).
+    fn mapped(
+        dtype: StoredDtype,
+        shape: Vec<usize>,
+        mmap: &'a Mmap,
+        range: std::ops::Range<usize>,
+    ) -> RawTensor<'a> {
+        RawTensor {
+            dtype,
+            shape,
+            data: &mmap[range.clone()],
+            mapping: (mmap, range.start),
+        }
+    }
+}
+
+impl Drop for RawTensor<'_> {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        {
+            let (mmap, offset) = self.mapping;
+            // SAFETY: `mmap` maps a file shared and read-only, so after MADV_DONTNEED a read of
+            // these pages maps the file's page-cache pages again: every borrow of the mapping
+            // (another RawTensor of the same bytes, a neighbour sharing an edge page) still
+            // reads the same bytes. Only the resident set changes. A failure is harmless.
+            let _ = unsafe {
+                mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    offset,
+                    self.data.len(),
+                )
+            };
+        }
+    }
 }
 
 /// Weights by HF checkpoint name.

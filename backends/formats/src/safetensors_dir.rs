@@ -215,7 +215,7 @@ impl TensorStore for SafetensorsDir {
         let what = format!("tensor `{name}`");
         Ok(F32Tensor {
             data: to_f32(raw.dtype, raw.data, &what)?,
-            shape: raw.shape,
+            shape: raw.shape.clone(),
         })
     }
 
@@ -229,11 +229,11 @@ impl TensorStore for SafetensorsDir {
             ))
         })?;
         let (a, b) = info.data_offsets;
-        let data = &shard.mmap[shard.data_start + a..shard.data_start + b];
-        Ok(RawTensor {
+        Ok(RawTensor::mapped(
             dtype,
-            shape: info.shape.clone(),
-            data,
-        })
+            info.shape.clone(),
+            &shard.mmap,
+            shard.data_start + a..shard.data_start + b,
+        ))
     }
 }
