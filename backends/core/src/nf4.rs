@@ -329,6 +329,7 @@ pub fn quantize_nf4(x: f32) -> u8 {
 
 /// [`quantize_nf4`] of `scale * block[i]` for a block, packed two codes per byte (first in the
 /// high nibble). Threshold by threshold over the whole block, so the compares vectorize.
+#[inline(always)]
 fn quantize_block(block: &[f32], scale: f32, bytes: &mut [u8]) {
     let mut scaled = [0f32; BLOCKSIZE];
     for (s, &x) in scaled.iter_mut().zip(block) {
@@ -448,9 +449,23 @@ impl WeightDtype {
     }
 }
 
-/// Quantize `x` (already scaled by 1/absmax) per block with `q`, as kQuantizeBlockwise does.
+/// The largest |x| of a block (NaN ignored, as `f32::max` does; 0 for an empty block). Eight
+/// independent maxima, then theirs: a single running max is a chain the compiler cannot
+/// vectorize (it keeps `max`'s order), these run a vector wide. Max is exact, so the order
+/// changes nothing.
+#[inline(always)]
 fn block_absmax(v: &[f32]) -> f32 {
-    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+    let mut lanes = [0.0f32; 8];
+    let chunks = v.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for (m, x) in lanes.iter_mut().zip(c) {
+            *m = m.max(x.abs());
+        }
+    }
+    tail.iter()
+        .chain(&lanes)
+        .fold(0.0f32, |m, x| m.max(x.abs()))
 }
 
 /// Float weights to quantize: f32 values, or a stored tensor's little-endian bytes, converted
@@ -486,6 +501,7 @@ impl FloatSource<'_> {
     }
 
     /// Values `start..start + out.len()` as f32 (exact: every stored float dtype widens to f32).
+    #[inline(always)]
     fn read(&self, start: usize, out: &mut [f32]) {
         match *self {
             FloatSource::F32(w) => out.copy_from_slice(&w[start..start + out.len()]),
@@ -504,8 +520,33 @@ fn width(dtype: StoredDtype) -> usize {
 
 /// kQuantizeBlockwise over consecutive blocks: weights `first_block * BLOCKSIZE..` of `w`
 /// (whole blocks but maybe a short last one) into `packed` (two weights a byte) and `absmax`
-/// (one per block).
+/// (one per block). With AVX2 where the host has it: the builds target baseline x86-64 (SSE2,
+/// 4 lanes), and this loop is what a quantize-on-load spends its time in (this machine, one
+/// thread: 3.0-3.5 ns per weight on SSE2, 1.3-1.4 with AVX2).
 fn quantize_blocks(w: FloatSource, first_block: usize, packed: &mut [u8], absmax: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the host has AVX2 (checked just above).
+        return unsafe { quantize_blocks_avx2(w, first_block, packed, absmax) };
+    }
+    quantize_blocks_body(w, first_block, packed, absmax)
+}
+
+/// [`quantize_blocks_body`] compiled for AVX2 (its callees are `inline(always)`, so they are
+/// compiled for it too).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn quantize_blocks_avx2(
+    w: FloatSource,
+    first_block: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) {
+    quantize_blocks_body(w, first_block, packed, absmax)
+}
+
+#[inline(always)]
+fn quantize_blocks_body(w: FloatSource, first_block: usize, packed: &mut [u8], absmax: &mut [f32]) {
     let mut buf = [0f32; BLOCKSIZE];
     for (i, (bytes, absmax)) in packed
         .chunks_mut(BLOCKSIZE / 2)
@@ -839,6 +880,69 @@ mod tests {
         store.f32(name).unwrap().data
     }
 
+    /// `values` as a checkpoint stores them in `dtype` (BF16, F16 or F32), little-endian.
+    fn stored(values: &[f32], dtype: StoredDtype) -> Vec<u8> {
+        match dtype {
+            StoredDtype::BF16 => values
+                .iter()
+                .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                .collect(),
+            StoredDtype::F16 => values
+                .iter()
+                .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
+                .collect(),
+            _ => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// The quantizer compiled for AVX2 (what a load on an x86-64 host with AVX2 runs) and for
+    /// the baseline target give the same bytes: bf16, f16 and f32 sources, an all-zero block
+    /// (1/0 scale: NaN codes 0), NaN and infinite weights, a short last block.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn quantizer_with_avx2_equals_baseline() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut values: Vec<f32> = (0..64 * 517 + 38)
+            .map(|i| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * (1 + i / 64 % 5) as f32
+            })
+            .collect();
+        values[64..128].fill(0.0);
+        values[200] = f32::NAN;
+        values[300] = f32::INFINITY;
+        values[400] = -0.0;
+        for dtype in [StoredDtype::BF16, StoredDtype::F16, StoredDtype::F32] {
+            let bytes = stored(&values, dtype);
+            let src = FloatSource::stored(dtype, &bytes).unwrap();
+            let blocks = values.len().div_ceil(BLOCKSIZE);
+            let run = |avx2: bool| {
+                let mut packed = vec![0u8; values.len() / 2];
+                let mut absmax = vec![0f32; blocks];
+                if avx2 {
+                    // SAFETY: only called where the host has AVX2 (checked below).
+                    unsafe { quantize_blocks_avx2(src, 0, &mut packed, &mut absmax) };
+                } else {
+                    quantize_blocks_body(src, 0, &mut packed, &mut absmax);
+                }
+                (
+                    packed,
+                    absmax.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
+                )
+            };
+            let baseline = run(false);
+            assert_eq!(baseline.1[1], 0, "{dtype:?}: the zero block's absmax");
+            assert!(baseline.0[32..64].iter().all(|&b| b == 0), "{dtype:?}");
+            assert!(
+                std::arch::is_x86_feature_detected!("avx2"),
+                "an x86-64 host without AVX2: the AVX2 quantizer cannot be checked here"
+            );
+            assert_eq!(run(true), baseline, "{dtype:?}");
+        }
+    }
+
     /// Stored bytes quantized block by block on all cores give the same codes and absmax as the
     /// f32 values quantized on one thread (the split over threads, and the conversion per block,
     /// change nothing). 2.4M weights: several threads' worth of blocks and of nested blocks.
@@ -857,17 +961,7 @@ mod tests {
             })
             .collect();
         for dtype in [StoredDtype::BF16, StoredDtype::F16, StoredDtype::F32] {
-            let bytes: Vec<u8> = match dtype {
-                StoredDtype::BF16 => values
-                    .iter()
-                    .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
-                    .collect(),
-                StoredDtype::F16 => values
-                    .iter()
-                    .flat_map(|&v| half::f16::from_f32(v).to_le_bytes())
-                    .collect(),
-                _ => values.iter().flat_map(|&v| v.to_le_bytes()).collect(),
-            };
+            let bytes = stored(&values, dtype);
             let wd = WeightDtype::of(dtype);
             let src = FloatSource::stored(dtype, &bytes).unwrap();
             let got = Nf4Weight::quantize_from(src, out, inp, true, wd);
