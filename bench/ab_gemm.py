@@ -7,10 +7,10 @@ AB="VAR=a,b" picks the environment variable and its values (default
 against the tensor-core kernel's token tiles).
 The 8B random checkpoint of full.py; one server process per value, in order, sharing one
 kernel cache (the first load of a fresh machine compiles for minutes, the next one reuses it).
-Each: load (its phases, the server's peak host memory), driver memory, TTFT of a 32-token and of a 512-token prompt (each the
-second of two runs: the first autotunes the shape), decode tok/s at batch 1, 16 concurrent
-streams (`llm bench`, 48 requests after 32 warm-up ones; C16=0 leaves it out), driver memory
-after unload. One JSON object per figure, tagged with the setting.
+Each: load (its phases, the server's peak host memory), driver memory, TTFT of a 32-token and
+of a 512-token prompt (each the second of two runs: the first autotunes the shape), decode
+tok/s at batch 1, 16 concurrent streams (`llm bench`, 48 requests after 32 warm-up ones; C16=0
+leaves it out), driver memory after unload. One JSON object per figure, tagged with the setting.
 """
 import json, os, time
 
@@ -40,7 +40,7 @@ def main():
             emit("device_mb_after_load", used_mb() - base, "MB", setting=setting)
             emit("host_peak_mb_load", s.host_peak_mb, "MB", setting=setting,
                  largest_shard_mb=largest_shard_mb(CKPT),
-                 note="server VmHWM during the load minus VmRSS before it; target: under 2x the largest shard")
+                 note="server VmHWM during the load minus VmRSS before it (CUDA's start included); target: under 2x the largest shard")
             for _ in range(2):
                 g = s.generate("big", short)
             emit("ttft_ms_32", ttft(g), "ms", setting=setting)

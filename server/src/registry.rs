@@ -651,9 +651,16 @@ fn description_response(
     }
 }
 
-/// Wait until no handler holds `model` but the caller (each drops it once its submit returns).
+/// Wait until no handler holds `model` but the caller (each drops it once its submit returns;
+/// a long prompt's tokenization is the longest hold). Says so if that takes over 5 s.
 async fn sole_owner(model: &Arc<LoadedModel>) {
+    let t0 = Instant::now();
+    let mut warned = false;
     while Arc::strong_count(model) > 1 {
+        if !warned && t0.elapsed() > std::time::Duration::from_secs(5) {
+            tracing::warn!(model = %model.info.name, holders = Arc::strong_count(model) - 1, "still held by handlers after 5 s; freeing it when they finish");
+            warned = true;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 }

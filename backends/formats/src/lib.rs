@@ -104,7 +104,10 @@ pub struct RawTensor<'a> {
     pub dtype: StoredDtype,
     pub shape: Vec<usize>,
     pub data: &'a [u8],
-    /// The read-only file mapping `data` lies in, and `data`'s offset in it.
+    /// The read-only file mapping `data` lies in, and `data`'s offset in it. Only a shared
+    /// mapping of a file may go here: on a private mapping with written pages, or an anonymous
+    /// one, MADV_DONTNEED would discard the bytes.
+    #[cfg_attr(not(unix), allow(dead_code))]
     mapping: (&'a Mmap, usize),
 }
 
