@@ -14,8 +14,8 @@ leaves it out), driver memory after unload. One JSON object per figure, tagged w
 """
 import json, os, time
 
-from full import (CKPT, Server, ensure_checkpoint, largest_shard_mb, log, step_summary, toks,
-                  ttft)
+from full import (CKPT, HOST_PEAK_NOTE, Server, ensure_checkpoint, largest_shard_mb, log,
+                  step_summary, toks, ttft)
 from smoke import used_mb
 
 
@@ -40,7 +40,7 @@ def main():
             emit("device_mb_after_load", used_mb() - base, "MB", setting=setting)
             emit("host_peak_mb_load", s.host_peak_mb, "MB", setting=setting,
                  largest_shard_mb=largest_shard_mb(CKPT),
-                 note="server VmHWM during the load minus VmRSS before it (CUDA's start included); target: under 2x the largest shard")
+                 note=HOST_PEAK_NOTE + " (CUDA's start included)")
             for _ in range(2):
                 g = s.generate("big", short)
             emit("ttft_ms_32", ttft(g), "ms", setting=setting)

@@ -77,7 +77,7 @@ def main():
         emit("device_mb_after_load", used_mb() - base, "MB", hf, peer.get("footprint_MB"),
              note="driver used memory minus the pre-start baseline; peer: get_memory_footprint")
         emit("host_peak_mb_load", s.host_peak_mb, "MB", largest_shard_mb=largest_shard_mb(CKPT),
-             note="server VmHWM during the load minus VmRSS before it (CUDA's start and compiles included); target: under 2x the largest shard")
+             note=HOST_PEAK_NOTE + " (CUDA's start and compiles included)")
         d = s.llm("describe", "big")
         log(d.stdout[-600:])
         measure(s, peer, hf)
@@ -95,7 +95,7 @@ def main():
              note="a new server process, kernel cache filled by the first", phases_ms=s.phases())
         emit("host_peak_mb_load_cached_kernels", s.host_peak_mb, "MB",
              largest_shard_mb=largest_shard_mb(CKPT),
-             note="the same, in the second process (no compiles)")
+             note=HOST_PEAK_NOTE + " (a second process: no compiles)")
         t = time.time()
         g = s.generate("big", prompt)
         emit("first_request_s_cached_kernels", round(time.time() - t, 2), "s",
@@ -162,6 +162,10 @@ def profile_summary(path):
 # `--stats`: "[length] prompt P tokens, generated N tokens, TTFT X ms, Y tok/s, seed S"
 def ttft(text):
     return float(re.search(r"TTFT ([0-9.]+) ms", text).group(1))
+
+
+HOST_PEAK_NOTE = ("server VmHWM during the load minus VmRSS before it; target: under 2x the "
+                  "largest shard")
 
 
 def proc_kb(status, field):

@@ -658,7 +658,12 @@ async fn sole_owner(model: &Arc<LoadedModel>) {
     let mut warned = false;
     while Arc::strong_count(model) > 1 {
         if !warned && t0.elapsed() > std::time::Duration::from_secs(5) {
-            tracing::warn!(model = %model.info.name, holders = Arc::strong_count(model) - 1, "still held by handlers after 5 s; freeing it when they finish");
+            let holders = Arc::strong_count(model) - 1;
+            tracing::warn!(
+                model = %model.info.name,
+                holders,
+                "still held by handlers after 5 s; freeing it when they finish"
+            );
             warned = true;
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;

@@ -13,6 +13,8 @@ use llm_proto::v1::{
     generate_request, DescribeModelRequest, DescribeModelResponse, GenerateRequest,
     GenerationParams, ListModelsRequest, LoadModelRequest, ModelInfo, TokenIds, UnloadModelRequest,
 };
+use safetensors::tensor::TensorView;
+use safetensors::Dtype;
 use tonic::Code;
 
 const REAL: [&str; 5] = [
@@ -582,37 +584,34 @@ fn write_sharded_llama(dir: &Path, layers: usize, shards: usize) -> u64 {
     let mut state = 0x9e37_79b9_7f4a_7c15u64;
     for (s, group) in groups.iter().enumerate() {
         let file = format!("model-{:05}-of-{shards:05}.safetensors", s + 1);
-        let mut header = serde_json::Map::new();
-        let mut data = Vec::new();
-        for (name, shape) in group {
-            let n: usize = shape.iter().product();
-            let start = data.len();
-            for _ in 0..n {
-                // Norm weights 1.0; the rest uniform in [-0.05, 0.05) (xorshift).
-                let x = if shape.len() == 1 {
-                    1.0f32
-                } else {
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
-                };
-                data.extend_from_slice(&((x.to_bits() >> 16) as u16).to_le_bytes());
-            }
-            header.insert(
-                name.clone(),
-                serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [start, data.len()]}),
-            );
+        let data: Vec<Vec<u8>> = group
+            .iter()
+            .map(|(_, shape)| {
+                (0..shape.iter().product::<usize>())
+                    .flat_map(|_| {
+                        // Norm weights 1.0; the rest uniform in [-0.05, 0.05) (xorshift).
+                        let x = if shape.len() == 1 {
+                            1.0f32
+                        } else {
+                            state ^= state << 13;
+                            state ^= state >> 7;
+                            state ^= state << 17;
+                            ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1
+                        };
+                        ((x.to_bits() >> 16) as u16).to_le_bytes()
+                    })
+                    .collect()
+            })
+            .collect();
+        let views = group.iter().zip(&data).map(|((name, shape), bytes)| {
             weight_map.insert(name.clone(), file.clone().into());
-        }
-        let mut header = serde_json::Value::Object(header).to_string().into_bytes();
-        header.resize(header.len().next_multiple_of(8), b' ');
-        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
-        bytes.extend_from_slice(&header);
-        bytes.extend_from_slice(&data);
-        std::fs::write(dir.join(&file), &bytes).unwrap();
-        total += data.len() as u64;
-        largest = largest.max(bytes.len() as u64);
+            total += bytes.len() as u64;
+            let view = TensorView::new(Dtype::BF16, shape.clone(), bytes).unwrap();
+            (name.clone(), view)
+        });
+        let path = dir.join(&file);
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        largest = largest.max(std::fs::metadata(&path).unwrap().len());
     }
     let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
     std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();

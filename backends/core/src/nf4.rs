@@ -521,8 +521,8 @@ fn width(dtype: StoredDtype) -> usize {
 /// kQuantizeBlockwise over consecutive blocks: weights `first_block * BLOCKSIZE..` of `w`
 /// (whole blocks but maybe a short last one) into `packed` (two weights a byte) and `absmax`
 /// (one per block). With AVX2 where the host has it: the builds target baseline x86-64 (SSE2,
-/// 4 lanes), and this loop is what a quantize-on-load spends its time in (this machine, one
-/// thread: 3.0-3.5 ns per weight on SSE2, 1.3-1.4 with AVX2).
+/// 4 lanes), and this loop is what a quantize-on-load spends its time in (about half the time
+/// per weight with AVX2: `examples/quantize_bench.rs`, docs/benchmarks.md).
 fn quantize_blocks(w: FloatSource, first_block: usize, packed: &mut [u8], absmax: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") {
@@ -914,6 +914,10 @@ mod tests {
         values[200] = f32::NAN;
         values[300] = f32::INFINITY;
         values[400] = -0.0;
+        assert!(
+            std::arch::is_x86_feature_detected!("avx2"),
+            "an x86-64 host without AVX2: the AVX2 quantizer cannot be checked here"
+        );
         for dtype in [StoredDtype::BF16, StoredDtype::F16, StoredDtype::F32] {
             let bytes = stored(&values, dtype);
             let src = FloatSource::stored(dtype, &bytes).unwrap();
@@ -922,7 +926,7 @@ mod tests {
                 let mut packed = vec![0u8; values.len() / 2];
                 let mut absmax = vec![0f32; blocks];
                 if avx2 {
-                    // SAFETY: only called where the host has AVX2 (checked below).
+                    // SAFETY: the host has AVX2 (asserted above).
                     unsafe { quantize_blocks_avx2(src, 0, &mut packed, &mut absmax) };
                 } else {
                     quantize_blocks_body(src, 0, &mut packed, &mut absmax);
@@ -935,10 +939,6 @@ mod tests {
             let baseline = run(false);
             assert_eq!(baseline.1[1], 0, "{dtype:?}: the zero block's absmax");
             assert!(baseline.0[32..64].iter().all(|&b| b == 0), "{dtype:?}");
-            assert!(
-                std::arch::is_x86_feature_detected!("avx2"),
-                "an x86-64 host without AVX2: the AVX2 quantizer cannot be checked here"
-            );
             assert_eq!(run(true), baseline, "{dtype:?}");
         }
     }
