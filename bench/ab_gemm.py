@@ -11,11 +11,14 @@ Each: load (its phases, the server's peak host memory), driver memory, TTFT of a
 of a 512-token prompt (each the second of two runs: the first autotunes the shape), decode
 tok/s at batch 1, 16 concurrent streams (`llm bench`, 48 requests after 32 warm-up ones; C16=0
 leaves it out), driver memory after unload. One JSON object per figure, tagged with the setting.
+PROFILE=1 then starts one more server (the kernel cache warm) with CubeCL's profiler on and
+records where the second of two 512-token prompts and 8 batch-1 decode steps spend device time
+(each CubeCL kernel timed; cuBLAS's GEMMs are not CubeCL kernels: the rest of the wall time).
 """
-import json, os, time
+import json, os, subprocess, time
 
 from full import (CKPT, HOST_PEAK_NOTE, Server, ensure_checkpoint, largest_shard_mb, log,
-                  step_summary, toks, ttft)
+                  profile_summary, step_summary, toks, ttft)
 from smoke import used_mb
 
 
@@ -63,6 +66,38 @@ def main():
             time.sleep(1)
             emit("unload_residual_mb", used_mb() - base, "MB", setting=setting)
         log(f"{setting} done")
+    if os.environ.get("PROFILE", "0") == "1":
+        profile(kernels, short, long_prompt)
+
+
+def profile(kernels, short, long_prompt):
+    """CubeCL's per-kernel device times of a 512-token prompt's step and of 8 decode steps."""
+    prof = "/tmp/cubecl-profile-ab.log"
+    env = {"CUBECL_DEBUG_OPTION": "profile", "CUBECL_DEBUG_LOG": prof}
+    size = lambda: os.path.getsize(prof) if os.path.exists(prof) else 0
+    marks = {}
+    with Server(kernels, "/tmp/server-profile.log", env) as s:
+        s.load("big", CKPT, "--quantization", "nf4")
+        s.generate("big", long_prompt, new=1)
+        time.sleep(1)
+        marks["ttft512"] = size()
+        g = s.generate("big", long_prompt, new=1)
+        emit("ttft_ms_512_profiled", ttft(g), "ms", note="CubeCL's profiler on: kernels timed one by one")
+        time.sleep(1)
+        marks["b1"] = size()
+        s.generate("big", short, new=8)
+        time.sleep(1)
+        marks["end"] = size()
+    out = os.environ.get("OUT", "/tmp")
+    names = list(marks)
+    for a, b in zip(names, names[1:]):
+        path = f"/tmp/profile-{a}.log"
+        with open(prof, "rb") as f:
+            f.seek(marks[a])
+            open(path, "wb").write(f.read(marks[b] - marks[a]))
+        emit(f"profile_{a}_kernels", profile_summary(path), "-",
+             total_us=round(sum(v["total_us"] for v in profile_summary(path, top=10**6).values()), 1))
+        subprocess.run(f"xz -T0 -c {path} > {out}/profile-{a}.log.xz", shell=True)
 
 
 if __name__ == "__main__":

@@ -143,8 +143,8 @@ def main():
             subprocess.run(f"xz -T0 -c {path} > {out}/profile-{name}.log.xz", shell=True)
 
 
-def profile_summary(path):
-    """Kernel name -> (launches, total us) of a CubeCL profile log, the 12 largest totals."""
+def profile_summary(path, top=12):
+    """Kernel name -> (launches, total us) of a CubeCL profile log, the `top` largest totals."""
     per = {}
     for line in open(path, errors="replace"):
         parts = [p.strip() for p in line.split("|")]
@@ -157,8 +157,8 @@ def profile_summary(path):
         c = per.setdefault(parts[2], [0, 0.0])
         c[0] += 1
         c[1] += us
-    top = sorted(per.items(), key=lambda kv: -kv[1][1])[:12]
-    return {k: {"launches": n, "total_us": round(t, 1)} for k, (n, t) in top}
+    largest = sorted(per.items(), key=lambda kv: -kv[1][1])[:top]
+    return {k: {"launches": n, "total_us": round(t, 1)} for k, (n, t) in largest}
 # `--stats`: "[length] prompt P tokens, generated N tokens, TTFT X ms, Y tok/s, seed S"
 def ttft(text):
     return float(re.search(r"TTFT ([0-9.]+) ms", text).group(1))

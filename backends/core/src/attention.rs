@@ -218,6 +218,19 @@ pub fn kv_append_ops<B: LlmBackend>(
 /// through Burn's attention, which shares each key/value load over the chunk's rows.
 pub const POOLED_ROWS_MAX_CHUNK: usize = 64;
 
+/// [`POOLED_ROWS_MAX_CHUNK`], or `LLM_POOLED_ROWS_MAX=N` from the environment (read once per
+/// process; benchmarks compare the two attention paths on long prompts with it).
+pub fn pooled_rows_max_chunk() -> usize {
+    static MAX: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *MAX.get_or_init(|| match std::env::var("LLM_POOLED_ROWS_MAX") {
+        Ok(v) => v.parse().unwrap_or_else(|_| {
+            eprintln!("LLM_POOLED_ROWS_MAX={v} ignored (a row count)");
+            POOLED_ROWS_MAX_CHUNK
+        }),
+        Err(_) => POOLED_ROWS_MAX_CHUNK,
+    })
+}
+
 /// One sequence's rows in a batched forward.
 #[derive(Debug, Clone, Copy)]
 pub struct Segment {
@@ -428,7 +441,7 @@ impl<B: LlmBackend> Attention<B> {
     }
 
     /// Every sequence's cache a slot of one pool (`ctx.kv_rows`): all rows appended in one
-    /// launch, and when every chunk is at most [`POOLED_ROWS_MAX_CHUNK`] rows, all attended in
+    /// launch, and when every chunk is at most [`pooled_rows_max_chunk`] rows, all attended in
     /// one; else attention per sequence over its slot. `None` where the backend does not append
     /// pooled rows.
     fn forward_pooled(
@@ -452,7 +465,8 @@ impl<B: LlmBackend> Attention<B> {
         // in the pool, so a prompt chunk's rows are causal as they stand): one launch for the
         // whole step when the chunks are short, a step mixing a newcomer's prompt with the
         // others' decode rows included. A long chunk goes per sequence (tiled attention).
-        if ctx.segments.iter().all(|s| s.len <= POOLED_ROWS_MAX_CHUNK) {
+        let max = pooled_rows_max_chunk();
+        if ctx.segments.iter().all(|s| s.len <= max) {
             if let Some(out) = B::decode_attention_rows(q, &pool, rows, &c) {
                 return Some(out);
             }

@@ -335,14 +335,14 @@ fn quantize_block(block: &[f32], scale: f32, bytes: &mut [u8]) {
     for (s, &x) in scaled.iter_mut().zip(block) {
         *s = x * scale;
     }
-    let mut codes = [0u8; BLOCKSIZE];
+    let mut codes = [0i32; BLOCKSIZE];
     for &t in &NF4_THRESHOLDS {
         for (c, &x) in codes.iter_mut().zip(&scaled) {
-            *c += (x > t) as u8;
+            *c += (x > t) as i32;
         }
     }
     for (byte, pair) in bytes.iter_mut().zip(codes.chunks_exact(2)) {
-        *byte = (pair[0] << 4) | pair[1];
+        *byte = ((pair[0] << 4) | pair[1]) as u8;
     }
 }
 
@@ -520,16 +520,22 @@ fn width(dtype: StoredDtype) -> usize {
 
 /// kQuantizeBlockwise over consecutive blocks: weights `first_block * BLOCKSIZE..` of `w`
 /// (whole blocks but maybe a short last one) into `packed` (two weights a byte) and `absmax`
-/// (one per block). With AVX2 where the host has it: the builds target baseline x86-64 (SSE2,
-/// 4 lanes), and this loop is what a quantize-on-load spends its time in (about half the time
-/// per weight with AVX2: `examples/quantize_bench.rs`, docs/benchmarks.md).
+/// (one per block). With AVX-512 or AVX2 where the host has them: the builds target baseline
+/// x86-64 (SSE2, 4 lanes), and this loop is what a quantize-on-load spends its time in
+/// (`examples/quantize_bench.rs`, docs/benchmarks.md).
 fn quantize_blocks(w: FloatSource, first_block: usize, packed: &mut [u8], absmax: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the host has AVX2 (checked just above).
-        return unsafe { quantize_blocks_avx2(w, first_block, packed, absmax) };
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the host has AVX-512 F (checked just above).
+            return unsafe { quantize_blocks_avx512(w, first_block, packed, absmax) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the host has AVX2 (checked just above).
+            return unsafe { quantize_blocks_avx2(w, first_block, packed, absmax) };
+        }
     }
-    quantize_blocks_body(w, first_block, packed, absmax)
+    quantize_blocks_body(w, first_block, packed, absmax, quantize_block)
 }
 
 /// [`quantize_blocks_body`] compiled for AVX2 (its callees are `inline(always)`, so they are
@@ -542,11 +548,87 @@ unsafe fn quantize_blocks_avx2(
     packed: &mut [u8],
     absmax: &mut [f32],
 ) {
-    quantize_blocks_body(w, first_block, packed, absmax)
+    quantize_blocks_body(w, first_block, packed, absmax, quantize_block)
+}
+
+/// [`quantize_blocks_body`] compiled for AVX-512, whole blocks coded by
+/// [`quantize_block_avx512`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2")]
+unsafe fn quantize_blocks_avx512(
+    w: FloatSource,
+    first_block: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+) {
+    quantize_blocks_body(w, first_block, packed, absmax, |block, scale, bytes| {
+        if block.len() == BLOCKSIZE {
+            // SAFETY: this function runs only where the host has AVX-512 F.
+            unsafe { quantize_block_avx512(block, scale, bytes) }
+        } else {
+            quantize_block(block, scale, bytes)
+        }
+    })
+}
+
+/// [`quantize_block`] of a whole block, 16 weights at a time: bnb's decision tree itself (four
+/// levels of `x > t`; [`quantize_nf4`] counts the same leaf), where counting all 15
+/// thresholds takes four times the instructions. The 15 thresholds fit one register, so each
+/// lane fetches the threshold of its node with one permute per level.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_block_avx512(block: &[f32], scale: f32, bytes: &mut [u8]) {
+    use std::arch::x86_64::*;
+    assert!(block.len() == BLOCKSIZE && bytes.len() == BLOCKSIZE / 2);
+    let t = &NF4_THRESHOLDS;
+    // Lane 15 is never fetched (the deepest node of the last level is 14).
+    let thresholds = _mm512_setr_ps(
+        t[0],
+        t[1],
+        t[2],
+        t[3],
+        t[4],
+        t[5],
+        t[6],
+        t[7],
+        t[8],
+        t[9],
+        t[10],
+        t[11],
+        t[12],
+        t[13],
+        t[14],
+        f32::INFINITY,
+    );
+    let scale = _mm512_set1_ps(scale);
+    let [one, two, three, four, eight] = [1, 2, 3, 4, 8].map(|v| _mm512_set1_epi32(v));
+    for (i, out) in bytes.chunks_exact_mut(8).enumerate() {
+        // SAFETY: 16 values at 16 * i < BLOCKSIZE (asserted above).
+        let x = _mm512_mul_ps(_mm512_loadu_ps(block.as_ptr().add(16 * i)), scale);
+        // `_CMP_GT_OQ` is false for NaN, as bnb's `x > t`: a NaN lane stays on code 0.
+        let above = |node: __m512i| {
+            _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_permutexvar_ps(node, thresholds))
+        };
+        let node = _mm512_maskz_mov_epi32(above(_mm512_set1_epi32(7)), eight);
+        let node = _mm512_mask_add_epi32(node, above(_mm512_add_epi32(node, three)), node, four);
+        let node = _mm512_mask_add_epi32(node, above(_mm512_add_epi32(node, one)), node, two);
+        let code = _mm512_mask_add_epi32(node, above(node), node, one);
+        // Pairs of lanes to bytes: (even << 4) | odd, the low byte of each 64-bit lane.
+        let pairs = _mm512_or_si512(_mm512_slli_epi32(code, 4), _mm512_srli_epi64(code, 32));
+        let packed = _mm512_cvtepi64_epi8(pairs);
+        // SAFETY: `out` is 8 bytes; the low 8 bytes of `packed` are stored.
+        _mm_storel_epi64(out.as_mut_ptr().cast(), packed);
+    }
 }
 
 #[inline(always)]
-fn quantize_blocks_body(w: FloatSource, first_block: usize, packed: &mut [u8], absmax: &mut [f32]) {
+fn quantize_blocks_body(
+    w: FloatSource,
+    first_block: usize,
+    packed: &mut [u8],
+    absmax: &mut [f32],
+    quantize_block: impl Fn(&[f32], f32, &mut [u8]),
+) {
     let mut buf = [0f32; BLOCKSIZE];
     for (i, (bytes, absmax)) in packed
         .chunks_mut(BLOCKSIZE / 2)
@@ -895,12 +977,14 @@ mod tests {
         }
     }
 
-    /// The quantizer compiled for AVX2 (what a load on an x86-64 host with AVX2 runs) and for
-    /// the baseline target give the same bytes: bf16, f16 and f32 sources, an all-zero block
-    /// (1/0 scale: NaN codes 0), NaN and infinite weights, a short last block.
+    /// The quantizer compiled for AVX2 and for AVX-512 (what a load runs on an x86-64 host that
+    /// has them: the CI machine and the GPU machine have both) and for the baseline target give
+    /// the same bytes: bf16, f16 and f32 sources, an all-zero block (1/0 scale: NaN codes 0),
+    /// NaN and infinite weights, a short last block, and a block whose scaled values are the 15
+    /// decision thresholds themselves and their neighbours (`x > t` at the boundary).
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn quantizer_with_avx2_equals_baseline() {
+    fn quantizer_with_avx2_and_avx512_equals_baseline() {
         let mut state = 0x2545_F491_4F6C_DD1Du64;
         let mut values: Vec<f32> = (0..64 * 517 + 38)
             .map(|i| {
@@ -914,32 +998,51 @@ mod tests {
         values[200] = f32::NAN;
         values[300] = f32::INFINITY;
         values[400] = -0.0;
+        // Block 3: absmax 1 (scale exactly 1), every threshold, one ulp either side of it.
+        let edges = NF4_THRESHOLDS
+            .iter()
+            .flat_map(|t| [t.next_down(), *t, t.next_up()])
+            .chain([1.0, -1.0]);
+        for (v, e) in values[192..256].iter_mut().zip(edges.cycle()) {
+            *v = e;
+        }
         assert!(
-            std::arch::is_x86_feature_detected!("avx2"),
-            "an x86-64 host without AVX2: the AVX2 quantizer cannot be checked here"
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("avx512f"),
+            "an x86-64 host without AVX2 or AVX-512 F: their quantizers cannot be checked here"
         );
         for dtype in [StoredDtype::BF16, StoredDtype::F16, StoredDtype::F32] {
             let bytes = stored(&values, dtype);
             let src = FloatSource::stored(dtype, &bytes).unwrap();
             let blocks = values.len().div_ceil(BLOCKSIZE);
-            let run = |avx2: bool| {
+            let run = |isa: &str| {
                 let mut packed = vec![0u8; values.len() / 2];
                 let mut absmax = vec![0f32; blocks];
-                if avx2 {
-                    // SAFETY: the host has AVX2 (asserted above).
-                    unsafe { quantize_blocks_avx2(src, 0, &mut packed, &mut absmax) };
-                } else {
-                    quantize_blocks_body(src, 0, &mut packed, &mut absmax);
+                // SAFETY: the host has AVX2 and AVX-512 F (asserted above).
+                match isa {
+                    "avx2" => unsafe { quantize_blocks_avx2(src, 0, &mut packed, &mut absmax) },
+                    "avx512" => unsafe { quantize_blocks_avx512(src, 0, &mut packed, &mut absmax) },
+                    _ => quantize_blocks_body(src, 0, &mut packed, &mut absmax, quantize_block),
                 }
                 (
                     packed,
                     absmax.iter().map(|a| a.to_bits()).collect::<Vec<_>>(),
                 )
             };
-            let baseline = run(false);
+            let baseline = run("baseline");
             assert_eq!(baseline.1[1], 0, "{dtype:?}: the zero block's absmax");
             assert!(baseline.0[32..64].iter().all(|&b| b == 0), "{dtype:?}");
-            assert_eq!(run(true), baseline, "{dtype:?}");
+            if dtype == StoredDtype::F32 {
+                let codes: Vec<u8> = baseline.0[96..128]
+                    .iter()
+                    .flat_map(|b| [b >> 4, b & 15])
+                    .collect();
+                let want: Vec<u8> = values[192..256].iter().map(|&v| quantize_nf4(v)).collect();
+                assert_eq!(codes, want, "the threshold block");
+                assert!(want.windows(3).any(|w| w[0] == w[1] && w[1] + 1 == w[2]));
+            }
+            assert_eq!(run("avx2"), baseline, "{dtype:?}, AVX2");
+            assert_eq!(run("avx512"), baseline, "{dtype:?}, AVX-512");
         }
     }
 
