@@ -10,10 +10,13 @@ kernel cache (the first load of a fresh machine compiles for minutes, the next o
 Each: load (its phases, the server's peak host memory), driver memory, TTFT of a 32-token and
 of a 512-token prompt (each the second of two runs: the first autotunes the shape), decode
 tok/s at batch 1, 16 concurrent streams (`llm bench`, 48 requests after 32 warm-up ones; C16=0
-leaves it out), driver memory after unload. One JSON object per figure, tagged with the setting.
-PROFILE=1 then starts one more server (the kernel cache warm) with CubeCL's profiler on and
-records where the second of two 512-token prompts and 8 batch-1 decode steps spend device time
-(each CubeCL kernel timed; cuBLAS's GEMMs are not CubeCL kernels: the rest of the wall time).
+leaves it out), driver memory after unload, then a second load and unload in the same process
+(CUDA already up, as torch's context is before the peer's timed load). One JSON object per
+figure, tagged with the setting.
+PROFILE=1 then starts one more server (the kernel cache warm, the last setting) with CubeCL's
+profiler on and records where the second of two 512-token prompts and 8 batch-1 decode steps
+spend device time (each CubeCL kernel timed; cuBLAS's GEMMs are not CubeCL kernels: the rest
+of the wall time).
 """
 import json, os, subprocess, time
 
@@ -64,16 +67,29 @@ def main():
                     log("bench output not JSON", b.stdout[-400:], b.stderr[-400:])
             s.llm("unload", "big")
             time.sleep(1)
-            emit("unload_residual_mb", used_mb() - base, "MB", setting=setting)
+            pre = used_mb()
+            emit("unload_residual_mb", pre - base, "MB", setting=setting)
+            # Loaded again in the same process: CUDA and CubeCL are up, as torch's context is
+            # before the peer's timed from_pretrained.
+            t = s.load("big", CKPT, "--quantization", "nf4")
+            emit("load_s_reload", round(t, 2), "s", setting=setting, phases_ms=s.phases(),
+                 note="second load in the same server process (CUDA context up)")
+            emit("host_peak_mb_reload", s.host_peak_mb, "MB", setting=setting,
+                 largest_shard_mb=largest_shard_mb(CKPT), note=HOST_PEAK_NOTE)
+            s.llm("unload", "big")
+            time.sleep(1)
+            emit("unload_residual_mb_vs_preload", used_mb() - pre, "MB", setting=setting,
+                 note="after the second load/unload, minus the figure before it")
         log(f"{setting} done")
     if os.environ.get("PROFILE", "0") == "1":
-        profile(kernels, short, long_prompt)
+        profile(kernels, short, long_prompt, {var: values.split(",")[-1]})
 
 
-def profile(kernels, short, long_prompt):
-    """CubeCL's per-kernel device times of a 512-token prompt's step and of 8 decode steps."""
+def profile(kernels, short, long_prompt, setting):
+    """CubeCL's per-kernel device times of a 512-token prompt's step and of 8 decode steps,
+    under the last of the settings."""
     prof = "/tmp/cubecl-profile-ab.log"
-    env = {"CUBECL_DEBUG_OPTION": "profile", "CUBECL_DEBUG_LOG": prof}
+    env = {"CUBECL_DEBUG_OPTION": "profile", "CUBECL_DEBUG_LOG": prof, **setting}
     size = lambda: os.path.getsize(prof) if os.path.exists(prof) else 0
     marks = {}
     with Server(kernels, "/tmp/server-profile.log", env) as s:

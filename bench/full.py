@@ -261,8 +261,9 @@ class Server:
         if "plugin load phases" not in text:
             return None
         last = text[max(0, text.rindex("plugin load phases") - 400):]
-        get = lambda key: int(re.findall(r'"%s":(\d+)' % key, last)[-1])
-        return {"weights": get("weights"), "warm_up": get("warm_up")}
+        get = lambda key: (re.findall(r'"%s":(\d+)' % key, last) or [None])[-1]
+        keys = ("weights", "warm_up", "quantize", "nf4_upload", "float_tensors")
+        return {k: int(get(k)) for k in keys if get(k) is not None}
 
     def cycle(self, name, source, *extra):
         """Load, generate 8 tokens (EOS ignored), unload: the load's seconds."""

@@ -227,13 +227,16 @@ fn context(ordinal: usize) -> Option<Arc<CudaContext>> {
     Some(ctx)
 }
 
-/// A new device buffer holding `bytes`, copied by the driver straight from `bytes` (a file
-/// mapping or a reused host buffer), or `None` if a driver call failed.
+/// A new device buffer holding `bytes`, copied from `bytes` (a file mapping or a reused host
+/// buffer), or `None` if a driver call failed.
 ///
 /// Why not CubeCL's `create_from_slice`: it copies the bytes into its pinned staging pool
 /// first, and Burn's `from_data` wants them in an owned `Vec`; on the device machine fresh host
 /// pages are written at ~0.5 GB/s (docs/benchmarks.md, run 14), which made those copies most of
-/// a load's upload time. The driver stages pageable memory through buffers of its own.
+/// a load's upload time. Small copies go straight from `bytes` (the driver stages pageable
+/// memory itself); larger ones through [`Staging`]'s pinned buffers, several host threads
+/// filling one while the DMA drains the other (the driver's own pageable path: ~4 GB/s, 1 s
+/// of an 8B load, run 20).
 pub fn copy_in(
     client: &ComputeClient<CudaRuntime>,
     device: &CudaDevice,
@@ -248,12 +251,94 @@ pub fn copy_in(
     // wait again: a pageable copy returns once the bytes are staged, before the DMA ends, and
     // CubeCL's kernels run on a stream the copy does not order against.
     ctx.synchronize().ok()?;
-    // SAFETY: the destination is a live allocation of `bytes.len()` bytes, kept alive by
-    // `resource` until the copy and the context sync after it are done.
-    unsafe { cudarc::driver::result::memcpy_htod_sync(resource.resource().ptr, bytes) }.ok()?;
+    let dst = resource.resource().ptr;
+    if bytes.len() >= STAGED_FROM {
+        let staging = staging(device.index)?;
+        let mut staging = staging.lock().ok()?;
+        // SAFETY: the destination is a live allocation of `bytes.len()` bytes, kept alive by
+        // `resource` until the copy has ended (`Staging::copy` waits for its stream).
+        unsafe { staging.copy(dst, bytes) }?;
+    } else {
+        // SAFETY: as above, until the context sync below.
+        unsafe { cudarc::driver::result::memcpy_htod_sync(dst, bytes) }.ok()?;
+    }
     ctx.synchronize().ok()?;
     drop(resource);
     Some(handle)
+}
+
+/// Copies of at least this many bytes go through [`Staging`].
+const STAGED_FROM: usize = 1 << 20;
+
+/// Two pinned host buffers and a copy stream of one device, kept for the process's life (64
+/// MiB of page-locked host memory): a copy fills one buffer on several threads while the DMA
+/// of the other runs, an event per buffer saying when its DMA is done.
+struct Staging {
+    stream: cudarc::driver::sys::CUstream,
+    buffers: [(*mut u8, cudarc::driver::sys::CUevent); 2],
+}
+
+// SAFETY: the stream, events and pinned buffers belong to the device's primary context, which
+// lives as long as the process; `Staging` is only used behind its mutex.
+unsafe impl Send for Staging {}
+
+/// Bytes per pinned buffer of [`Staging`].
+const STAGE_BYTES: usize = 32 << 20;
+
+/// The device's [`Staging`], made at its first large copy (its context bound to the thread).
+fn staging(ordinal: usize) -> Option<&'static Mutex<Staging>> {
+    use cudarc::driver::result::{event, malloc_host, stream};
+    use cudarc::driver::sys;
+    static STAGINGS: OnceLock<Mutex<HashMap<usize, &'static Mutex<Staging>>>> = OnceLock::new();
+    let mut map = STAGINGS.get_or_init(Default::default).lock().ok()?;
+    if let Some(s) = map.get(&ordinal) {
+        return Some(s);
+    }
+    let stream = stream::create(stream::StreamKind::NonBlocking).ok()?;
+    let mut buffers = [(std::ptr::null_mut(), std::ptr::null_mut()); 2];
+    for b in &mut buffers {
+        // SAFETY: plain page-locked allocations of the bound context, never freed.
+        let ptr = unsafe { malloc_host(STAGE_BYTES, 0) }.ok()?;
+        let ev = event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).ok()?;
+        *b = (ptr.cast::<u8>(), ev);
+    }
+    let s: &'static Mutex<Staging> = Box::leak(Box::new(Mutex::new(Staging { stream, buffers })));
+    map.insert(ordinal, s);
+    Some(s)
+}
+
+impl Staging {
+    /// `bytes` to device address `dst` in [`STAGE_BYTES`] pieces, returning once all of it is
+    /// on the device.
+    ///
+    /// # Safety
+    /// `dst` must be a live device allocation of at least `bytes.len()` bytes of the bound
+    /// context, alive until this returns.
+    unsafe fn copy(&mut self, dst: cudarc::driver::sys::CUdeviceptr, bytes: &[u8]) -> Option<()> {
+        use cudarc::driver::result::{event, memcpy_htod_async, stream};
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+        for (i, piece) in bytes.chunks(STAGE_BYTES).enumerate() {
+            let (buffer, done) = self.buffers[i % 2];
+            // SAFETY: the buffer's last DMA has ended once its event has (an event never
+            // recorded counts as done).
+            unsafe { event::synchronize(done) }.ok()?;
+            // SAFETY: `buffer` holds STAGE_BYTES >= piece.len() bytes, no DMA reads it now.
+            let staged = unsafe { std::slice::from_raw_parts_mut(buffer, piece.len()) };
+            let part = piece.len().div_ceil(threads).max(1 << 20);
+            std::thread::scope(|scope| {
+                for (to, from) in staged.chunks_mut(part).zip(piece.chunks(part)) {
+                    scope.spawn(move || to.copy_from_slice(from));
+                }
+            });
+            let at = dst + (i * STAGE_BYTES) as u64;
+            // SAFETY: `staged` is pinned and is not written again before `done` (recorded
+            // right after) has passed; `at..at + len` lies in `dst`'s allocation.
+            unsafe { memcpy_htod_async(at, &*staged, self.stream) }.ok()?;
+            unsafe { event::record(done, self.stream) }.ok()?;
+        }
+        // SAFETY: the stream made in `staging`.
+        unsafe { stream::synchronize(self.stream) }.ok()
+    }
 }
 
 /// Handles by device ordinal, created at first use and dropped by [`release`] when a model
