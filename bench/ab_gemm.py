@@ -14,8 +14,8 @@ leaves it out), driver memory after unload, then a second load and unload in the
 (CUDA already up, as torch's context is before the peer's timed load). One JSON object per
 figure, tagged with the setting.
 PROFILE=1 then starts one more server (the kernel cache warm, the last setting) with CubeCL's
-profiler on and records where the second of two 512-token prompts and 8 batch-1 decode steps
-spend device time (each CubeCL kernel timed; cuBLAS's GEMMs are not CubeCL kernels: the rest
+profiler on and records where the second of two 512-token prompts, and a 32-token prompt with
+its 7 decode steps at batch 1, spend device time (each CubeCL kernel timed; cuBLAS's GEMMs are not CubeCL kernels: the rest
 of the wall time).
 """
 import json, os, subprocess, time
@@ -86,8 +86,8 @@ def main():
 
 
 def profile(kernels, short, long_prompt, setting):
-    """CubeCL's per-kernel device times of a 512-token prompt's step and of 8 decode steps,
-    under the last of the settings."""
+    """CubeCL's per-kernel device times of a 512-token prompt's step and of a 32-token prompt
+    with 7 decode steps, under the last of the settings."""
     prof = "/tmp/cubecl-profile-ab.log"
     env = {"CUBECL_DEBUG_OPTION": "profile", "CUBECL_DEBUG_LOG": prof, **setting}
     size = lambda: os.path.getsize(prof) if os.path.exists(prof) else 0
@@ -98,7 +98,8 @@ def profile(kernels, short, long_prompt, setting):
         time.sleep(1)
         marks["ttft512"] = size()
         g = s.generate("big", long_prompt, new=1)
-        emit("ttft_ms_512_profiled", ttft(g), "ms", note="CubeCL's profiler on: kernels timed one by one")
+        emit("ttft_ms_512_profiled", ttft(g), "ms", setting=setting,
+             note="CubeCL's profiler on: kernels timed one by one")
         time.sleep(1)
         marks["b1"] = size()
         s.generate("big", short, new=8)
@@ -111,7 +112,7 @@ def profile(kernels, short, long_prompt, setting):
         with open(prof, "rb") as f:
             f.seek(marks[a])
             open(path, "wb").write(f.read(marks[b] - marks[a]))
-        emit(f"profile_{a}_kernels", profile_summary(path), "-",
+        emit(f"profile_{a}_kernels", profile_summary(path), "-", setting=setting,
              total_us=round(sum(v["total_us"] for v in profile_summary(path, top=10**6).values()), 1))
         subprocess.run(f"xz -T0 -c {path} > {out}/profile-{a}.log.xz", shell=True)
 

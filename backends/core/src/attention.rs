@@ -218,8 +218,10 @@ pub fn kv_append_ops<B: LlmBackend>(
 /// through Burn's attention. 512, the default prefill chunk: on the 8B (H200, run 20) the row
 /// kernel took a 512-token prompt's TTFT from 49.2 to 38.5 ms against Burn's attention (its
 /// matmuls, mask, softmax and the copies of the repeated keys and values), and a cold load's
-/// warm-up from 141 to 58 s (no attention shapes to compile and tune). Longer chunks were not
-/// measured: the row kernel's work grows with rows x positions, as Burn's does.
+/// warm-up from 141 to 58 s (no attention shapes to compile and tune). Not measured: longer
+/// chunks, and chunks late in a long prompt, whose rows each walk thousands of positions (the
+/// row kernel reads each key and value once per row; Burn's tiles share those reads across
+/// rows, so past some rows x positions it may win again).
 pub const POOLED_ROWS_MAX_CHUNK: usize = 512;
 
 /// [`POOLED_ROWS_MAX_CHUNK`], or `LLM_POOLED_ROWS_MAX=N` from the environment (read once per

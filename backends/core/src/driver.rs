@@ -252,15 +252,16 @@ pub fn copy_in(
     // CubeCL's kernels run on a stream the copy does not order against.
     ctx.synchronize().ok()?;
     let dst = resource.resource().ptr;
-    if bytes.len() >= STAGED_FROM {
-        let staging = staging(device.index)?;
-        let mut staging = staging.lock().ok()?;
-        // SAFETY: the destination is a live allocation of `bytes.len()` bytes, kept alive by
-        // `resource` until the copy has ended (`Staging::copy` waits for its stream).
-        unsafe { staging.copy(dst, bytes) }?;
-    } else {
+    match staging(device.index).filter(|_| bytes.len() >= STAGED_FROM) {
+        Some(staging) => {
+            let mut staging = staging.lock().ok()?;
+            // SAFETY: the destination is a live allocation of `bytes.len()` bytes, kept alive
+            // by `resource` until the copy has ended (`Staging::copy` waits for its stream,
+            // also when it fails).
+            unsafe { staging.copy(dst, bytes) }?;
+        }
         // SAFETY: as above, until the context sync below.
-        unsafe { cudarc::driver::result::memcpy_htod_sync(dst, bytes) }.ok()?;
+        None => unsafe { cudarc::driver::result::memcpy_htod_sync(dst, bytes) }.ok()?,
     }
     ctx.synchronize().ok()?;
     drop(resource);
@@ -278,44 +279,93 @@ struct Staging {
     buffers: [(*mut u8, cudarc::driver::sys::CUevent); 2],
 }
 
-// SAFETY: the stream, events and pinned buffers belong to the device's primary context, which
-// lives as long as the process; `Staging` is only used behind its mutex.
+// SAFETY: the raw handles are plain driver objects of the device's primary context (which
+// lives as long as the process), usable from any thread that binds that context, as
+// `copy_in` does before using them; the mutex `Staging` lives behind lets one thread at a time
+// touch the buffers and the stream.
 unsafe impl Send for Staging {}
 
 /// Bytes per pinned buffer of [`Staging`].
 const STAGE_BYTES: usize = 32 << 20;
 
-/// The device's [`Staging`], made at its first large copy (its context bound to the thread).
+/// The device's [`Staging`], made at its first copy (its context bound to the thread); `None`
+/// if the driver refused to make it (remembered: copies then go the driver's pageable way).
 fn staging(ordinal: usize) -> Option<&'static Mutex<Staging>> {
-    use cudarc::driver::result::{event, malloc_host, stream};
-    use cudarc::driver::sys;
-    static STAGINGS: OnceLock<Mutex<HashMap<usize, &'static Mutex<Staging>>>> = OnceLock::new();
+    /// Per device ordinal: its staging, or `None` where the driver refused it.
+    type Stagings = HashMap<usize, Option<&'static Mutex<Staging>>>;
+    static STAGINGS: OnceLock<Mutex<Stagings>> = OnceLock::new();
     let mut map = STAGINGS.get_or_init(Default::default).lock().ok()?;
-    if let Some(s) = map.get(&ordinal) {
-        return Some(s);
-    }
-    let stream = stream::create(stream::StreamKind::NonBlocking).ok()?;
-    let mut buffers = [(std::ptr::null_mut(), std::ptr::null_mut()); 2];
-    for b in &mut buffers {
-        // SAFETY: plain page-locked allocations of the bound context, never freed.
-        let ptr = unsafe { malloc_host(STAGE_BYTES, 0) }.ok()?;
-        let ev = event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING).ok()?;
-        *b = (ptr.cast::<u8>(), ev);
-    }
-    let s: &'static Mutex<Staging> = Box::leak(Box::new(Mutex::new(Staging { stream, buffers })));
-    map.insert(ordinal, s);
-    Some(s)
+    *map.entry(ordinal).or_insert_with(|| {
+        let made = Staging::new();
+        if made.is_none() {
+            eprintln!("pinned staging buffers refused by the driver: loads copy pageable memory");
+        }
+        made.map(|s| &*Box::leak(Box::new(Mutex::new(s))))
+    })
 }
 
 impl Staging {
+    /// The stream, events and buffers, on the bound context; what was made is freed again if a
+    /// later step fails.
+    fn new() -> Option<Staging> {
+        use cudarc::driver::result::{event, free_host, malloc_host, stream};
+        use cudarc::driver::sys;
+        let stream = stream::create(stream::StreamKind::NonBlocking).ok()?;
+        let mut made: Vec<(*mut u8, sys::CUevent)> = Vec::with_capacity(2);
+        let free = |made: &[(*mut u8, sys::CUevent)]| {
+            for &(ptr, ev) in made {
+                // SAFETY: made just above, never shared.
+                unsafe {
+                    let _ = free_host(ptr.cast());
+                    let _ = event::destroy(ev);
+                }
+            }
+            // SAFETY: made just above, nothing queued on it.
+            let _ = unsafe { stream::destroy(stream) };
+        };
+        for _ in 0..2 {
+            // SAFETY: a plain page-locked allocation of the bound context.
+            let Ok(ptr) = (unsafe { malloc_host(STAGE_BYTES, 0) }) else {
+                free(&made);
+                return None;
+            };
+            let Ok(ev) = event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING) else {
+                // SAFETY: allocated just above.
+                let _ = unsafe { free_host(ptr) };
+                free(&made);
+                return None;
+            };
+            made.push((ptr.cast::<u8>(), ev));
+        }
+        Some(Staging {
+            stream,
+            buffers: [made[0], made[1]],
+        })
+    }
+
     /// `bytes` to device address `dst` in [`STAGE_BYTES`] pieces, returning once all of it is
-    /// on the device.
+    /// on the device, or `None` (after the copies already queued have ended) if a driver call
+    /// failed.
     ///
     /// # Safety
     /// `dst` must be a live device allocation of at least `bytes.len()` bytes of the bound
     /// context, alive until this returns.
     unsafe fn copy(&mut self, dst: cudarc::driver::sys::CUdeviceptr, bytes: &[u8]) -> Option<()> {
-        use cudarc::driver::result::{event, memcpy_htod_async, stream};
+        // SAFETY: as this function's.
+        let queued = unsafe { self.queue(dst, bytes) };
+        // Whatever was queued ends before the caller may free or reuse `dst` (or this refills
+        // a buffer): also after a failure, whose pieces may still be in flight.
+        // SAFETY: the stream made in `Staging::new`.
+        let drained = unsafe { cudarc::driver::result::stream::synchronize(self.stream) };
+        queued.and(drained.ok())
+    }
+
+    /// [`Self::copy`]'s pieces, queued on the stream.
+    ///
+    /// # Safety
+    /// As [`Self::copy`]; the caller waits for the stream before `dst` or `bytes` go.
+    unsafe fn queue(&mut self, dst: cudarc::driver::sys::CUdeviceptr, bytes: &[u8]) -> Option<()> {
+        use cudarc::driver::result::{event, memcpy_htod_async};
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
         for (i, piece) in bytes.chunks(STAGE_BYTES).enumerate() {
             let (buffer, done) = self.buffers[i % 2];
@@ -334,10 +384,11 @@ impl Staging {
             // SAFETY: `staged` is pinned and is not written again before `done` (recorded
             // right after) has passed; `at..at + len` lies in `dst`'s allocation.
             unsafe { memcpy_htod_async(at, &*staged, self.stream) }.ok()?;
+            // A failed record leaves the event behind the DMA: this copy stops here, and
+            // `copy` drains the stream before any buffer is filled again.
             unsafe { event::record(done, self.stream) }.ok()?;
         }
-        // SAFETY: the stream made in `staging`.
-        unsafe { stream::synchronize(self.stream) }.ok()
+        Some(())
     }
 }
 

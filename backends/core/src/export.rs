@@ -298,8 +298,8 @@ fn warm_up<B: LlmBackend, M: CausalLm<B>>(model: &M, decode_rows: usize, prompt_
     if !prompt_rows.is_empty() {
         // Steps as serving meets them: several sequences, row counts no tile size divides
         // (Burn's matmul compiles its partial-tile variants on first use: after a cold load
-        // run 18 saw three compiles in the first such steps), short chunks attended together
-        // and a long one on its own beside decode rows.
+        // run 18 saw three compiles in the first such steps), chunks attended together beside
+        // decode rows (on CUDA up to 512 rows per chunk, `POOLED_ROWS_MAX_CHUNK`).
         let most = model.max_context();
         run(&[40.min(most), 40.min(most), 17.min(most)]);
         run(&[97.min(most), 1, 1]);
