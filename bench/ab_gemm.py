@@ -18,10 +18,10 @@ profiler on and records where the second of two 512-token prompts, and a 32-toke
 its 7 decode steps at batch 1, spend device time (each CubeCL kernel timed; cuBLAS's GEMMs are not CubeCL kernels: the rest
 of the wall time).
 """
-import json, os, subprocess, time
+import json, os, time
 
 from full import (CKPT, HOST_PEAK_NOTE, Server, ensure_checkpoint, largest_shard_mb, log,
-                  profile_summary, step_summary, toks, ttft)
+                  profile_slices, profile_summary, step_summary, toks, ttft)
 from smoke import used_mb
 
 
@@ -105,16 +105,10 @@ def profile(kernels, short, long_prompt, setting):
         s.generate("big", short, new=8)
         time.sleep(1)
         marks["end"] = size()
-    out = os.environ.get("OUT", "/tmp")
-    names = list(marks)
-    for a, b in zip(names, names[1:]):
-        path = f"/tmp/profile-{a}.log"
-        with open(prof, "rb") as f:
-            f.seek(marks[a])
-            open(path, "wb").write(f.read(marks[b] - marks[a]))
-        emit(f"profile_{a}_kernels", profile_summary(path), "-", setting=setting,
-             total_us=round(sum(v["total_us"] for v in profile_summary(path, top=10**6).values()), 1))
-        subprocess.run(f"xz -T0 -c {path} > {out}/profile-{a}.log.xz", shell=True)
+    for name, path in profile_slices(prof, marks):
+        every = profile_summary(path, top=None)
+        emit(f"profile_{name}_kernels", profile_summary(path), "-", setting=setting,
+             total_us=round(sum(v["total_us"] for v in every.values()), 1))
 
 
 if __name__ == "__main__":

@@ -132,19 +132,27 @@ def main():
             mark16 = size()
             s.llm("bench", "--model", "big", "--concurrency", "16", "--requests", "16",
                   "--max-new-tokens", "8", "--prompt-ids", prompt, "--ignore-eos", "--json")
-        out = os.environ.get("OUT", "/tmp")
-        with open(prof, "rb") as f:
-            f.seek(mark)
-            open("/tmp/profile-b1.log", "wb").write(f.read(mark16 - mark))
-            open("/tmp/profile-c16.log", "wb").write(f.read())
-        for name in ("b1", "c16"):
-            path = f"/tmp/profile-{name}.log"
+        for name, path in profile_slices(prof, {"b1": mark, "c16": mark16, "end": size()}):
             emit(f"profile_{name}_kernels", profile_summary(path), "-")
-            subprocess.run(f"xz -T0 -c {path} > {out}/profile-{name}.log.xz", shell=True)
+
+
+def profile_slices(prof, marks):
+    """Cut CubeCL's profile log `prof` at `marks` ({name: byte offset}, in order, the last one
+    the end): each slice to /tmp/profile-NAME.log, and xz-compressed to $OUT. Yields (name, path)."""
+    out = os.environ.get("OUT", "/tmp")
+    names = list(marks)
+    for a, b in zip(names, names[1:]):
+        path = f"/tmp/profile-{a}.log"
+        with open(prof, "rb") as f:
+            f.seek(marks[a])
+            open(path, "wb").write(f.read(marks[b] - marks[a]))
+        subprocess.run(f"xz -T0 -c {path} > {out}/profile-{a}.log.xz", shell=True)
+        yield a, path
 
 
 def profile_summary(path, top=12):
-    """Kernel name -> (launches, total us) of a CubeCL profile log, the `top` largest totals."""
+    """Kernel name -> (launches, total us) of a CubeCL profile log, the `top` largest totals
+    (all with `top=None`)."""
     per = {}
     for line in open(path, errors="replace"):
         parts = [p.strip() for p in line.split("|")]

@@ -65,8 +65,8 @@ impl StoredDtype {
 
 /// Little-endian stored floats of a float dtype (see [`StoredDtype::float_width`]) widened to
 /// f32 into `out` (exact), one value per `out` element. Always inlined: NF4's quantizer calls
-/// it per block from a loop compiled for AVX2 where the host has it, and the widening should be
-/// compiled for it too.
+/// it per block from loops compiled for AVX2 and AVX-512 where the host has them, and the
+/// widening should be compiled for them too.
 #[inline(always)]
 pub fn floats_into(dtype: StoredDtype, bytes: &[u8], out: &mut [f32]) {
     match dtype {
