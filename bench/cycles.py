@@ -58,6 +58,12 @@ def main():
          note="driver used memory while a process holds only the primary CUDA context")
     tiny = os.path.join(ROOT, "tests/fixtures/tiny/llama/nf4")
     with Server("/tmp/llm-kernels", "/tmp/server-cycles.log") as s:
+        # The server retains the CUDA context at start (server/src/cuda.rs): this figure holds
+        # it before any load.
+        up = used_mb() - base
+        log(f"server up, no model: {up} MB over the pre-start figure")
+        emit("device_mb_server_up", "-", up, "MB",
+             note="driver used memory with the server up and no model, minus the pre-start figure")
         after, loads = [], []
         for i in range(int(os.environ.get("TINY_CYCLES", "20"))):
             loads.append(round(s.cycle("t", tiny), 2))

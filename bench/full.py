@@ -71,6 +71,11 @@ def main():
     base = used_mb()
     prompt = ",".join(str(1000 + i) for i in range(32))
     with Server(kernels, "/tmp/server1.log") as s:
+        # The server is up: its CUDA context exists (retained at start), no model is loaded.
+        preload = used_mb()
+        emit("device_mb_server_up", preload - base, "MB",
+             note="driver used memory with the server up and no model (its CUDA context), "
+                  "minus the pre-start baseline")
         load_s = s.load("big", CKPT, "--quantization", "nf4")
         emit("load_s", round(load_s, 2), "s", hf, peer.get("load_s"),
              note="first load on the machine: empty kernel cache", phases_ms=s.phases())
@@ -83,8 +88,12 @@ def main():
         measure(s, peer, hf)
         s.llm("unload", "big")
         time.sleep(1)
-        emit("unload_residual_mb", used_mb() - base, "MB",
+        after = used_mb()
+        emit("unload_residual_mb", after - base, "MB",
              note="driver used memory after unload minus the pre-start baseline (CUDA context included)")
+        emit("unload_residual_mb_vs_preload", after - preload, "MB",
+             note="the process's first load (cold kernel cache): driver used memory after its "
+                  "unload minus the figure with the server up before it")
     # A new process on the same machine: the kernel cache is warm.
     log(f"{time.time() - START:.0f} s into the run")
     if os.environ.get("SECOND", "1") != "1":
@@ -229,8 +238,9 @@ class Server:
     def load(self, name, source, *extra):
         # Peak host memory of the load: VmHWM after it (reset to VmRSS by clear_refs "5") minus
         # VmRSS before it; mapped checkpoint pages count. The issue's bound: 2x the largest shard.
-        # The server starts CUDA at its first load: that load's peak also holds the context, the
-        # CUDA libraries' pages and NVRTC's compiles (see host_peak_mb_load_cached_kernels).
+        # The server sets CUDA up at start (server/src/cuda.rs); a process's first load still
+        # maps CubeCL's and cuBLAS's pages and NVRTC's compiles (see
+        # host_peak_mb_load_cached_kernels).
         status = f"/proc/{self.proc.pid}/status"
         try:
             with open(f"/proc/{self.proc.pid}/clear_refs", "w") as f:

@@ -1,5 +1,6 @@
 //! `llm-server`: serves chat/text generation over gRPC from architecture plugins.
 
+mod cuda;
 mod detok;
 mod error;
 mod hub;
@@ -47,6 +48,8 @@ struct Args {
     #[arg(long, default_value = "auto", value_parser = ["auto", "nf4", "none"])]
     quantization: String,
     /// Device for models loaded at startup (and LoadModel's default): cpu, cuda or cuda:N.
+    /// A CUDA device is set up at start (its driver context held until exit), so a missing
+    /// driver or device fails here rather than at the first load.
     #[arg(long, default_value = "cpu", value_parser = parse_device)]
     device: String,
     /// Directory holding the architecture plugins (lib<arch>_backend.so). Default: the
@@ -173,6 +176,21 @@ async fn run(args: Args) -> Result<(), String> {
     if plugins.model_types().is_empty() {
         tracing::warn!(dir = %plugin_dir.display(), "no plugins found");
     }
+    // Held to the end of `run`, past the last unload (dropped after the registry).
+    let _cuda_context = match cuda::ordinal(&args.device) {
+        Some(ordinal) => {
+            let (context, info) = cuda::PrimaryContext::retain(&args.device, ordinal)?;
+            tracing::info!(
+                device = %args.device,
+                name = %info.name,
+                free_mib = info.free_bytes >> 20,
+                total_mib = info.total_bytes >> 20,
+                "CUDA context up"
+            );
+            Some(context)
+        }
+        None => None,
+    };
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     let sched = SchedulerConfig {

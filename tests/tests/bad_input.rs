@@ -328,3 +328,30 @@ async fn template_exceptions_reach_the_client() {
     assert!(!s.message().contains("System role"), "{s:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A CUDA device is set up when the server starts (server/src/cuda.rs): one that cannot be
+/// (no driver on this machine, or no such device: no machine has a hundredth GPU) stops the
+/// server before it listens, with the flag named, instead of failing the first load.
+#[test]
+fn a_cuda_device_that_cannot_be_set_up_stops_the_server_at_start() {
+    let out = std::process::Command::new(bin("llm-server"))
+        .args(["--listen", "127.0.0.1:0", "--device", "cuda:99"])
+        .output()
+        .expect("run llm-server");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        !String::from_utf8_lossy(&out.stdout).contains("listening"),
+        "{stderr}"
+    );
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("llm-server: --device cuda:99: "))
+        .unwrap_or_else(|| panic!("no error naming --device cuda:99 in {stderr:?}"));
+    assert!(
+        line.contains("cannot open the CUDA driver")
+            || line.contains("no CUDA device 99")
+            || line.contains("cuInit failed"),
+        "{line}"
+    );
+}
