@@ -596,6 +596,125 @@ fn fused_attention(device: &Device) {
     }
 }
 
+/// A prompt chunk's attention through cuBLAS (`LlmBackend::chunk_attention`: scores GEMM,
+/// masked softmax, values GEMM) against a direct f64 computation on the same bf16 inputs, and
+/// against the row kernel (`decode_attention_rows`) it replaces from 128 rows: a chunk of
+/// `len` rows at positions `start..start + len` of slot 1 of a two-slot pool whose positions
+/// past the chunk hold NaN (a product that reads them, or a mask that lets them through,
+/// shows). Llama-3.1-8B (GQA 32/8, d 128), Gemma-2 (d 256, softcap 50, window 128, a chunk
+/// past the window) and Phi-3 (d 96, no GQA) shapes; then wall time per call of both paths
+/// on the 8B's 512-token prompt (one chunk of 512 rows from position 0).
+fn chunk_attention(device: &Device) {
+    use llm_core::attention::{AttentionConfig, PoolLayer};
+    use llm_core::backend::LlmBackend;
+    use std::sync::atomic::Ordering::Relaxed;
+    // The path runs on cuBLAS (the server's default where it loads).
+    llm_core::driver::USE_CUBLAS.store(true, Relaxed);
+    let cases = [
+        ("llama", 32, 8, 128, 100, 160, None, None),
+        ("gemma2", 8, 4, 256, 100, 160, Some(50.0), Some(128)),
+        ("phi3", 32, 32, 96, 0, 128, None, None),
+        ("llama", 32, 8, 128, 0, 512, None, None),
+    ];
+    for (name, heads, kv_heads, d, start, len, softcap, window) in cases {
+        let cfg = AttentionConfig {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: d,
+            scale: (d as f64).powf(-0.5),
+            softcap,
+            sliding_window: window,
+        };
+        let round = |n: usize, seed: u64| {
+            let mut v = randn(n, seed, 1.0);
+            bf16_round(&mut v);
+            v
+        };
+        let total = start + len;
+        let (q, k, v) = (
+            round(heads * len * d, 21),
+            round(kv_heads * total * d, 22),
+            round(kv_heads * total * d, 23),
+        );
+        let groups = heads / kv_heads;
+        // Only the timed 512-row case skips the f64 reference (~1 G multiply-adds).
+        let check = len < 512;
+        let mut want = vec![0f32; len * heads * d];
+        for h in (0..heads).filter(|_| check) {
+            let kvh = h / groups;
+            for r in 0..len {
+                let pos = start + r;
+                let lo = window.map_or(0, |w: usize| (pos + 1).saturating_sub(w));
+                let scores: Vec<f64> = (lo..=pos)
+                    .map(|j| {
+                        let dot: f64 = (0..d)
+                            .map(|i| {
+                                q[(h * len + r) * d + i] as f64
+                                    * k[(kvh * total + j) * d + i] as f64
+                            })
+                            .sum();
+                        let s = dot * cfg.scale;
+                        softcap.map_or(s, |c| c * (s / c).tanh())
+                    })
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for i in 0..d {
+                    let o: f64 = (lo..=pos)
+                        .zip(&e)
+                        .map(|(j, p)| p * v[(kvh * total + j) * d + i] as f64)
+                        .sum();
+                    want[r * heads * d + h * d + i] = (o / sum) as f32;
+                }
+            }
+        }
+        // A pool of two slots with room past `total`, NaN wherever the chunk's slot is not
+        // filled and in the other slot.
+        let cap = total + 37;
+        let pool_of = |x: Vec<f32>| {
+            let xg =
+                Tensor::<CudaBf16, 3>::from_data(TensorData::new(x, [kv_heads, total, d]), device);
+            Tensor::<CudaBf16, 4>::full([2, kv_heads, cap, d], f32::NAN, device)
+                .slice_assign([1..2, 0..kv_heads, 0..total, 0..d], xg.unsqueeze_dim(0))
+        };
+        let pool = PoolLayer {
+            k: pool_of(k),
+            v: pool_of(v),
+        };
+        let qg = Tensor::<CudaBf16, 3>::from_data(TensorData::new(q, [heads, len, d]), device);
+        let meta: Vec<i32> = (0..len).flat_map(|r| [1, (start + r) as i32]).collect();
+        let meta = Tensor::<CudaBf16, 1, burn_tensor::Int>::from_data(
+            TensorData::new(meta, [2 * len]),
+            device,
+        );
+        let got = CudaBf16::chunk_attention(&qg, &pool, 1, start, &cfg)
+            .expect("cuBLAS and a covered shape");
+        let rows = CudaBf16::decode_attention_rows(&qg, &pool, &meta, &cfg).expect("covered");
+        let got = to_vec(got);
+        let vs_rows = rel_l2(&got, &to_vec(rows));
+        let err = if check { rel_l2(&got, &want) } else { f64::NAN };
+        let gemm_us = wall_us(device, 50, || {
+            let _ = CudaBf16::chunk_attention(&qg, &pool, 1, start, &cfg);
+        });
+        let rows_us = wall_us(device, 20, || {
+            let _ = CudaBf16::decode_attention_rows(&qg, &pool, &meta, &cfg);
+        });
+        emit(
+            "chunk_attention",
+            name,
+            gemm_us,
+            "us",
+            serde_json::json!({"heads": heads, "kv_heads": kv_heads, "head_dim": d,
+                               "start": start, "rows": len, "softcap": softcap,
+                               "window": window, "rel_err": err, "rel_err_vs_rows": vs_rows,
+                               "pass": (!check || err < 1e-2) && vs_rows < 1e-2,
+                               "rows_kernel_wall_us": rows_us, "timing": "wall"}),
+        );
+    }
+    llm_core::driver::USE_CUBLAS.store(false, Relaxed);
+}
+
 /// The in-place KV-cache append (k's rope in the same kernel) against the Burn-op path on the
 /// CPU (rope, then concatenation), Llama-3.1-8B shapes (8 kv heads, d 128): a 200-row prefill
 /// chunk, then 100 single-row decode appends (the cache grows past its first capacity on the
@@ -1147,6 +1266,7 @@ fn main() {
     if what == "fused" || what == "kernel" || what == "all" {
         fused(&device);
         fused_attention(&device);
+        chunk_attention(&device);
         fused_kv_append(&device);
         fused_projections(&device);
     }
@@ -1233,6 +1353,33 @@ fn upload(device: &Device) {
             "s",
             serde_json::json!({"attempt": attempt, "GBps": gib as f64 / direct / 1e9}),
         );
+    }
+    // The bytes must arrive as they left: the load's own call (`float_from_bytes`: copy_in,
+    // staged through pinned buffers past 1 MiB) read back and compared, whole and at a size
+    // that ends mid-buffer (the staging's last, partial piece).
+    {
+        use llm_core::backend::LlmBackend;
+        for len in [gib, (40 << 20) + 6] {
+            let t: Tensor<CudaBf16, 2> = CudaBf16::float_from_bytes(
+                &bytes[..len],
+                burn_tensor::DType::BF16,
+                [1, len / 2],
+                device,
+            );
+            let back = t.into_data();
+            let equal = back.as_bytes() == &bytes[..len];
+            emit(
+                "upload_float_from_bytes_roundtrip_equal",
+                "-",
+                equal as u8 as f64,
+                "bool",
+                serde_json::json!({"bytes": len}),
+            );
+            assert!(
+                equal,
+                "float_from_bytes of {len} bytes read back differently"
+            );
+        }
     }
     let pieces = timed(Box::new(|| {
         let piece = 64usize << 20;

@@ -467,6 +467,17 @@ impl<B: LlmBackend> Attention<B> {
         for (seg, layer) in ctx.segments.iter().zip(kv.iter_mut()) {
             layer.as_mut().expect("pooled cache").len = seg.start + seg.len;
         }
+        // A sequence's chunk by whole-matrix products, where the backend takes it (long
+        // chunks: an idle server's prompt is a step of one).
+        let chunk = |q: &Tensor<B, 3>, seg: &Segment, layer: &LayerKv<B>| {
+            let (pool, slot) = layer.pool.as_ref()?;
+            B::chunk_attention(q, pool, *slot, seg.start, &c)
+        };
+        if let [seg] = ctx.segments[..] {
+            if let Some(out) = chunk(q, &seg, kv[0].as_ref().expect("pooled cache")) {
+                return Some(out);
+            }
+        }
         // Every row attends its slot's positions up to its own (this step's rows are already
         // in the pool, so a prompt chunk's rows are causal as they stand): one launch for the
         // whole step when the chunks are short, a step mixing a newcomer's prompt with the
@@ -483,7 +494,8 @@ impl<B: LlmBackend> Attention<B> {
             .zip(kv.iter())
             .map(|(seg, layer)| {
                 let q = q.clone().narrow(1, seg.offset, seg.len);
-                self.attend(q, layer.as_ref().expect("pooled cache"), seg, &ctx.device)
+                let layer = layer.as_ref().expect("pooled cache");
+                chunk(&q, seg, layer).unwrap_or_else(|| self.attend(q, layer, seg, &ctx.device))
             })
             .collect();
         Some(Tensor::cat(outs, 0))

@@ -36,12 +36,20 @@ pub trait LlmBackend: Backend {
         weight: Tensor<Self, 2>,
         bias: Option<Tensor<Self, 1>>,
     ) -> Box<dyn Linear<Self>>;
-    /// An NF4 linear layer (bnb Linear4bit: float bias).
+    /// An NF4 linear layer (bnb Linear4bit: float bias). A backend may still be copying the
+    /// weight to the device when this returns: nothing reads it before
+    /// [`LlmBackend::finish_uploads`].
     fn nf4_linear(
         weight: Nf4Weight,
         bias: Option<Tensor<Self, 1>>,
         device: &Self::Device,
     ) -> Box<dyn Linear<Self>>;
+    /// Wait until every copy [`LlmBackend::nf4_linear`] queued for `device` has ended (every
+    /// load calls it before the model runs, also when the load failed, before its buffers are
+    /// freed); the reason if one failed. The default: nothing is ever queued.
+    fn finish_uploads(_device: &Self::Device) -> crate::error::Result<()> {
+        Ok(())
+    }
     /// A float tensor from its stored little-endian bytes (`dtype` F32, F16 or BF16, as the
     /// checkpoint holds it), on `device`; Burn converts it to the backend's float type.
     fn float_from_bytes<const D: usize>(
@@ -152,6 +160,21 @@ pub trait LlmBackend: Backend {
         _q: &Tensor<Self, 3>,
         _pool: &PoolLayer<Self>,
         _rows: &Tensor<Self, 1, Int>,
+        _cfg: &AttentionConfig,
+    ) -> Option<Tensor<Self, 2>> {
+        None
+    }
+    /// Attention of one sequence's prompt chunk over its pool slot by whole-matrix products
+    /// (scores, masked softmax, values), for chunks long enough that these beat
+    /// [`LlmBackend::decode_attention_rows`]: `q` `[heads, len, d]` (rope applied) at positions
+    /// `start..start + len` of slot `slot` of `pool` (this chunk's entries appended) ->
+    /// `[len, heads * d]`, the sliding window and softcap applied. `None` (the default, and for
+    /// chunks a backend leaves to its other paths): the caller's row kernel or Burn's attention.
+    fn chunk_attention(
+        _q: &Tensor<Self, 3>,
+        _pool: &PoolLayer<Self>,
+        _slot: usize,
+        _start: usize,
         _cfg: &AttentionConfig,
     ) -> Option<Tensor<Self, 2>> {
         None

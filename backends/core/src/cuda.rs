@@ -26,6 +26,7 @@ use burn_tensor::{DType, Int, Shape, Tensor, TensorPrimitive};
 use crate::attention::{AttentionConfig, LayerKv, PoolLayer};
 use crate::backend::LlmBackend;
 use crate::config::Activation;
+use crate::driver::UploadBytes;
 use crate::linear::{DenseLinear, Linear};
 use crate::nf4::{Nf4Weight, BLOCKSIZE};
 use crate::norm::RmsNorm;
@@ -86,13 +87,24 @@ pub static MMA_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::Atomic
 /// took 39-41 us at 2 rows against the SIMT GEMV's 32-33 us, and led from 4 rows on (41 vs
 /// 52-57 us; 51-54 vs 144-168 us at 16).
 pub const MMA_MIN_TOKENS: usize = 3;
+/// Fewest rows of a sequence's prompt chunk that attend through cuBLAS
+/// ([`LlmBackend::chunk_attention`]: scores, [`chunk_softmax`], values) rather than the row
+/// kernel ([`decode_attention_rows`], which reads every key and value once per row and head,
+/// and reduces every score over a plane). `LLM_CUDA_CHUNK_ATTENTION_ROWS=N` ([`read_env`])
+/// moves it; a count past the prefill chunk turns the path off.
+pub static CHUNK_ATTENTION_ROWS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(128);
+/// Most score elements (`heads x rows x positions`, f32, with a bf16 copy of the
+/// probabilities: 6 bytes each) one [`LlmBackend::chunk_attention`] holds at once: 512 MB;
+/// chunks late in longer contexts go to the other paths.
+const CHUNK_ATTENTION_MAX_SCORES: usize = 1 << 27;
 /// Most planes (warps) per GEMV cube.
 const MAX_PLANES: usize = 8;
 
 pub use kernels::{
-    add_rms_norm, decode_attention, decode_attention_rows, gated_act, kv_append, kv_append_rows,
-    nf4_dequantize, nf4_dequantize_t, nf4_gemv, nf4_mma, rms_norm, rope, DEQUANT_UNITS,
-    DEQUANT_WORDS,
+    add_rms_norm, chunk_softmax, decode_attention, decode_attention_rows, gated_act, kv_append,
+    kv_append_rows, nf4_dequantize, nf4_dequantize_t, nf4_gemv, nf4_mma, rms_norm, rope,
+    DEQUANT_UNITS, DEQUANT_WORDS,
 };
 
 /// KV-cache capacity grows in multiples of this many positions.
@@ -1167,6 +1179,93 @@ mod kernels {
         }
     }
 
+    /// The softmax of one prompt chunk's attention scores ([`LlmBackend::chunk_attention`]:
+    /// the scores come from a cuBLAS product, already scaled), row by row, masked: row
+    /// `(h, r)` is the query at position `start + r`, which sees keys `lo..=start + r` (`lo`
+    /// = `start + r + 1 - window` when a sliding window bites, else 0); every other key gets
+    /// probability 0, so the product with the values that follows may run over all `total`
+    /// keys. `softcap` > 0 applies `softcap * tanh(s / softcap)` first (Gemma-2, HF
+    /// `eager_attention_forward`). In f32, as HF's softmax (`dtype=torch.float32`); the
+    /// probabilities rounded to `F` once (HF rounds them to the query's dtype before `@ v`).
+    ///
+    /// One pass for the running maximum and sum (online softmax, as [`attend_row`]), merged over
+    /// each plane and then the cube's planes in shared memory; a second pass writes.
+    /// `scores`, `probs` `[heads, len, total]` contiguous; cube `(32, planes)` per row.
+    #[cube(launch_unchecked)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn chunk_softmax<F: Float>(
+        scores: &Array<f32>,
+        probs: &mut Array<F>,
+        len: u32,
+        total: u32,
+        start: u32,
+        window: u32,
+        softcap: f32,
+        #[comptime] planes: usize,
+        #[define(F)] _dtype: StorageType,
+    ) {
+        let row = CUBE_POS_X as usize;
+        let total = total as usize;
+        let hi = start as usize + row % len as usize + 1;
+        let lo = select(
+            window > 0 && hi > window as usize,
+            hi - window as usize,
+            0usize,
+        );
+        let base = row * total;
+        let lane = UNIT_POS_X as usize;
+        let plane = UNIT_POS_Y as usize;
+        let stride = CUBE_DIM as usize;
+        // Finite start values: a unit without keys merges with weight exp(-1e30 - max) = 0.
+        let mut m = f32::new(-1e30);
+        let mut l = f32::new(0.0);
+        let mut j = lo + UNIT_POS as usize;
+        while j < hi {
+            let s = capped(scores[base + j], softcap);
+            let m_new = max(m, s);
+            l = l * (m - m_new).exp() + (s - m_new).exp();
+            m = m_new;
+            j += stride;
+        }
+        let pm = plane_max(m);
+        let pl = plane_sum(l * (m - pm).exp());
+        let mut sm_m = SharedMemory::<f32>::new(planes);
+        let mut sm_l = SharedMemory::<f32>::new(planes);
+        if lane == 0 {
+            sm_m[plane] = pm;
+            sm_l[plane] = pl;
+        }
+        sync_cube();
+        let mut mm = f32::new(-1e30);
+        for p in 0..planes {
+            mm = max(mm, sm_m[p]);
+        }
+        let mut ll = f32::new(0.0);
+        for p in 0..planes {
+            ll += sm_l[p] * (sm_m[p] - mm).exp();
+        }
+        let inv = f32::new(1.0) / ll;
+        let mut j = UNIT_POS as usize;
+        while j < total {
+            let mut p = f32::new(0.0);
+            if j >= lo && j < hi {
+                p = (capped(scores[base + j], softcap) - mm).exp() * inv;
+            }
+            probs[base + j] = F::cast_from(p);
+            j += stride;
+        }
+    }
+
+    /// `softcap * tanh(s / softcap)` when `softcap` > 0, else `s`.
+    #[cube]
+    fn capped(s: f32, softcap: f32) -> f32 {
+        let mut out = s;
+        if softcap > f32::new(0.0) {
+            out = softcap * (s / softcap).tanh();
+        }
+        out
+    }
+
     /// [`kv_append`] for a batch whose caches are slots of one pool: row `r` goes to slot
     /// `rows_meta[2r]` at position `rows_meta[2r + 1]`, one unit per (row, head, i < d/2).
     /// `k`, `v` `[rows, heads, d]`, `cos`, `sin` `[rows, d]`, the pools
@@ -1427,6 +1526,15 @@ fn upload(
     CubeTensor::new_contiguous(client, device.clone(), Shape::from(shape), handle, dtype)
 }
 
+/// f32 values as the bytes a copy takes.
+struct F32Bytes(Vec<f32>);
+
+impl AsRef<[u8]> for F32Bytes {
+    fn as_ref(&self) -> &[u8] {
+        bytemuck::cast_slice(&self.0)
+    }
+}
+
 impl CudaNf4Linear {
     pub fn new(weight: Nf4Weight, bias: Option<Tensor<CudaBf16, 1>>, device: &CudaDevice) -> Self {
         // The GEMV walks 32-weight (4-word) steps that never straddle an absmax block.
@@ -1455,6 +1563,68 @@ impl CudaNf4Linear {
             code_host: weight.code,
             packed_len: weight.packed.len(),
             stored_bytes: weight.stored_bytes(),
+        }
+    }
+
+    /// [`Self::new`] with the copies queued ([`crate::driver::copy_in_queued`]), for loads:
+    /// the next weight is quantized on the host while this one's bytes go to the device, the
+    /// double-quantized absmax expanded on the upload thread too. The buffers may be read only
+    /// after [`crate::driver::finish_uploads`] ([`LlmBackend::finish_uploads`]).
+    pub fn new_queued(
+        mut weight: Nf4Weight,
+        bias: Option<Tensor<CudaBf16, 1>>,
+        device: &CudaDevice,
+    ) -> Self {
+        assert!(
+            weight.in_features.is_multiple_of(BLOCKSIZE),
+            "in_features must be a multiple of 64"
+        );
+        let n = weight.out_features * weight.in_features;
+        let (packed_len, stored_bytes) = (weight.packed.len(), weight.stored_bytes());
+        let client = CudaRuntime::client(device);
+        let queued = |len: usize, shape: Vec<usize>, dtype: DType, bytes: UploadBytes| {
+            let handle = match crate::driver::copy_in_queued(&client, device, len, bytes) {
+                Ok(handle) => handle,
+                // No upload thread: copied now, as `new` does.
+                Err(bytes) => {
+                    let bytes = bytes();
+                    return upload(device, (*bytes).as_ref(), shape, dtype);
+                }
+            };
+            CubeTensor::new_contiguous(
+                client.clone(),
+                device.clone(),
+                Shape::from(shape),
+                handle,
+                dtype,
+            )
+        };
+        let packed = std::mem::take(&mut weight.packed);
+        let packed = queued(
+            packed_len,
+            vec![n / 8],
+            DType::U32,
+            Box::new(move || Box::new(packed)),
+        );
+        let absmax = weight.absmax.clone();
+        let absmax = queued(
+            4 * (n / BLOCKSIZE),
+            vec![n / BLOCKSIZE],
+            DType::F32,
+            Box::new(move || Box::new(F32Bytes(absmax.to_f32()))),
+        );
+        let code: Vec<u8> = weight.code.iter().flat_map(|a| a.to_le_bytes()).collect();
+        let code = upload(device, &code, vec![16], DType::F32);
+        CudaNf4Linear {
+            packed,
+            absmax,
+            code,
+            bias,
+            out_features: weight.out_features,
+            in_features: weight.in_features,
+            code_host: weight.code,
+            packed_len,
+            stored_bytes,
         }
     }
 
@@ -1851,6 +2021,12 @@ pub fn read_env() {
         Ok(other) => eprintln!("LLM_CUDA_MMA={other} ignored (0 or 1)"),
         Err(_) => {}
     }
+    if let Ok(v) = std::env::var("LLM_CUDA_CHUNK_ATTENTION_ROWS") {
+        match v.parse::<usize>() {
+            Ok(n) => CHUNK_ATTENTION_ROWS.store(n.max(1), std::sync::atomic::Ordering::Relaxed),
+            _ => eprintln!("LLM_CUDA_CHUNK_ATTENTION_ROWS={v} ignored (a row count)"),
+        }
+    }
     match std::env::var("LLM_CUDA_DEQUANT").as_deref() {
         Ok("nk") => DEQUANT_TRANSPOSED.store(false, std::sync::atomic::Ordering::Relaxed),
         Ok("kn") => DEQUANT_TRANSPOSED.store(true, std::sync::atomic::Ordering::Relaxed),
@@ -1986,6 +2162,138 @@ impl LlmBackend for CudaBf16 {
         }
         Some(from_cube(out))
     }
+    /// Scores, softmax and values of one sequence's chunk as two strided-batched cuBLAS GEMMs
+    /// over the kv heads with [`chunk_softmax`] between them, HF's eager attention in three
+    /// launches. GQA without repeated keys: the `g` query heads of kv head `j` are contiguous
+    /// in `q` `[heads, len, d]`, so group `j`'s queries are one `[g * len, d]` matrix against
+    /// kv head `j`'s `[total, d]` keys of the slot.
+    ///
+    /// In cuBLAS's column-major terms (a row-major `[r, c]` is a column-major `[c, r]`):
+    /// scores `S_j` `[g * len, total]` (row-major, f32) = `K_j^T` as `op(A)` (`A` = keys
+    /// `[d, total]`, transposed) times `Q_j` (`[d, g * len]`), alpha = the attention scale;
+    /// values `O_j` `[g * len, d]` = `V_j` (`[d, total]`) times `P_j` (`[total, g * len]`),
+    /// into `[heads, len, d]`, then swapped to `[len, heads * d]`.
+    fn chunk_attention(
+        q: &Tensor<Self, 3>,
+        pool: &PoolLayer<Self>,
+        slot: usize,
+        start: usize,
+        cfg: &AttentionConfig,
+    ) -> Option<Tensor<Self, 2>> {
+        use crate::driver::{batched_gemm, Operand};
+        let [heads, len, d] = q.dims();
+        let [slots, kv_heads, cap, pool_d] = pool.k.dims();
+        let total = start + len;
+        if len < CHUNK_ATTENTION_ROWS.load(std::sync::atomic::Ordering::Relaxed)
+            || pool_d != d
+            || !heads.is_multiple_of(kv_heads)
+            || slot >= slots
+            || total > cap
+            || heads * len * total > CHUNK_ATTENTION_MAX_SCORES
+            || !crate::driver::available()
+        {
+            return None;
+        }
+        let g = heads / kv_heads;
+        let q = contiguous(q);
+        let (k, v) = (contiguous(&pool.k), contiguous(&pool.v));
+        let client = q.client.clone();
+        let scores = empty_device_contiguous_dtype(
+            client.clone(),
+            q.device.clone(),
+            Shape::from(vec![heads, len, total]),
+            DType::F32,
+        );
+        let slot_at = slot * kv_heads * cap * d;
+        let keys = Operand {
+            t: &k,
+            at: slot_at,
+            ld: d,
+            stride: cap * d,
+        };
+        let queries = Operand {
+            t: &q,
+            at: 0,
+            ld: d,
+            stride: g * len * d,
+        };
+        let s_out = Operand {
+            t: &scores,
+            at: 0,
+            ld: total,
+            stride: g * len * total,
+        };
+        let dims = [total, g * len, d];
+        if !batched_gemm(
+            dims,
+            kv_heads,
+            cfg.scale as f32,
+            keys,
+            true,
+            queries,
+            false,
+            s_out,
+        ) {
+            return None;
+        }
+        let probs = empty_like(&q, vec![heads, len, total]);
+        const PLANES: usize = 4;
+        // SAFETY: cube `row < heads * len` reads and writes row `row` of `scores` and `probs`
+        // (`[heads, len, total]` contiguous, `total` elements per row); shared memory is sized
+        // by the comptime plane count the cube is launched with.
+        unsafe {
+            chunk_softmax::launch_unchecked::<CudaRuntime>(
+                &client,
+                CubeCount::Static((heads * len) as u32, 1, 1),
+                CubeDim::new_2d(32, PLANES as u32),
+                scores.clone().into_array_arg(),
+                probs.clone().into_array_arg(),
+                len as u32,
+                total as u32,
+                start as u32,
+                cfg.sliding_window.unwrap_or(0) as u32,
+                cfg.softcap.unwrap_or(0.0) as f32,
+                PLANES,
+                q.dtype.into(),
+            );
+        }
+        let out = empty_like(&q, vec![heads, len, d]);
+        let values = Operand {
+            t: &v,
+            at: slot_at,
+            ld: d,
+            stride: cap * d,
+        };
+        let p_in = Operand {
+            t: &probs,
+            at: 0,
+            ld: total,
+            stride: g * len * total,
+        };
+        let o_out = Operand {
+            t: &out,
+            at: 0,
+            ld: d,
+            stride: g * len * d,
+        };
+        if !batched_gemm(
+            [d, g * len, total],
+            kv_heads,
+            1.0,
+            values,
+            false,
+            p_in,
+            false,
+            o_out,
+        ) {
+            return None;
+        }
+        Some(
+            from_cube::<3>(out)
+                .swap_dims(0, 1)
+                .reshape([len, heads * d]),
+        )
+    }
     fn float_from_bytes<const D: usize>(
         bytes: &[u8],
         dtype: DType,
@@ -2019,7 +2327,10 @@ impl LlmBackend for CudaBf16 {
         bias: Option<Tensor<Self, 1>>,
         device: &Self::Device,
     ) -> Box<dyn Linear<Self>> {
-        Box::new(CudaNf4Linear::new(weight, bias, device))
+        Box::new(CudaNf4Linear::new_queued(weight, bias, device))
+    }
+    fn finish_uploads(device: &Self::Device) -> crate::error::Result<()> {
+        crate::driver::finish_uploads(device.index).map_err(crate::error::CoreError::internal)
     }
     /// One GEMV launch for all of q/k/v (3 launches -> 1 per layer at decode). The outputs
     /// are blocks of one buffer, each aligned as CubeCL aligns sub-buffers, handed out as

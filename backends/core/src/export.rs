@@ -239,7 +239,10 @@ fn build<A: Architecture, B: LlmBackend>(
     let model = B::memory_persistent_allocations(&device, (), |()| {
         A::load::<B>(source.config(), &ctx, opts)
     });
-    let model = match model {
+    // The weights' copies the load queued end here, whether or not it succeeded (a failed
+    // load's buffers are freed below).
+    let uploaded = B::finish_uploads(&device);
+    let model = match uploaded.and(model) {
         Ok(model) => model,
         Err(e) => {
             // A failed load (corrupt tensor, bad shape) leaves nothing behind either.

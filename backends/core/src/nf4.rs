@@ -409,6 +409,25 @@ pub enum Absmax {
     },
 }
 
+impl Absmax {
+    /// Per-block absmax as f32: bnb `dequantize_blockwise(absmax, state2) + offset`.
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            Absmax::Plain(a) => a.clone(),
+            Absmax::Double {
+                codes,
+                nested_absmax,
+                offset,
+                code,
+            } => codes
+                .iter()
+                .enumerate()
+                .map(|(i, &c)| code[c as usize] * nested_absmax[i / NESTED_BLOCKSIZE] + offset)
+                .collect(),
+        }
+    }
+}
+
 /// An NF4-quantized weight matrix `[out, in]` (row-major order of the float weight).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Nf4Weight {
@@ -886,19 +905,7 @@ impl Nf4Weight {
 
     /// Per-block absmax as f32: bnb `dequantize_blockwise(absmax, state2) + offset`.
     pub fn absmax_f32(&self) -> Vec<f32> {
-        match &self.absmax {
-            Absmax::Plain(a) => a.clone(),
-            Absmax::Double {
-                codes,
-                nested_absmax,
-                offset,
-                code,
-            } => codes
-                .iter()
-                .enumerate()
-                .map(|(i, &c)| code[c as usize] * nested_absmax[i / NESTED_BLOCKSIZE] + offset)
-                .collect(),
-        }
+        self.absmax.to_f32()
     }
 
     /// Dequantize rows `rows` into `out` (`rows.len() * in_features` values), given

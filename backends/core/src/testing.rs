@@ -91,7 +91,9 @@ pub fn load_batched<A: Architecture, B: LlmBackend>(
         max_batch,
         kernel_cache: None,
     };
-    A::load::<B>(source.config(), &ctx, &opts).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    let model = A::load::<B>(source.config(), &ctx, &opts);
+    B::finish_uploads(&ctx.device).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    model.unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
 /// `tests/fixtures/tiny/<arch>/reference.safetensors`.
