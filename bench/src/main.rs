@@ -688,8 +688,16 @@ fn chunk_attention(device: &Device) {
             TensorData::new(meta, [2 * len]),
             device,
         );
-        let got = CudaBf16::chunk_attention(&qg, &pool, 1, start, &cfg)
-            .expect("cuBLAS and a covered shape");
+        let Some(got) = CudaBf16::chunk_attention(&qg, &pool, 1, start, &cfg) else {
+            emit(
+                "chunk_attention",
+                name,
+                f64::NAN,
+                "us",
+                serde_json::json!({"pass": false, "why": "declined (no cuBLAS, or the shape)"}),
+            );
+            continue;
+        };
         let rows = CudaBf16::decode_attention_rows(&qg, &pool, &meta, &cfg).expect("covered");
         let got = to_vec(got);
         let vs_rows = rel_l2(&got, &to_vec(rows));
@@ -1407,6 +1415,33 @@ fn upload(device: &Device) {
     let w = randn(n * k, 5, 0.04);
     let q = Nf4Weight::quantize(&w, n, k, true, WeightDtype::BF16);
     let nf4_bytes = q.packed.len() + 4 * n * k / 64;
+    // A load's path (`LlmBackend::nf4_linear`: the copies queued to the upload thread, the
+    // double-quantized absmax expanded there, then `finish_uploads`) against the synchronous
+    // `CudaNf4Linear::new`: the two weights must dequantize to the same bits.
+    {
+        use llm_core::backend::LlmBackend;
+        let direct = CudaNf4Linear::new(q.clone(), None, device);
+        let t0 = Instant::now();
+        let queued = CudaBf16::nf4_linear(q.clone(), None, device);
+        let queued_s = t0.elapsed().as_secs_f64();
+        CudaBf16::finish_uploads(device).expect("queued copies");
+        let total_s = t0.elapsed().as_secs_f64();
+        // The same kernels on the same input: equal bits unless the weights differ.
+        let x =
+            Tensor::<CudaBf16, 2>::from_data(TensorData::new(randn(4 * k, 9, 1.0), [4, k]), device);
+        let got = to_vec(queued.forward(x.clone()));
+        let want = to_vec(direct.forward(x));
+        let equal = got == want;
+        emit(
+            "upload_nf4_linear_queued_equal",
+            &format!("{n}x{k}"),
+            equal as u8 as f64,
+            "bool",
+            serde_json::json!({"queue_s": queued_s, "with_wait_s": total_s,
+                               "GBps": nf4_bytes as f64 / total_s / 1e9}),
+        );
+        assert!(equal, "the queued NF4 upload differs from the direct one");
+    }
     for attempt in 0..3 {
         let q = q.clone();
         let t = timed(Box::new(|| {

@@ -44,9 +44,10 @@ pub trait LlmBackend: Backend {
         bias: Option<Tensor<Self, 1>>,
         device: &Self::Device,
     ) -> Box<dyn Linear<Self>>;
-    /// Wait until every copy [`LlmBackend::nf4_linear`] queued for `device` has ended (every
-    /// load calls it before the model runs, also when the load failed, before its buffers are
-    /// freed); the reason if one failed. The default: nothing is ever queued.
+    /// Wait until every copy [`LlmBackend::nf4_linear`] queued for `device` on the calling
+    /// thread (one load) has ended (every load calls it before the model runs, also when the
+    /// load failed, before its buffers are freed); the reason if one failed. The default:
+    /// nothing is ever queued.
     fn finish_uploads(_device: &Self::Device) -> crate::error::Result<()> {
         Ok(())
     }

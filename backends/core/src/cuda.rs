@@ -28,7 +28,7 @@ use crate::backend::LlmBackend;
 use crate::config::Activation;
 use crate::driver::UploadBytes;
 use crate::linear::{DenseLinear, Linear};
-use crate::nf4::{Nf4Weight, BLOCKSIZE};
+use crate::nf4::{Absmax, Nf4Weight, BLOCKSIZE};
 use crate::norm::RmsNorm;
 use crate::rope::RopeTables;
 
@@ -95,9 +95,10 @@ pub const MMA_MIN_TOKENS: usize = 3;
 pub static CHUNK_ATTENTION_ROWS: std::sync::atomic::AtomicUsize =
     std::sync::atomic::AtomicUsize::new(128);
 /// Most score elements (`heads x rows x positions`, f32, with a bf16 copy of the
-/// probabilities: 6 bytes each) one [`LlmBackend::chunk_attention`] holds at once: 512 MB;
-/// chunks late in longer contexts go to the other paths.
-const CHUNK_ATTENTION_MAX_SCORES: usize = 1 << 27;
+/// probabilities: 6 bytes each) one [`LlmBackend::chunk_attention`] holds at once: 384 MiB,
+/// the 8B's 512-row chunk at the end of a 4,096-position context; chunks later in longer
+/// contexts go to the other paths.
+const CHUNK_ATTENTION_MAX_SCORES: usize = 1 << 26;
 /// Most planes (warps) per GEMV cube.
 const MAX_PLANES: usize = 8;
 
@@ -1606,15 +1607,17 @@ impl CudaNf4Linear {
             DType::U32,
             Box::new(move || Box::new(packed)),
         );
-        let absmax = weight.absmax.clone();
+        let absmax = std::mem::replace(&mut weight.absmax, Absmax::Plain(Vec::new()));
         let absmax = queued(
             4 * (n / BLOCKSIZE),
             vec![n / BLOCKSIZE],
             DType::F32,
             Box::new(move || Box::new(F32Bytes(absmax.to_f32()))),
         );
+        // Queued too: a copy made here would wait for the context, and so for the upload
+        // thread's copy in flight.
         let code: Vec<u8> = weight.code.iter().flat_map(|a| a.to_le_bytes()).collect();
-        let code = upload(device, &code, vec![16], DType::F32);
+        let code = queued(64, vec![16], DType::F32, Box::new(move || Box::new(code)));
         CudaNf4Linear {
             packed,
             absmax,
@@ -2329,8 +2332,8 @@ impl LlmBackend for CudaBf16 {
     ) -> Box<dyn Linear<Self>> {
         Box::new(CudaNf4Linear::new_queued(weight, bias, device))
     }
-    fn finish_uploads(device: &Self::Device) -> crate::error::Result<()> {
-        crate::driver::finish_uploads(device.index).map_err(crate::error::CoreError::internal)
+    fn finish_uploads(_device: &Self::Device) -> crate::error::Result<()> {
+        crate::driver::finish_uploads().map_err(crate::error::CoreError::internal)
     }
     /// One GEMV launch for all of q/k/v (3 launches -> 1 per layer at decode). The outputs
     /// are blocks of one buffer, each aligned as CubeCL aligns sub-buffers, handed out as

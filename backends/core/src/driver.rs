@@ -281,7 +281,8 @@ pub type UploadBytes = Box<dyn FnOnce() -> Box<dyn AsRef<[u8]> + Send> + Send>;
 /// quantizes the next weight on the host while this one's bytes go to the device: on the 8B
 /// the NF4 upload was 0.62 s of a 3 s load after its 1.9 s of quantizing, run 20). At most
 /// [`UPLOADS_QUEUED`] copies wait, so a load holds a bounded amount of host memory; further
-/// calls block. Nothing may read the buffer before [`finish_uploads`] has returned. `Err`
+/// calls block. The copy belongs to the calling thread's group (a load runs on one thread):
+/// nothing may read the buffer before that thread's [`finish_uploads`] has returned. `Err`
 /// gives `bytes` back where nothing was queued (no upload thread, no address), for the caller
 /// to copy them another way.
 pub fn copy_in_queued(
@@ -290,58 +291,48 @@ pub fn copy_in_queued(
     len: usize,
     bytes: UploadBytes,
 ) -> Result<Handle, UploadBytes> {
-    let Some(uploads) = uploads(device.index) else {
+    let Some(jobs) = upload_thread(device.index) else {
         return Err(bytes);
     };
     let handle = client.empty(len);
     let Ok(resource) = client.get_resource(handle.clone()) else {
         return Err(bytes);
     };
-    let Ok(mut state) = uploads.state.0.lock() else {
-        return Err(bytes);
-    };
-    state.pending += 1;
-    drop(state);
+    let group = UPLOAD_GROUP.with(|g| g.borrow_mut().get_or_insert_with(Default::default).clone());
     let job = UploadJob {
         dst: resource.resource().ptr,
         len,
         bytes,
         keep: Box::new(resource),
+        done: PendingCopy::new(group),
     };
-    // The upload thread runs for the process and the sender is never poisoned (nothing panics
-    // while holding it), so the send only blocks while the queue is full.
-    let sent = match uploads.jobs.lock() {
+    // The sender is never poisoned (nothing panics while holding it) and the upload thread
+    // lives as long as the process, so the send only blocks while the queue is full.
+    let sent = match jobs.lock() {
         Ok(jobs) => jobs.send(job).map_err(|e| e.0),
         Err(_) => Err(job),
     };
     match sent {
         Ok(()) => Ok(handle),
         Err(job) => {
-            if let Ok(mut state) = uploads.state.0.lock() {
-                state.pending -= 1;
-            }
+            job.done.finish(Ok(()));
             Err(job.bytes)
         }
     }
 }
 
-/// Wait until every copy queued on device `ordinal` by [`copy_in_queued`] is on the device;
-/// the first failure's reason if one failed (its buffer holds garbage: the load must fail).
-pub fn finish_uploads(ordinal: usize) -> Result<(), String> {
-    let Some(uploads) = UPLOADS
-        .get()
-        .and_then(|m| m.lock().ok()?.get(&ordinal).copied())
-    else {
+/// Wait until every copy the calling thread queued with [`copy_in_queued`] since its last call
+/// is on the device; the first failure's reason if one failed (its buffer holds garbage: the
+/// load must fail). Each load has its group, so two loads at once wait for and answer for
+/// their own copies only.
+pub fn finish_uploads() -> Result<(), String> {
+    let Some(group) = UPLOAD_GROUP.with(|g| g.borrow_mut().take()) else {
         return Ok(());
     };
-    let (lock, done) = &*uploads.state;
-    let mut state = lock
-        .lock()
-        .map_err(|_| "upload state poisoned".to_string())?;
+    let (lock, done) = &*group;
+    let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
     while state.pending > 0 {
-        state = done
-            .wait(state)
-            .map_err(|_| "upload state poisoned".to_string())?;
+        state = done.wait(state).unwrap_or_else(|p| p.into_inner());
     }
     state.failed.take().map_or(Ok(()), Err)
 }
@@ -349,16 +340,51 @@ pub fn finish_uploads(ordinal: usize) -> Result<(), String> {
 /// Copies that may wait in a device's upload queue (a big linear's packed codes are ~29 MB).
 const UPLOADS_QUEUED: usize = 4;
 
-/// One device's upload thread: its queue, and how many copies are queued or running.
-struct Uploads {
-    jobs: Mutex<std::sync::mpsc::SyncSender<UploadJob>>,
-    state: Arc<(Mutex<UploadState>, std::sync::Condvar)>,
-}
+/// One load's queued copies: how many have not ended, the first failure.
+type UploadGroup = Arc<(Mutex<UploadState>, std::sync::Condvar)>;
 
 #[derive(Default)]
 struct UploadState {
     pending: usize,
     failed: Option<String>,
+}
+
+thread_local! {
+    /// The group of the load running on this thread, from its first queued copy to its
+    /// [`finish_uploads`].
+    static UPLOAD_GROUP: std::cell::RefCell<Option<UploadGroup>> = const { std::cell::RefCell::new(None) };
+}
+
+/// A queued copy's place in its group's count: [`PendingCopy::finish`] takes it out; dropped
+/// unfinished (the upload thread panicked, or its queue was dropped), it counts as failed, so
+/// that no wait hangs.
+struct PendingCopy(Option<UploadGroup>);
+
+impl PendingCopy {
+    fn new(group: UploadGroup) -> Self {
+        group.0.lock().unwrap_or_else(|p| p.into_inner()).pending += 1;
+        PendingCopy(Some(group))
+    }
+
+    fn finish(mut self, result: Result<(), String>) {
+        if let Some(group) = self.0.take() {
+            let (lock, done) = &*group;
+            let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+            state.pending -= 1;
+            if let Err(e) = result {
+                state.failed.get_or_insert(e);
+            }
+            done.notify_all();
+        }
+    }
+}
+
+impl Drop for PendingCopy {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            PendingCopy(self.0.take()).finish(Err("the upload thread stopped".into()));
+        }
+    }
 }
 
 struct UploadJob {
@@ -367,50 +393,49 @@ struct UploadJob {
     bytes: UploadBytes,
     /// Keeps the destination allocated until the copy has ended.
     keep: Box<dyn Send>,
+    done: PendingCopy,
 }
 
-static UPLOADS: OnceLock<Mutex<HashMap<usize, &'static Uploads>>> = OnceLock::new();
-
-/// Device `ordinal`'s upload thread, started at its first queued copy; kept for the process.
-fn uploads(ordinal: usize) -> Option<&'static Uploads> {
-    let mut map = UPLOADS.get_or_init(Default::default).lock().ok()?;
-    if let Some(u) = map.get(&ordinal) {
-        return Some(*u);
+/// Device `ordinal`'s upload queue, its thread started at the first queued copy; kept for the
+/// process.
+fn upload_thread(ordinal: usize) -> Option<&'static Mutex<std::sync::mpsc::SyncSender<UploadJob>>> {
+    type Queues = HashMap<usize, &'static Mutex<std::sync::mpsc::SyncSender<UploadJob>>>;
+    static QUEUES: OnceLock<Mutex<Queues>> = OnceLock::new();
+    let mut map = QUEUES.get_or_init(Default::default).lock().ok()?;
+    if let Some(q) = map.get(&ordinal) {
+        return Some(*q);
     }
     let (tx, rx) = std::sync::mpsc::sync_channel::<UploadJob>(UPLOADS_QUEUED);
-    let state: Arc<(Mutex<UploadState>, std::sync::Condvar)> = Arc::default();
-    let thread_state = state.clone();
     std::thread::Builder::new()
         .name(format!("llm-upload-{ordinal}"))
         .spawn(move || {
             for job in rx {
-                let bytes = (job.bytes)();
-                let bytes = (*bytes).as_ref();
-                let result = if bytes.len() != job.len {
-                    Err(format!("{} bytes for a buffer of {}", bytes.len(), job.len))
-                } else {
-                    copy_to(ordinal, job.dst, bytes)
-                        .ok_or_else(|| "a driver call failed".to_string())
-                };
-                drop(job.keep);
-                let (lock, done) = &*thread_state;
-                if let Ok(mut s) = lock.lock() {
-                    s.pending -= 1;
-                    if let Err(e) = result {
-                        s.failed
-                            .get_or_insert(format!("copying a weight to cuda:{ordinal}: {e}"));
+                let UploadJob {
+                    dst,
+                    len,
+                    bytes,
+                    keep,
+                    done,
+                } = job;
+                // A panic (making the bytes, a thread the staging could not spawn) fails this
+                // copy and leaves the thread serving the next.
+                let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    let bytes = bytes();
+                    let bytes = (*bytes).as_ref();
+                    if bytes.len() != len {
+                        return Err(format!("{} bytes for a buffer of {len}", bytes.len()));
                     }
-                }
-                done.notify_all();
+                    copy_to(ordinal, dst, bytes).ok_or_else(|| "a driver call failed".to_string())
+                }))
+                .unwrap_or_else(|_| Err("the copy panicked".into()));
+                drop(keep);
+                done.finish(result.map_err(|e| format!("copying a weight to cuda:{ordinal}: {e}")));
             }
         })
         .ok()?;
-    let uploads: &'static Uploads = Box::leak(Box::new(Uploads {
-        jobs: Mutex::new(tx),
-        state,
-    }));
-    map.insert(ordinal, uploads);
-    Some(uploads)
+    let queue: &'static Mutex<_> = Box::leak(Box::new(Mutex::new(tx)));
+    map.insert(ordinal, queue);
+    Some(queue)
 }
 
 /// Copies of at least this many bytes go through [`Staging`].

@@ -233,6 +233,9 @@ fn build<A: Architecture, B: LlmBackend>(
         source: source.describe(),
         timers: Default::default(),
     };
+    // A load that panicked on this thread left its queued copies' group behind: let them end
+    // (and forget their failure) before this load's are counted.
+    let _ = B::finish_uploads(&device);
     let t0 = std::time::Instant::now();
     // Weights go to the pool's persistent part (one exact-size slice each): they live as long
     // as the model, and the activations allocated per op then search pools without them.
@@ -240,9 +243,11 @@ fn build<A: Architecture, B: LlmBackend>(
         A::load::<B>(source.config(), &ctx, opts)
     });
     // The weights' copies the load queued end here, whether or not it succeeded (a failed
-    // load's buffers are freed below).
+    // load's buffers are freed below); the load's own error first.
+    let t_wait = std::time::Instant::now();
     let uploaded = B::finish_uploads(&device);
-    let model = match uploaded.and(model) {
+    let upload_wait_ms = t_wait.elapsed().as_millis() as u64;
+    let model = match model.and_then(|m| uploaded.map(|()| m)) {
         Ok(model) => model,
         Err(e) => {
             // A failed load (corrupt tensor, bad shape) leaves nothing behind either.
@@ -250,6 +255,7 @@ fn build<A: Architecture, B: LlmBackend>(
             return Err(e);
         }
     };
+    // Until the last queued copy ended: what the model's weights cost to put on the device.
     let weights_ms = t0.elapsed().as_millis() as u64;
     let t1 = std::time::Instant::now();
     if B::JIT {
@@ -269,7 +275,8 @@ fn build<A: Architecture, B: LlmBackend>(
         "device": opts.device,
         "dtype": B::DTYPE,
         "quantization": quantization.name(),
-        "load_ms": {"weights": weights_ms, "warm_up": warm_up_ms, "of_weights": ctx.timers.to_json()},
+        "load_ms": {"weights": weights_ms, "upload_wait": upload_wait_ms, "warm_up": warm_up_ms,
+                    "of_weights": ctx.timers.to_json()},
     });
     Ok(Box::new(Engine::new(model, info)))
 }
