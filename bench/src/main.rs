@@ -598,7 +598,7 @@ fn fused_attention(device: &Device) {
 
 /// A prompt chunk's attention through cuBLAS (`LlmBackend::chunk_attention`: scores GEMM,
 /// masked softmax, values GEMM) against a direct f64 computation on the same bf16 inputs, and
-/// against the row kernel (`decode_attention_rows`) it replaces from 128 rows: a chunk of
+/// against the row kernel (`decode_attention_rows`) it replaces on long chunks: a chunk of
 /// `len` rows at positions `start..start + len` of slot 1 of a two-slot pool whose positions
 /// past the chunk hold NaN (a product that reads them, or a mask that lets them through,
 /// shows). Llama-3.1-8B (GQA 32/8, d 128), Gemma-2 (d 256, softcap 50, window 128, a chunk
@@ -608,8 +608,10 @@ fn chunk_attention(device: &Device) {
     use llm_core::attention::{AttentionConfig, PoolLayer};
     use llm_core::backend::LlmBackend;
     use std::sync::atomic::Ordering::Relaxed;
-    // The path runs on cuBLAS (the server's default where it loads).
+    // The path runs on cuBLAS (the server's default where it loads); the cases below are
+    // shorter than the server's threshold (`CHUNK_ATTENTION_ROWS`), so lower it here.
     llm_core::driver::USE_CUBLAS.store(true, Relaxed);
+    let threshold = llm_core::cuda::CHUNK_ATTENTION_ROWS.swap(1, Relaxed);
     let cases = [
         ("llama", 32, 8, 128, 100, 160, None, None),
         ("gemma2", 8, 4, 256, 100, 160, Some(50.0), Some(128)),
@@ -720,6 +722,7 @@ fn chunk_attention(device: &Device) {
                                "rows_kernel_wall_us": rows_us, "timing": "wall"}),
         );
     }
+    llm_core::cuda::CHUNK_ATTENTION_ROWS.store(threshold, Relaxed);
     llm_core::driver::USE_CUBLAS.store(false, Relaxed);
 }
 

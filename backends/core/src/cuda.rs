@@ -90,10 +90,15 @@ pub const MMA_MIN_TOKENS: usize = 3;
 /// Fewest rows of a sequence's prompt chunk that attend through cuBLAS
 /// ([`LlmBackend::chunk_attention`]: scores, [`chunk_softmax`], values) rather than the row
 /// kernel ([`decode_attention_rows`], which reads every key and value once per row and head,
-/// and reduces every score over a plane). `LLM_CUDA_CHUNK_ATTENTION_ROWS=N` ([`read_env`])
-/// moves it; a count past the prefill chunk turns the path off.
+/// and reduces every score over a plane). On an H200 (docs/benchmarks.md, run 21, wall per
+/// call) the cuBLAS path costs 124-199 us whatever the size (its host round trips and
+/// launches), the row kernel grows with rows x positions: 8B shape 154 us at 160 rows (cuBLAS
+/// 124), 589 us at 512 (cuBLAS 133); Gemma-2 and Phi-3 shapes at 128-160 rows 61-69 us
+/// (cuBLAS 132-199). So from 256 rows; between 160 and 512 not measured.
+/// `LLM_CUDA_CHUNK_ATTENTION_ROWS=N` ([`read_env`]) moves it; a count past the prefill chunk
+/// turns the path off.
 pub static CHUNK_ATTENTION_ROWS: std::sync::atomic::AtomicUsize =
-    std::sync::atomic::AtomicUsize::new(128);
+    std::sync::atomic::AtomicUsize::new(256);
 /// Most score elements (`heads x rows x positions`, f32, with a bf16 copy of the
 /// probabilities: 6 bytes each) one [`LlmBackend::chunk_attention`] holds at once: 384 MiB,
 /// the 8B's 512-row chunk at the end of a 4,096-position context; chunks later in longer
