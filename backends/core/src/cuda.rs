@@ -2213,24 +2213,9 @@ impl LlmBackend for CudaBf16 {
             DType::F32,
         );
         let slot_at = slot * kv_heads * cap * d;
-        let keys = Operand {
-            t: &k,
-            at: slot_at,
-            ld: d,
-            stride: cap * d,
-        };
-        let queries = Operand {
-            t: &q,
-            at: 0,
-            ld: d,
-            stride: g * len * d,
-        };
-        let s_out = Operand {
-            t: &scores,
-            at: 0,
-            ld: total,
-            stride: g * len * total,
-        };
+        let keys = Operand::new(&k, slot_at, d, cap * d);
+        let queries = Operand::new(&q, 0, d, g * len * d);
+        let s_out = Operand::new(&scores, 0, total, g * len * total);
         let dims = [total, g * len, d];
         if !batched_gemm(
             dims,
@@ -2266,24 +2251,9 @@ impl LlmBackend for CudaBf16 {
             );
         }
         let out = empty_like(&q, vec![heads, len, d]);
-        let values = Operand {
-            t: &v,
-            at: slot_at,
-            ld: d,
-            stride: cap * d,
-        };
-        let p_in = Operand {
-            t: &probs,
-            at: 0,
-            ld: total,
-            stride: g * len * total,
-        };
-        let o_out = Operand {
-            t: &out,
-            at: 0,
-            ld: d,
-            stride: g * len * d,
-        };
+        let values = Operand::new(&v, slot_at, d, cap * d);
+        let p_in = Operand::new(&probs, 0, total, g * len * total);
+        let o_out = Operand::new(&out, 0, d, g * len * d);
         if !batched_gemm(
             [d, g * len, total],
             kv_heads,

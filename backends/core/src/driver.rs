@@ -695,6 +695,12 @@ pub struct Operand<'a> {
     pub stride: usize,
 }
 
+impl<'a> Operand<'a> {
+    pub fn new(t: &'a CubeTensor<CudaRuntime>, at: usize, ld: usize, stride: usize) -> Self {
+        Operand { t, at, ld, stride }
+    }
+}
+
 /// `C_i = alpha · op(A_i) · op(B_i)` (`C_i` `[m, n]`, column-major) for `batch` matrices
 /// `i`, on cuBLAS (`cublasGemmStridedBatchedEx`, f32 accumulation), ordered on the calling
 /// thread's CubeCL stream as [`linears`] is. `transpose_a`: `op(A)` = `A^T`, `A` stored
