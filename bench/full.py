@@ -280,7 +280,7 @@ class Server:
             return None
         last = text[max(0, text.rindex("plugin load phases") - 400):]
         get = lambda key: (re.findall(r'"%s":(\d+)' % key, last) or [None])[-1]
-        keys = ("weights", "upload_wait", "warm_up", "quantize", "nf4_upload", "float_tensors")
+        keys = ("prepare", "weights", "upload_wait", "warm_up", "quantize", "nf4_upload", "float_tensors")
         return {k: int(get(k)) for k in keys if get(k) is not None}
 
     def cycle(self, name, source, *extra):

@@ -190,6 +190,7 @@ fn unknown_device(other: &str) -> CoreError {
 
 /// Open the source and build an engine on the requested device.
 pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEngine>> {
+    let started = std::time::Instant::now();
     let opts: LoadOptions = serde_json::from_str(request_json)
         .map_err(|e| CoreError::invalid(format!("load request: {e}")))?;
     let source = ModelSource::open(&opts.source)?;
@@ -207,14 +208,14 @@ pub fn load_engine<A: Architecture>(request_json: &str) -> Result<Box<dyn DynEng
         )));
     }
     match opts.device.as_str() {
-        "cpu" => build::<A, Cpu>(&source, NdArrayDevice::Cpu, quantization, &opts),
+        "cpu" => build::<A, Cpu>(&source, NdArrayDevice::Cpu, quantization, &opts, started),
         #[cfg(feature = "cuda")]
         spec if crate::cuda::parse_device(spec).is_some() => {
             let device = crate::cuda::parse_device(spec).expect("checked");
             crate::cuda::use_kernel_cache(opts.kernel_cache.as_deref());
             crate::cuda::read_env();
             crate::cuda::probe_mma(&device);
-            build::<A, crate::cuda::CudaBf16>(&source, device, quantization, &opts)
+            build::<A, crate::cuda::CudaBf16>(&source, device, quantization, &opts, started)
         }
         other => Err(unknown_device(other)),
     }
@@ -225,6 +226,7 @@ fn build<A: Architecture, B: LlmBackend>(
     device: B::Device,
     quantization: Quantization,
     opts: &LoadOptions,
+    started: std::time::Instant,
 ) -> Result<Box<dyn DynEngine>> {
     let ctx = LoadCtx {
         store: source.tensors(),
@@ -237,6 +239,9 @@ fn build<A: Architecture, B: LlmBackend>(
     // (and forget their failure) before this load's are counted.
     let _ = B::finish_uploads(&device);
     let t0 = std::time::Instant::now();
+    // Opening the source and, on CUDA, the plugin's device runtime (its first load in a
+    // process starts CubeCL's client and runs the MMA probe).
+    let prepare_ms = t0.duration_since(started).as_millis() as u64;
     // Weights go to the pool's persistent part (one exact-size slice each): they live as long
     // as the model, and the activations allocated per op then search pools without them.
     let model = B::memory_persistent_allocations(&device, (), |()| {
@@ -275,7 +280,8 @@ fn build<A: Architecture, B: LlmBackend>(
         "device": opts.device,
         "dtype": B::DTYPE,
         "quantization": quantization.name(),
-        "load_ms": {"weights": weights_ms, "upload_wait": upload_wait_ms, "warm_up": warm_up_ms,
+        "load_ms": {"prepare": prepare_ms, "weights": weights_ms, "upload_wait": upload_wait_ms,
+                    "warm_up": warm_up_ms,
                     "of_weights": ctx.timers.to_json()},
     });
     Ok(Box::new(Engine::new(model, info)))
