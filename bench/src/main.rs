@@ -60,6 +60,66 @@ fn bf16_round(v: &mut [f32]) {
     }
 }
 
+/// [`randn`] rounded to bf16: inputs a bf16 kernel and an f32/f64 reference see exactly alike.
+fn randn_bf16(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+    let mut v = randn(n, seed, scale);
+    bf16_round(&mut v);
+    v
+}
+
+/// An attention test case's config: `heads` query heads over `kv_heads`, head dim `d`, HF's
+/// default scale `d^-0.5`.
+fn attention_cfg(
+    heads: usize,
+    kv_heads: usize,
+    d: usize,
+    softcap: Option<f64>,
+    window: Option<usize>,
+) -> llm_core::attention::AttentionConfig {
+    llm_core::attention::AttentionConfig {
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        head_dim: d,
+        scale: (d as f64).powf(-0.5),
+        softcap,
+        sliding_window: window,
+    }
+}
+
+/// HF's eager attention of one query row `q` (`d` values) over positions `keys` of the keys
+/// and values `k`, `v` (`[t, d]`, one kv head), in f64: scaled scores, softcap, softmax,
+/// weighted sum of the values.
+fn attend_f64(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    keys: std::ops::RangeInclusive<usize>,
+    cfg: &llm_core::attention::AttentionConfig,
+) -> Vec<f32> {
+    let d = q.len();
+    let scores: Vec<f64> = keys
+        .clone()
+        .map(|j| {
+            let dot: f64 = (0..d).map(|i| q[i] as f64 * k[j * d + i] as f64).sum();
+            let s = dot * cfg.scale;
+            cfg.softcap.map_or(s, |c| c * (s / c).tanh())
+        })
+        .collect();
+    let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+    let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
+    let sum: f64 = e.iter().sum();
+    (0..d)
+        .map(|i| {
+            let o: f64 = keys
+                .clone()
+                .zip(&e)
+                .map(|(j, p)| p * v[j * d + i] as f64)
+                .sum();
+            (o / sum) as f32
+        })
+        .collect()
+}
+
 fn sync(device: &Device) {
     use burn_tensor::backend::Backend;
     CudaBf16::sync(device).expect("sync");
@@ -377,11 +437,7 @@ fn fused(device: &Device) {
     use llm_core::config::Activation;
     let cpu: <Cpu as burn_tensor::backend::BackendTypes>::Device = Default::default();
     let rows = 16;
-    let bf16 = |n: usize, seed: u64, scale: f32| {
-        let mut v = randn(n, seed, scale);
-        bf16_round(&mut v);
-        v
-    };
+    let bf16 = randn_bf16;
     let pair = |v: &[f32], shape: [usize; 2]| {
         (
             Tensor::<Cpu, 2>::from_data(TensorData::new(v.to_vec(), shape), &cpu),
@@ -493,7 +549,6 @@ fn fused(device: &Device) {
 /// d 128), Gemma-2 (d 256, softcap 50, window 128) and Phi-3 (d 96, no GQA) shapes; wall time
 /// per call against Burn's attention with repeated K/V (what the model runs without it).
 fn fused_attention(device: &Device) {
-    use llm_core::attention::AttentionConfig;
     use llm_core::backend::LlmBackend;
     let cases = [
         ("llama", 32, 8, 128, 300, None, None),
@@ -501,48 +556,20 @@ fn fused_attention(device: &Device) {
         ("phi3", 32, 32, 96, 37, None, None),
     ];
     for (name, heads, kv_heads, d, t, softcap, window) in cases {
-        let cfg = AttentionConfig {
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim: d,
-            scale: (d as f64).powf(-0.5),
-            softcap,
-            sliding_window: window,
-        };
-        let round = |n: usize, seed: u64| {
-            let mut v = randn(n, seed, 1.0);
-            bf16_round(&mut v);
-            v
-        };
+        let cfg = attention_cfg(heads, kv_heads, d, softcap, window);
         let (q, k, v) = (
-            round(heads * d, 11),
-            round(kv_heads * t * d, 12),
-            round(kv_heads * t * d, 13),
+            randn_bf16(heads * d, 11, 1.0),
+            randn_bf16(kv_heads * t * d, 12, 1.0),
+            randn_bf16(kv_heads * t * d, 13, 1.0),
         );
         let groups = heads / kv_heads;
         let start = window.map_or(0, |w: usize| t.saturating_sub(w));
         let mut want = vec![0f32; heads * d];
         for h in 0..heads {
-            let kvh = h / groups;
-            let scores: Vec<f64> = (start..t)
-                .map(|j| {
-                    let dot: f64 = (0..d)
-                        .map(|i| q[h * d + i] as f64 * k[(kvh * t + j) * d + i] as f64)
-                        .sum();
-                    let s = dot * cfg.scale;
-                    softcap.map_or(s, |c| c * (s / c).tanh())
-                })
-                .collect();
-            let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-            let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-            let sum: f64 = e.iter().sum();
-            for i in 0..d {
-                let o: f64 = (start..t)
-                    .zip(&e)
-                    .map(|(j, p)| p * v[(kvh * t + j) * d + i] as f64)
-                    .sum();
-                want[h * d + i] = (o / sum) as f32;
-            }
+            let head = (h / groups * t * d)..((h / groups + 1) * t * d);
+            let (k, v) = (&k[head.clone()], &v[head]);
+            let row = attend_f64(&q[h * d..(h + 1) * d], k, v, start..=t - 1, &cfg);
+            want[h * d..(h + 1) * d].copy_from_slice(&row);
         }
         let qg = Tensor::<CudaBf16, 3>::from_data(TensorData::new(q, [heads, 1, d]), device);
         let kg = Tensor::<CudaBf16, 3>::from_data(TensorData::new(k, [kv_heads, t, d]), device);
@@ -605,7 +632,7 @@ fn fused_attention(device: &Device) {
 /// past the window) and Phi-3 (d 96, no GQA) shapes; then wall time per call of both paths
 /// on the 8B's 512-token prompt (one chunk of 512 rows from position 0).
 fn chunk_attention(device: &Device) {
-    use llm_core::attention::{AttentionConfig, PoolLayer};
+    use llm_core::attention::PoolLayer;
     use llm_core::backend::LlmBackend;
     use std::sync::atomic::Ordering::Relaxed;
     // The path runs on cuBLAS (the server's default where it loads); the cases below are
@@ -619,56 +646,26 @@ fn chunk_attention(device: &Device) {
         ("llama", 32, 8, 128, 0, 512, None, None),
     ];
     for (name, heads, kv_heads, d, start, len, softcap, window) in cases {
-        let cfg = AttentionConfig {
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim: d,
-            scale: (d as f64).powf(-0.5),
-            softcap,
-            sliding_window: window,
-        };
-        let round = |n: usize, seed: u64| {
-            let mut v = randn(n, seed, 1.0);
-            bf16_round(&mut v);
-            v
-        };
+        let cfg = attention_cfg(heads, kv_heads, d, softcap, window);
         let total = start + len;
         let (q, k, v) = (
-            round(heads * len * d, 21),
-            round(kv_heads * total * d, 22),
-            round(kv_heads * total * d, 23),
+            randn_bf16(heads * len * d, 21, 1.0),
+            randn_bf16(kv_heads * total * d, 22, 1.0),
+            randn_bf16(kv_heads * total * d, 23, 1.0),
         );
         let groups = heads / kv_heads;
         // Only the timed 512-row case skips the f64 reference (~1 G multiply-adds).
         let check = len < 512;
         let mut want = vec![0f32; len * heads * d];
         for h in (0..heads).filter(|_| check) {
-            let kvh = h / groups;
+            let head = (h / groups * total * d)..((h / groups + 1) * total * d);
+            let (k, v) = (&k[head.clone()], &v[head]);
             for r in 0..len {
                 let pos = start + r;
                 let lo = window.map_or(0, |w: usize| (pos + 1).saturating_sub(w));
-                let scores: Vec<f64> = (lo..=pos)
-                    .map(|j| {
-                        let dot: f64 = (0..d)
-                            .map(|i| {
-                                q[(h * len + r) * d + i] as f64
-                                    * k[(kvh * total + j) * d + i] as f64
-                            })
-                            .sum();
-                        let s = dot * cfg.scale;
-                        softcap.map_or(s, |c| c * (s / c).tanh())
-                    })
-                    .collect();
-                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
-                let e: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let sum: f64 = e.iter().sum();
-                for i in 0..d {
-                    let o: f64 = (lo..=pos)
-                        .zip(&e)
-                        .map(|(j, p)| p * v[(kvh * total + j) * d + i] as f64)
-                        .sum();
-                    want[r * heads * d + h * d + i] = (o / sum) as f32;
-                }
+                let q = &q[(h * len + r) * d..(h * len + r + 1) * d];
+                let at = r * heads * d + h * d;
+                want[at..at + d].copy_from_slice(&attend_f64(q, k, v, lo..=pos, &cfg));
             }
         }
         // A pool of two slots with room past `total`, NaN wherever the chunk's slot is not
@@ -738,11 +735,7 @@ fn fused_kv_append(device: &Device) {
     let cpu: <Cpu as burn_tensor::backend::BackendTypes>::Device = Default::default();
     let (kv_heads, d, prefill, steps) = (8, 128, 200, 100);
     let total = prefill + steps;
-    let round = |n: usize, seed: u64, scale: f32| {
-        let mut v = randn(n, seed, scale);
-        bf16_round(&mut v);
-        v
-    };
+    let round = randn_bf16;
     let (k, v) = (
         round(total * kv_heads * d, 21, 1.0),
         round(total * kv_heads * d, 22, 1.0),

@@ -328,11 +328,7 @@ async fn shutdown_signal() {
 /// `cpu`, `cuda` or `cuda:N`. Whether the plugin was built with CUDA and the device exists is
 /// the plugin's to say at load.
 fn parse_device(s: &str) -> Result<String, String> {
-    let ok = s == "cpu"
-        || s == "cuda"
-        || s.strip_prefix("cuda:")
-            .is_some_and(|n| n.parse::<u32>().is_ok());
-    if ok {
+    if s == "cpu" || cuda::ordinal(s).is_some() {
         Ok(s.to_string())
     } else {
         Err(format!("expected cpu, cuda or cuda:N, got {s:?}"))

@@ -1543,33 +1543,9 @@ impl AsRef<[u8]> for F32Bytes {
 
 impl CudaNf4Linear {
     pub fn new(weight: Nf4Weight, bias: Option<Tensor<CudaBf16, 1>>, device: &CudaDevice) -> Self {
-        // The GEMV walks 32-weight (4-word) steps that never straddle an absmax block.
-        assert!(
-            weight.in_features.is_multiple_of(BLOCKSIZE),
-            "in_features must be a multiple of 64"
-        );
-        let n = weight.out_features * weight.in_features;
-        let packed = upload(device, &weight.packed, vec![n / 8], DType::U32);
-        let absmax = weight.absmax_f32();
-        let absmax = upload(
-            device,
-            bytemuck::cast_slice(&absmax),
-            vec![n / BLOCKSIZE],
-            DType::F32,
-        );
-        let code: Vec<u8> = weight.code.iter().flat_map(|a| a.to_le_bytes()).collect();
-        let code = upload(device, &code, vec![16], DType::F32);
-        CudaNf4Linear {
-            packed,
-            absmax,
-            code,
-            bias,
-            out_features: weight.out_features,
-            in_features: weight.in_features,
-            code_host: weight.code,
-            packed_len: weight.packed.len(),
-            stored_bytes: weight.stored_bytes(),
-        }
+        Self::with_uploads(weight, bias, |_, shape, dtype, bytes| {
+            upload(device, (*bytes()).as_ref(), shape, dtype)
+        })
     }
 
     /// [`Self::new`] with the copies queued ([`crate::driver::copy_in_queued`]), for loads:
@@ -1577,52 +1553,59 @@ impl CudaNf4Linear {
     /// double-quantized absmax expanded on the upload thread too. The buffers may be read only
     /// after [`crate::driver::finish_uploads`] ([`LlmBackend::finish_uploads`]).
     pub fn new_queued(
-        mut weight: Nf4Weight,
+        weight: Nf4Weight,
         bias: Option<Tensor<CudaBf16, 1>>,
         device: &CudaDevice,
     ) -> Self {
+        let client = CudaRuntime::client(device);
+        Self::with_uploads(weight, bias, |len, shape, dtype, bytes| {
+            match crate::driver::copy_in_queued(&client, device, len, bytes) {
+                Ok(handle) => CubeTensor::new_contiguous(
+                    client.clone(),
+                    device.clone(),
+                    Shape::from(shape),
+                    handle,
+                    dtype,
+                ),
+                // No upload thread: copied now, as `new` does.
+                Err(bytes) => upload(device, (*bytes()).as_ref(), shape, dtype),
+            }
+        })
+    }
+
+    /// The weight's buffers on the device, each put there by `put(bytes, shape, dtype, make)`
+    /// (`make` gives the `bytes` bytes when called): packed codes, the f32 absmax (expanded
+    /// from its double quantization by `make`) and the code book.
+    fn with_uploads(
+        mut weight: Nf4Weight,
+        bias: Option<Tensor<CudaBf16, 1>>,
+        mut put: impl FnMut(usize, Vec<usize>, DType, UploadBytes) -> CubeTensor<CudaRuntime>,
+    ) -> Self {
+        // The GEMV walks 32-weight (4-word) steps that never straddle an absmax block.
         assert!(
             weight.in_features.is_multiple_of(BLOCKSIZE),
             "in_features must be a multiple of 64"
         );
         let n = weight.out_features * weight.in_features;
         let (packed_len, stored_bytes) = (weight.packed.len(), weight.stored_bytes());
-        let client = CudaRuntime::client(device);
-        let queued = |len: usize, shape: Vec<usize>, dtype: DType, bytes: UploadBytes| {
-            let handle = match crate::driver::copy_in_queued(&client, device, len, bytes) {
-                Ok(handle) => handle,
-                // No upload thread: copied now, as `new` does.
-                Err(bytes) => {
-                    let bytes = bytes();
-                    return upload(device, (*bytes).as_ref(), shape, dtype);
-                }
-            };
-            CubeTensor::new_contiguous(
-                client.clone(),
-                device.clone(),
-                Shape::from(shape),
-                handle,
-                dtype,
-            )
-        };
         let packed = std::mem::take(&mut weight.packed);
-        let packed = queued(
+        let packed = put(
             packed_len,
             vec![n / 8],
             DType::U32,
             Box::new(move || Box::new(packed)),
         );
         let absmax = std::mem::replace(&mut weight.absmax, Absmax::Plain(Vec::new()));
-        let absmax = queued(
+        let absmax = put(
             4 * (n / BLOCKSIZE),
             vec![n / BLOCKSIZE],
             DType::F32,
             Box::new(move || Box::new(F32Bytes(absmax.to_f32()))),
         );
-        // Queued too: a copy made here would wait for the context, and so for the upload
-        // thread's copy in flight.
+        // Put as the others are (queued by `new_queued`: a copy made on this thread would wait
+        // for the context, and so for the upload thread's copy in flight).
         let code: Vec<u8> = weight.code.iter().flat_map(|a| a.to_le_bytes()).collect();
-        let code = queued(64, vec![16], DType::F32, Box::new(move || Box::new(code)));
+        let code = put(64, vec![16], DType::F32, Box::new(move || Box::new(code)));
         CudaNf4Linear {
             packed,
             absmax,
