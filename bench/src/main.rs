@@ -399,9 +399,9 @@ fn pair_configs(k: usize) -> Vec<llm_core::cuda::GemvConfig> {
         pairs: Pairs::Off,
         per_sm: 0,
     }];
-    for pairs in [Pairs::F32, Pairs::Bf16] {
-        for (rows, unroll) in [(1, 4), (2, 2), (2, 4), (4, 1), (4, 2)] {
-            for (planes, per_sm) in [(8, 4), (16, 2), (32, 1)] {
+    for pairs in [Pairs::Codes, Pairs::F32, Pairs::Bf16] {
+        for (rows, unroll) in [(1, 2), (2, 1), (2, 2), (4, 1)] {
+            for (planes, per_sm) in [(4, 8), (8, 4), (16, 2)] {
                 out.push(GemvConfig {
                     rows,
                     planes,

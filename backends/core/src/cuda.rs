@@ -346,25 +346,25 @@ mod kernels {
             }
         }
     }
-
-    /// [`nf4_gemv`] for one token, codes looked up a byte (two weights) at a time.
+    /// [`nf4_gemv`] for one token, in persistent cubes whose planes stream their rows' codes
+    /// with the next chunk's loads in flight while the current one is multiplied.
     ///
-    /// Why: at one token the single-code kernel ran 5.9 instructions per weight, one of them a
-    /// shared-memory lookup, at 50% issue and 71% L1 busy: 39% of copy bandwidth
-    /// (docs/benchmarks.md, run 19). Here a table of the 256 byte values' code pairs serves two
-    /// weights per lookup: as f32 pairs (`half` off; the same products as the single-code
-    /// kernel), one copy per lane of a half-plane so that a 64-bit load of 16 lanes meets no
-    /// bank twice (16 x 256 x 8 bytes = 32 KiB), or as bf16 pairs (`half`; the codes rounded to
-    /// bf16, as bnb's dequantize rounds code x absmax), one copy per lane (32 KiB of `u32`).
-    /// The byte's table index comes out of the packed word in a shift and a mask.
+    /// Why: the single-code kernel sits at 39% of copy bandwidth with its issue slots half
+    /// idle (docs/benchmarks.md, run 19): each unit loads twice or so, in two waves of cubes,
+    /// each load waited for before any math. Here each plane owns tasks of `rows` output rows
+    /// (x 2 gated: gate's and up's), plane `p` of cube `c` tasks `c * planes + p`, then every
+    /// `CUBE_COUNT_X * planes`-th, and walks a task's whole `k` in chunks: lane `l` takes
+    /// 16-byte code vectors `l + 32 i` (a plane reads 512 contiguous bytes of a row per step),
+    /// `unroll` steps per row and chunk. The loads of the next chunk (of this task or the
+    /// next) are issued before the current chunk's math, and the plane's sums are reduced in
+    /// registers: no barrier after the table's fill. `x` (L1-resident) is converted to f32 once
+    /// per step for the task's rows.
     ///
-    /// The cubes are persistent: each fills its table once, then its planes take tasks of
-    /// `rows` output rows (x 2 gated: gate's and up's) each, plane `p` of cube `c` tasks
-    /// `c * planes + p`, then every `CUBE_COUNT_X * planes`-th. A plane walks its rows' whole
-    /// `k`: lane `l` takes 16-byte code vectors `l, l + 32, ...` (a plane reads 512 contiguous
-    /// bytes of a row per step), loading `unroll` of them per row before the math, and the
-    /// plane's sums are reduced in registers: no barrier after the fill. `x` is converted to f32
-    /// once per step for the task's rows.
+    /// `table`: 0, the 16 codes (a lookup per weight, as [`nf4_gemv`]); 1, a table of the 256
+    /// byte values' code pairs as f32 (the same products), one copy per lane of a half-plane
+    /// so that a 64-bit load of 16 lanes meets no bank twice (16 x 256 x 8 bytes = 32 KiB); 2,
+    /// the pairs as bf16 (codes rounded to bf16, as bnb's dequantize rounds code x absmax), one
+    /// copy per lane (32 KiB of `u32`). A pair lookup serves two weights.
     ///
     /// Buffers, stacking (`cut1`, `cut2` in tasks; every stacked weight but the last a
     /// multiple of `rows` rows) and gating as [`nf4_gemv`]; `tasks` = the sum of `ceil(n_i /
@@ -392,19 +392,24 @@ mod kernels {
         tasks: u32,
         #[comptime] rows: usize,
         #[comptime] unroll: usize,
-        #[comptime] half: bool,
+        #[comptime] table: u32,
         #[comptime] gated: bool,
         #[comptime] gelu: bool,
         #[define(F)] _dtype: StorageType,
     ) {
         let lanes = comptime!(if gated { 2usize } else { 1usize });
         let width = comptime!(rows * lanes);
-        // log2 of the table's copies: 32 of the bf16 pairs, 16 of the f32 pairs.
-        let copies_log2 = comptime!(if half { 5u32 } else { 4u32 });
+        let slots = comptime!(rows * unroll * lanes);
+        // log2 of the pair table's copies: 16 of the f32 pairs, 32 of the bf16 pairs.
+        let copies_log2 = comptime!(if table == 2 { 5u32 } else { 4u32 });
         let mut lut = SharedMemory::<f32>::new(16usize);
-        let mut wide =
-            SharedMemory::<Vector<f32, NP>>::new(comptime!(if half { 1usize } else { 4096usize }));
-        let mut narrow = SharedMemory::<u32>::new(comptime!(if half { 8192usize } else { 1usize }));
+        let mut wide = SharedMemory::<Vector<f32, NP>>::new(comptime!(if table == 1 {
+            4096usize
+        } else {
+            1usize
+        }));
+        let mut narrow =
+            SharedMemory::<u32>::new(comptime!(if table == 2 { 8192usize } else { 1usize }));
         if UNIT_POS < 16 {
             lut[UNIT_POS as usize] = code[UNIT_POS as usize];
         }
@@ -412,95 +417,119 @@ mod kernels {
         // Entry `byte << copies_log2 | copy`: the codes of the byte's high nibble (weight 2b)
         // and low nibble (2b + 1).
         let mut i = UNIT_POS as usize;
-        if comptime!(half) {
+        if comptime!(table == 2) {
             while i < 8192 {
                 let e = i / 32;
                 narrow[i] = bf16_bits(lut[e / 16]) | (bf16_bits(lut[e % 16]) >> 16);
                 i += CUBE_DIM as usize;
             }
-        } else {
+            sync_cube();
+        } else if comptime!(table == 1) {
             while i < 4096 {
                 let e = i / 16;
                 wide[i] = pair::<f32, NP>(lut[e / 16], lut[e % 16]);
                 i += CUBE_DIM as usize;
             }
+            sync_cube();
         }
-        sync_cube();
 
         let lane = UNIT_POS_X;
         let copy = lane & comptime!((1u32 << copies_log2) - 1);
         let steps = k as usize / 32;
+        let chunk = comptime!(32 * unroll);
+        let chunks = steps.div_ceil(chunk);
         let warps = CUBE_COUNT_X * CUBE_DIM_Y;
         let mut task = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
+        let mut c = 0usize;
+        let mut q = Array::<Vector<u32, NQ4>>::new(slots);
+        let mut a = Array::<f32>::new(slots);
+        let mut qn = Array::<Vector<u32, NQ4>>::new(slots);
+        let mut an = Array::<f32>::new(slots);
+        load_chunk(
+            &mut q,
+            &mut a,
+            select(task < tasks, task, u32::new(0)),
+            0,
+            lane as usize,
+            steps,
+            packed0,
+            absmax0,
+            packed1,
+            absmax1,
+            packed2,
+            absmax2,
+            n0,
+            n1,
+            n2,
+            cut1,
+            cut2,
+            rows,
+            unroll,
+            gated,
+        );
+        let mut acc = Array::<f32>::new(width);
+        #[unroll]
+        for w in 0..width {
+            acc[w] = f32::new(0.0);
+        }
         while task < tasks {
-            // The weight this task's rows belong to: stacked weight 1 from task `cut1`, 2 from
-            // `cut2` (both past the last task when not stacked).
-            let in1 = task >= cut1;
-            let in2 = task >= cut2;
-            let n_us = select(in2, n2, select(in1, n1, n0)) as usize;
-            let first = select(in2, cut2, select(in1, cut1, u32::new(0)));
-            let out_base = select(in2, base2, select(in1, base1, u32::new(0))) as usize;
-            let row0 = (task - first) as usize * rows;
-            let mut acc = Array::<f32>::new(width);
+            // The next chunk: this task's next, or the next task's first (past the last task:
+            // this task's chunk again, never used).
+            let next_c = (c + 1) % chunks;
+            let last = next_c == 0;
+            let next_task = select(last, task + warps, task);
+            load_chunk(
+                &mut qn,
+                &mut an,
+                select(next_task < tasks, next_task, task),
+                next_c,
+                lane as usize,
+                steps,
+                packed0,
+                absmax0,
+                packed1,
+                absmax1,
+                packed2,
+                absmax2,
+                n0,
+                n1,
+                n2,
+                cut1,
+                cut2,
+                rows,
+                unroll,
+                gated,
+            );
             #[unroll]
-            for w in 0..width {
-                acc[w] = f32::new(0.0);
-            }
-            // Steps past the end read the last step again with an absmax of 0: they add nothing.
-            let mut s = lane as usize;
-            while s < steps {
-                let mut q = Array::<Vector<u32, NQ4>>::new(comptime!(rows * unroll * lanes));
-                let mut a = Array::<f32>::new(comptime!(rows * unroll * lanes));
+            for u in 0..unroll {
+                let su = c * chunk + u * 32 + lane as usize;
+                let sc = select(su < steps, su, steps - 1);
+                let mut xf = Array::<f32>::new(32usize);
                 #[unroll]
-                for u in 0..unroll {
-                    let su = s + u * 32;
-                    let sc = select(su < steps, su, steps - 1);
+                for j in 0..4usize {
+                    let xv = x[sc * 4 + j];
                     #[unroll]
-                    for r in 0..rows {
-                        // Rows past `n` (last task) read the last row; their sums are not written.
-                        let row = select(row0 + r < n_us, row0 + r, n_us - 1);
-                        load_codes(
-                            &mut q,
-                            &mut a,
-                            (u * rows + r) * lanes,
-                            row * steps + sc,
-                            su < steps,
-                            packed0,
-                            absmax0,
-                            packed1,
-                            absmax1,
-                            packed2,
-                            absmax2,
-                            in1,
-                            in2,
-                            gated,
-                        );
+                    for i in 0..8usize {
+                        xf[j * 8 + i] = f32::cast_from(xv[i]);
                     }
                 }
                 #[unroll]
-                for u in 0..unroll {
-                    let su = s + u * 32;
-                    let sc = select(su < steps, su, steps - 1);
-                    let mut xf = Array::<f32>::new(32usize);
-                    #[unroll]
-                    for j in 0..4usize {
-                        let xv = x[sc * 4 + j];
+                for w in 0..width {
+                    let qv = q[u * width + w];
+                    let mut dot = f32::new(0.0);
+                    if comptime!(table == 0) {
                         #[unroll]
-                        for i in 0..8usize {
-                            xf[j * 8 + i] = f32::cast_from(xv[i]);
+                        for i in 0..32usize {
+                            dot += code_at(qv, &lut, i) * xf[i];
                         }
-                    }
-                    #[unroll]
-                    for w in 0..width {
-                        let qv = q[u * width + w];
-                        let mut dot = f32::new(0.0);
+                    } else {
                         #[unroll]
                         for j in 0..4usize {
                             let word = qv[j];
                             #[unroll]
                             for b in 0..4usize {
                                 let at = pair_index(word, comptime!(b as u32), copies_log2, copy);
-                                if comptime!(half) {
+                                if comptime!(table == 2) {
                                     let v = narrow[at];
                                     dot += f32::reinterpret(v & 0xFFFF0000u32) * xf[j * 8 + 2 * b];
                                     dot += f32::reinterpret(v << 16u32) * xf[j * 8 + 2 * b + 1];
@@ -511,28 +540,106 @@ mod kernels {
                                 }
                             }
                         }
-                        acc[w] += dot * a[u * width + w];
+                    }
+                    acc[w] += dot * a[u * width + w];
+                }
+            }
+            if last {
+                let in1 = task >= cut1;
+                let in2 = task >= cut2;
+                let n_us = select(in2, n2, select(in1, n1, n0)) as usize;
+                let first = select(in2, cut2, select(in1, cut1, u32::new(0)));
+                let out_base = select(in2, base2, select(in1, base1, u32::new(0))) as usize;
+                let row0 = (task - first) as usize * rows;
+                // Lane `r` writes row `r` of the task.
+                #[unroll]
+                for r in 0..rows {
+                    let total = plane_sum(acc[r * lanes]);
+                    let row = row0 + r;
+                    if comptime!(gated) {
+                        let up = plane_sum(acc[r * lanes + 1]);
+                        if lane == comptime!(r as u32) && row < n_us {
+                            out[row] = gate_times_up::<F>(total, up, gelu);
+                        }
+                    } else {
+                        if lane == comptime!(r as u32) && row < n_us {
+                            out[out_base + row] = F::cast_from(total);
+                        }
                     }
                 }
-                s += 32 * unroll;
+                #[unroll]
+                for w in 0..width {
+                    acc[w] = f32::new(0.0);
+                }
             }
-            // Lane `r` writes row `r` of the task.
+            #[unroll]
+            for i in 0..slots {
+                q[i] = qn[i];
+                a[i] = an[i];
+            }
+            task = next_task;
+            c = next_c;
+        }
+    }
+
+    /// Chunk `c` of task `task`'s codes for [`nf4_gemv_one`]: for each of `unroll` steps
+    /// (`lane + 32 (c * unroll + u)`) and each of the task's rows, its 16-byte code vector and
+    /// absmax into `q`, `a` (slot `(u * rows + r) * lanes`; steps past the end read the last
+    /// one again with an absmax of 0, rows past `n` the last row).
+    #[cube]
+    #[allow(clippy::too_many_arguments)]
+    fn load_chunk<NQ4: Size>(
+        q: &mut Array<Vector<u32, NQ4>>,
+        a: &mut Array<f32>,
+        task: u32,
+        c: usize,
+        lane: usize,
+        steps: usize,
+        packed0: &Array<Vector<u32, NQ4>>,
+        absmax0: &Array<f32>,
+        packed1: &Array<Vector<u32, NQ4>>,
+        absmax1: &Array<f32>,
+        packed2: &Array<Vector<u32, NQ4>>,
+        absmax2: &Array<f32>,
+        n0: u32,
+        n1: u32,
+        n2: u32,
+        cut1: u32,
+        cut2: u32,
+        #[comptime] rows: usize,
+        #[comptime] unroll: usize,
+        #[comptime] gated: bool,
+    ) {
+        let lanes = comptime!(if gated { 2usize } else { 1usize });
+        let in1 = task >= cut1;
+        let in2 = task >= cut2;
+        let n_us = select(in2, n2, select(in1, n1, n0)) as usize;
+        let first = select(in2, cut2, select(in1, cut1, u32::new(0)));
+        let row0 = (task - first) as usize * rows;
+        #[unroll]
+        for u in 0..unroll {
+            let su = (c * unroll + u) * 32 + lane;
+            let sc = select(su < steps, su, steps - 1);
             #[unroll]
             for r in 0..rows {
-                let total = plane_sum(acc[r * lanes]);
-                let row = row0 + r;
-                if comptime!(gated) {
-                    let up = plane_sum(acc[r * lanes + 1]);
-                    if lane == comptime!(r as u32) && row < n_us {
-                        out[row] = gate_times_up::<F>(total, up, gelu);
-                    }
-                } else {
-                    if lane == comptime!(r as u32) && row < n_us {
-                        out[out_base + row] = F::cast_from(total);
-                    }
-                }
+                let row = select(row0 + r < n_us, row0 + r, n_us - 1);
+                load_codes(
+                    q,
+                    a,
+                    (u * rows + r) * lanes,
+                    row * steps + sc,
+                    su < steps,
+                    packed0,
+                    absmax0,
+                    packed1,
+                    absmax1,
+                    packed2,
+                    absmax2,
+                    in1,
+                    in2,
+                    gated,
+                );
             }
-            task += warps;
         }
     }
 
@@ -1538,16 +1645,19 @@ pub struct GemvConfig {
     pub per_sm: usize,
 }
 
-/// [`nf4_gemv_one`]'s table of code pairs (see its doc), or the single-code [`nf4_gemv`].
+/// The one-token kernel and its table: [`nf4_gemv`] (`Off`), or [`nf4_gemv_one`] with the 16
+/// codes, or its table of code pairs as f32 or bf16 (see its doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pairs {
     Off,
+    Codes,
     F32,
     Bf16,
 }
 
-/// The one-token GEMV's table ([`GemvConfig::for_shape`]): 0 off ([`nf4_gemv`]), 1 f32 pairs,
-/// 2 bf16 pairs; `LLM_CUDA_GEMV_PAIRS=off|f32|bf16` ([`read_env`]). Off until measured on a device.
+/// The one-token GEMV ([`GemvConfig::for_shape`]): 0 [`nf4_gemv`], or [`nf4_gemv_one`] with
+/// 1 f32 pairs, 2 bf16 pairs, 3 the 16 codes; `LLM_CUDA_GEMV_PAIRS=off|f32|bf16|codes`
+/// ([`read_env`]). Off until measured on a device.
 pub static GEMV_PAIRS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 impl GemvConfig {
@@ -1569,6 +1679,7 @@ impl GemvConfig {
         let pairs = match GEMV_PAIRS.load(std::sync::atomic::Ordering::Relaxed) {
             1 => Pairs::F32,
             2 => Pairs::Bf16,
+            3 => Pairs::Codes,
             _ => Pairs::Off,
         };
         if tokens == 1 && pairs != Pairs::Off {
@@ -1732,14 +1843,23 @@ fn launch_gemv(
     if one {
         // SAFETY: as for `nf4_gemv` below, with one token, `tasks` tasks of `cfg.rows` rows
         // (the stacked parts' first tasks at `cuts`, every part but the last a multiple of
-        // `cfg.rows` rows, asserted above), and a pair-table index below 8192 (bf16) or 4096
-        // (f32): a byte shifted by 5 or 4 bits, or'ed with a lane's copy below 32 or 16.
+        // `cfg.rows` rows, asserted above), chunks of steps clamped to `k`, and a pair-table
+        // index below 8192 (bf16) or 4096 (f32): a byte shifted by 5 or 4 bits, or'ed with a
+        // lane's copy below 32 or 16.
         unsafe {
             launch!(
                 nf4_gemv_one,
                 [8, 4, 2],
                 tasks as u32,
-                [cfg.rows, cfg.unroll, cfg.pairs == Pairs::Bf16]
+                [
+                    cfg.rows,
+                    cfg.unroll,
+                    match cfg.pairs {
+                        Pairs::F32 => 1u32,
+                        Pairs::Bf16 => 2,
+                        _ => 0,
+                    }
+                ]
             )
         };
     } else if cfg.mma {
@@ -2299,7 +2419,8 @@ pub fn read_env() {
         Ok("off") => GEMV_PAIRS.store(0, std::sync::atomic::Ordering::Relaxed),
         Ok("f32") => GEMV_PAIRS.store(1, std::sync::atomic::Ordering::Relaxed),
         Ok("bf16") => GEMV_PAIRS.store(2, std::sync::atomic::Ordering::Relaxed),
-        Ok(other) => eprintln!("LLM_CUDA_GEMV_PAIRS={other} ignored (off, f32 or bf16)"),
+        Ok("codes") => GEMV_PAIRS.store(3, std::sync::atomic::Ordering::Relaxed),
+        Ok(other) => eprintln!("LLM_CUDA_GEMV_PAIRS={other} ignored (off, f32, bf16 or codes)"),
         Err(_) => {}
     }
     match std::env::var("LLM_CUDA_DEQUANT").as_deref() {
