@@ -272,9 +272,6 @@ fn kernel(device: &Device, sweep: bool) {
             if sweep && (b == 1 || (b == 16 && k == 4096 && n == 14336)) {
                 sweeps.push(("nf4_gemv_sweep", gemv_configs(b)));
             }
-            if b == 1 {
-                sweeps.push(("nf4_gemv_one_sweep", pair_configs(k)));
-            }
             if matches!(b, 4 | 16 | 32 | 64) && llm_core::cuda::GemvConfig::for_shape(b, n, k).mma {
                 sweeps.push(("nf4_mma_sweep", mma_configs(b)));
             }
@@ -299,46 +296,31 @@ fn kernel(device: &Device, sweep: bool) {
     llm_core::driver::USE_CUBLAS.store(false, Relaxed);
 }
 
-/// The batch-1 GEMV's configurations (the single-code kernel's default and the pair-table
-/// kernel's, [`pair_configs`]), each checked against the CPU once and then launched 20 times
-/// with nothing else on the GPU, for Nsight Compute to time each launch (`bench/gpu.sh
-/// gemv`): the kernel's own duration, which the back-to-back timings of `kernel` cannot
-/// separate from the host's launch rate when the kernel is short. One JSON line per
-/// configuration, in launch order (`launches`, of which the first `skip` are the check).
+/// The batch-1 GEMV with its default configuration, 20 launches per shape and nothing else on
+/// the GPU, for Nsight Compute to time each launch (`bench/gpu.sh gemv`): the kernel's own
+/// duration, which the back-to-back timings of `kernel` cannot separate from the host's
+/// launch rate when the kernel is short.
 fn gemv_for_ncu(device: &Device) {
     copy_bandwidth(device);
     for (k, n) in [(4096usize, 4096usize), (4096, 14336), (14336, 4096)] {
         let w = randn(n * k, (n * 31 + k) as u64, 0.04);
         let q = Nf4Weight::quantize(&w, n, k, true, WeightDtype::BF16);
-        let cpu = HostLinear::<Cpu>::nf4(q.clone(), None, Default::default());
         let gpu = CudaNf4Linear::new(q, None, device);
-        let mut xs = randn(k, 7 + n as u64, 1.0);
-        bf16_round(&mut xs);
-        let want = to_vec(cpu.forward(Tensor::from_data(
-            TensorData::new(xs.clone(), [1, k]),
-            &Default::default(),
-        )));
-        let xg = Tensor::<CudaBf16, 2>::from_data(TensorData::new(xs, [1, k]), device);
-        for cfg in pair_configs(k) {
-            let (err, _) = check_and_time(device, &gpu, &xg, &want, cfg, 0);
-            let out = Tensor::<CudaBf16, 2>::empty([1, n], device)
-                .into_primitive()
-                .tensor();
-            for _ in 0..20 {
-                let _ = gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out.clone(), cfg);
-            }
-            sync(device);
-            emit(
-                "gemv_for_ncu",
-                &format!("{n}x{k}"),
-                21.0,
-                "launches",
-                serde_json::json!({"skip": 1, "weight_bytes": n * k / 2 + 4 * n * k / 64,
-                                   "pairs": format!("{:?}", cfg.pairs), "rows": cfg.rows,
-                                   "planes": cfg.planes, "unroll": cfg.unroll,
-                                   "per_sm": cfg.per_sm, "rel_err": err, "pass": err < 1e-2}),
-            );
+        let xg = Tensor::<CudaBf16, 2>::from_data(
+            TensorData::new(randn(k, 7 + n as u64, 1.0), [1, k]),
+            device,
+        );
+        for _ in 0..20 {
+            let _ = gpu.forward_gemv(xg.clone());
         }
+        sync(device);
+        emit(
+            "gemv_for_ncu",
+            &format!("{n}x{k}"),
+            20.0,
+            "launches",
+            serde_json::json!({"weight_bytes": n * k / 2 + 4 * n * k / 64}),
+        );
     }
 }
 
@@ -358,15 +340,14 @@ fn sweep_configs(
     configs: &[llm_core::cuda::GemvConfig],
 ) {
     for &cfg in configs {
-        let (err, dev) = check_and_time(device, gpu, xg, want, cfg, 50);
+        let (err, dev) = check_and_time(device, gpu, xg, want, cfg);
         emit(
             metric,
             shape,
             dev,
             "us",
             serde_json::json!({"batch": batch, "rows": cfg.rows, "planes": cfg.planes,
-                               "unroll": cfg.unroll, "pairs": format!("{:?}", cfg.pairs),
-                               "per_sm": cfg.per_sm,
+                               "unroll": cfg.unroll,
                                "default": cfg == llm_core::cuda::GemvConfig::for_shape(batch, gpu.out_features(), gpu.in_features()),
                                "rel_err": err, "pass": err < 1e-2,
                                "weight_GBps": weight_bytes / (dev * 1e-6) / 1e9,
@@ -384,36 +365,6 @@ fn gemv_configs(batch: usize) -> Vec<llm_core::cuda::GemvConfig> {
         (&[1, 2], &[1, 2], &[2, 4, 8])
     };
     configs(rows, unrolls, planes_list, false)
-}
-
-/// The one-token pair-table kernel's launch configurations (`nf4_gemv_one`): both tables,
-/// rows per plane, steps loaded ahead, planes per cube, persistent cubes per multiprocessor;
-/// the single-code kernel's default first, for comparison.
-fn pair_configs(k: usize) -> Vec<llm_core::cuda::GemvConfig> {
-    use llm_core::cuda::{GemvConfig, Pairs};
-    let mut out = vec![GemvConfig {
-        rows: 4,
-        planes: (k / 32 / 64).clamp(1, 8),
-        unroll: 1,
-        mma: false,
-        pairs: Pairs::Off,
-        per_sm: 0,
-    }];
-    for pairs in [Pairs::Codes, Pairs::F32, Pairs::Bf16] {
-        for (rows, unroll) in [(1, 2), (2, 1), (2, 2), (4, 1)] {
-            for (planes, per_sm) in [(4, 8), (8, 4), (16, 2)] {
-                out.push(GemvConfig {
-                    rows,
-                    planes,
-                    unroll,
-                    mma: false,
-                    pairs,
-                    per_sm,
-                });
-            }
-        }
-    }
-    out
 }
 
 /// The tensor-core kernel's launch configurations at `batch` token rows: rows per cube (its
@@ -444,8 +395,6 @@ fn configs(
                     planes,
                     unroll,
                     mma,
-                    pairs: llm_core::cuda::Pairs::Off,
-                    per_sm: 0,
                 });
             }
         }
@@ -461,7 +410,6 @@ fn check_and_time(
     xg: &Tensor<CudaBf16, 2>,
     want: &[f32],
     cfg: llm_core::cuda::GemvConfig,
-    iters: usize,
 ) -> (f64, f64) {
     let shape = [xg.dims()[0], gpu.out_features()];
     let out = Tensor::<CudaBf16, 2>::full(shape, f32::NAN, device)
@@ -475,10 +423,7 @@ fn check_and_time(
         )),
     ));
     let err = rel_l2(&got, want);
-    if iters == 0 {
-        return (err, f64::NAN);
-    }
-    let dev = device_us(device, iters, || {
+    let dev = device_us(device, 50, || {
         let _ = gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out.clone(), cfg);
     });
     (err, dev)
@@ -916,18 +861,7 @@ fn fused_projections(device: &Device) {
     let (vc, vg) = layer(kv, hidden, 33);
     let (gc, gg) = layer(inter, hidden, 34);
     let (uc, ug) = layer(inter, hidden, 35);
-    // One row three times: the single-code kernel, then the f32 and bf16 pair tables.
-    let pairs_default = llm_core::cuda::GEMV_PAIRS.load(std::sync::atomic::Ordering::Relaxed);
-    for (rows, pairs) in [
-        (1usize, 0u8),
-        (1, 1),
-        (1, 2),
-        (4, 0),
-        (16, 0),
-        (32, 0),
-        (48, 0),
-    ] {
-        llm_core::cuda::GEMV_PAIRS.store(pairs, std::sync::atomic::Ordering::Relaxed);
+    for rows in [1usize, 4, 16, 32, 48] {
         let mut xs = randn(rows * hidden, 36 + rows as u64, 1.0);
         bf16_round(&mut xs);
         let xc = Tensor::<Cpu, 2>::from_data(TensorData::new(xs.clone(), [rows, hidden]), &cpu);
@@ -951,7 +885,7 @@ fn fused_projections(device: &Device) {
             "llama",
             fused,
             "us",
-            serde_json::json!({"rows": rows, "pairs": pairs, "rel_err": err, "pass": err < 1e-2,
+            serde_json::json!({"rows": rows, "rel_err": err, "pass": err < 1e-2,
                                "separate_wall_us": apart, "timing": "wall"}),
         );
 
@@ -977,12 +911,11 @@ fn fused_projections(device: &Device) {
                 "llama",
                 fused,
                 "us",
-                serde_json::json!({"rows": rows, "pairs": pairs, "rel_err": err, "pass": err < 1e-2,
+                serde_json::json!({"rows": rows, "rel_err": err, "pass": err < 1e-2,
                                    "separate_wall_us": apart, "timing": "wall"}),
             );
         }
     }
-    llm_core::cuda::GEMV_PAIRS.store(pairs_default, std::sync::atomic::Ordering::Relaxed);
 }
 
 fn tiny_one<A: Architecture>(arch: &str, device: &Device) {

@@ -109,8 +109,8 @@ const MAX_PLANES: usize = 8;
 
 pub use kernels::{
     add_rms_norm, chunk_softmax, decode_attention, decode_attention_rows, gated_act, kv_append,
-    kv_append_rows, nf4_dequantize, nf4_dequantize_t, nf4_gemv, nf4_gemv_one, nf4_mma, rms_norm,
-    rope, DEQUANT_UNITS, DEQUANT_WORDS,
+    kv_append_rows, nf4_dequantize, nf4_dequantize_t, nf4_gemv, nf4_mma, rms_norm, rope,
+    DEQUANT_UNITS, DEQUANT_WORDS,
 };
 
 /// KV-cache capacity grows in multiples of this many positions.
@@ -345,325 +345,6 @@ mod kernels {
                 }
             }
         }
-    }
-    /// [`nf4_gemv`] for one token, in persistent cubes whose planes stream their rows' codes
-    /// with the next chunk's loads in flight while the current one is multiplied.
-    ///
-    /// Why: the single-code kernel sits at 39% of copy bandwidth with its issue slots half
-    /// idle (docs/benchmarks.md, run 19): each unit loads twice or so, in two waves of cubes,
-    /// each load waited for before any math. Here each plane owns tasks of `rows` output rows
-    /// (x 2 gated: gate's and up's), plane `p` of cube `c` tasks `c * planes + p`, then every
-    /// `CUBE_COUNT_X * planes`-th, and walks a task's whole `k` in chunks: lane `l` takes
-    /// 16-byte code vectors `l + 32 i` (a plane reads 512 contiguous bytes of a row per step),
-    /// `unroll` steps per row and chunk. The loads of the next chunk (of this task or the
-    /// next) are issued before the current chunk's math, and the plane's sums are reduced in
-    /// registers: no barrier after the table's fill. `x` (L1-resident) is converted to f32 once
-    /// per step for the task's rows.
-    ///
-    /// `table`: 0, the 16 codes (a lookup per weight, as [`nf4_gemv`]); 1, a table of the 256
-    /// byte values' code pairs as f32 (the same products), one copy per lane of a half-plane
-    /// so that a 64-bit load of 16 lanes meets no bank twice (16 x 256 x 8 bytes = 32 KiB); 2,
-    /// the pairs as bf16 (codes rounded to bf16, as bnb's dequantize rounds code x absmax), one
-    /// copy per lane (32 KiB of `u32`). A pair lookup serves two weights.
-    ///
-    /// Buffers, stacking (`cut1`, `cut2` in tasks; every stacked weight but the last a
-    /// multiple of `rows` rows) and gating as [`nf4_gemv`]; `tasks` = the sum of `ceil(n_i /
-    /// rows)` (stacked) or `ceil(n0 / rows)` (gated). Cube dim `(32, planes)`. `NP` = 2.
-    #[cube(launch_unchecked)]
-    #[allow(clippy::too_many_arguments)]
-    pub fn nf4_gemv_one<F: Float, NX: Size, NQ4: Size, NP: Size>(
-        x: &Array<Vector<F, NX>>,
-        packed0: &Array<Vector<u32, NQ4>>,
-        absmax0: &Array<f32>,
-        packed1: &Array<Vector<u32, NQ4>>,
-        absmax1: &Array<f32>,
-        packed2: &Array<Vector<u32, NQ4>>,
-        absmax2: &Array<f32>,
-        code: &Array<f32>,
-        out: &mut Array<F>,
-        n0: u32,
-        n1: u32,
-        n2: u32,
-        cut1: u32,
-        cut2: u32,
-        base1: u32,
-        base2: u32,
-        k: u32,
-        tasks: u32,
-        #[comptime] rows: usize,
-        #[comptime] unroll: usize,
-        #[comptime] table: u32,
-        #[comptime] gated: bool,
-        #[comptime] gelu: bool,
-        #[define(F)] _dtype: StorageType,
-    ) {
-        let lanes = comptime!(if gated { 2usize } else { 1usize });
-        let width = comptime!(rows * lanes);
-        let slots = comptime!(rows * unroll * lanes);
-        // log2 of the pair table's copies: 16 of the f32 pairs, 32 of the bf16 pairs.
-        let copies_log2 = comptime!(if table == 2 { 5u32 } else { 4u32 });
-        let mut lut = SharedMemory::<f32>::new(16usize);
-        let mut wide = SharedMemory::<Vector<f32, NP>>::new(comptime!(if table == 1 {
-            4096usize
-        } else {
-            1usize
-        }));
-        let mut narrow =
-            SharedMemory::<u32>::new(comptime!(if table == 2 { 8192usize } else { 1usize }));
-        if UNIT_POS < 16 {
-            lut[UNIT_POS as usize] = code[UNIT_POS as usize];
-        }
-        sync_cube();
-        // Entry `byte << copies_log2 | copy`: the codes of the byte's high nibble (weight 2b)
-        // and low nibble (2b + 1).
-        let mut i = UNIT_POS as usize;
-        if comptime!(table == 2) {
-            while i < 8192 {
-                let e = i / 32;
-                narrow[i] = bf16_bits(lut[e / 16]) | (bf16_bits(lut[e % 16]) >> 16);
-                i += CUBE_DIM as usize;
-            }
-            sync_cube();
-        } else if comptime!(table == 1) {
-            while i < 4096 {
-                let e = i / 16;
-                wide[i] = pair::<f32, NP>(lut[e / 16], lut[e % 16]);
-                i += CUBE_DIM as usize;
-            }
-            sync_cube();
-        }
-
-        let lane = UNIT_POS_X;
-        let copy = lane & comptime!((1u32 << copies_log2) - 1);
-        let steps = k as usize / 32;
-        let chunk = comptime!(32 * unroll);
-        let chunks = steps.div_ceil(chunk);
-        let warps = CUBE_COUNT_X * CUBE_DIM_Y;
-        let mut task = CUBE_POS_X * CUBE_DIM_Y + UNIT_POS_Y;
-        let mut c = 0usize;
-        let mut q = Array::<Vector<u32, NQ4>>::new(slots);
-        let mut a = Array::<f32>::new(slots);
-        let mut qn = Array::<Vector<u32, NQ4>>::new(slots);
-        let mut an = Array::<f32>::new(slots);
-        load_chunk(
-            &mut q,
-            &mut a,
-            select(task < tasks, task, u32::new(0)),
-            0,
-            lane as usize,
-            steps,
-            packed0,
-            absmax0,
-            packed1,
-            absmax1,
-            packed2,
-            absmax2,
-            n0,
-            n1,
-            n2,
-            cut1,
-            cut2,
-            rows,
-            unroll,
-            gated,
-        );
-        let mut acc = Array::<f32>::new(width);
-        #[unroll]
-        for w in 0..width {
-            acc[w] = f32::new(0.0);
-        }
-        while task < tasks {
-            // The next chunk: this task's next, or the next task's first (past the last task:
-            // this task's chunk again, never used).
-            let next_c = (c + 1) % chunks;
-            let last = next_c == 0;
-            let next_task = select(last, task + warps, task);
-            load_chunk(
-                &mut qn,
-                &mut an,
-                select(next_task < tasks, next_task, task),
-                next_c,
-                lane as usize,
-                steps,
-                packed0,
-                absmax0,
-                packed1,
-                absmax1,
-                packed2,
-                absmax2,
-                n0,
-                n1,
-                n2,
-                cut1,
-                cut2,
-                rows,
-                unroll,
-                gated,
-            );
-            #[unroll]
-            for u in 0..unroll {
-                let su = c * chunk + u * 32 + lane as usize;
-                let sc = select(su < steps, su, steps - 1);
-                let mut xf = Array::<f32>::new(32usize);
-                #[unroll]
-                for j in 0..4usize {
-                    let xv = x[sc * 4 + j];
-                    #[unroll]
-                    for i in 0..8usize {
-                        xf[j * 8 + i] = f32::cast_from(xv[i]);
-                    }
-                }
-                #[unroll]
-                for w in 0..width {
-                    let qv = q[u * width + w];
-                    let mut dot = f32::new(0.0);
-                    if comptime!(table == 0) {
-                        #[unroll]
-                        for i in 0..32usize {
-                            dot += code_at(qv, &lut, i) * xf[i];
-                        }
-                    } else {
-                        #[unroll]
-                        for j in 0..4usize {
-                            let word = qv[j];
-                            #[unroll]
-                            for b in 0..4usize {
-                                let at = pair_index(word, comptime!(b as u32), copies_log2, copy);
-                                if comptime!(table == 2) {
-                                    let v = narrow[at];
-                                    dot += f32::reinterpret(v & 0xFFFF0000u32) * xf[j * 8 + 2 * b];
-                                    dot += f32::reinterpret(v << 16u32) * xf[j * 8 + 2 * b + 1];
-                                } else {
-                                    let v = wide[at];
-                                    dot += v[0] * xf[j * 8 + 2 * b];
-                                    dot += v[1] * xf[j * 8 + 2 * b + 1];
-                                }
-                            }
-                        }
-                    }
-                    acc[w] += dot * a[u * width + w];
-                }
-            }
-            if last {
-                let in1 = task >= cut1;
-                let in2 = task >= cut2;
-                let n_us = select(in2, n2, select(in1, n1, n0)) as usize;
-                let first = select(in2, cut2, select(in1, cut1, u32::new(0)));
-                let out_base = select(in2, base2, select(in1, base1, u32::new(0))) as usize;
-                let row0 = (task - first) as usize * rows;
-                // Lane `r` writes row `r` of the task.
-                #[unroll]
-                for r in 0..rows {
-                    let total = plane_sum(acc[r * lanes]);
-                    let row = row0 + r;
-                    if comptime!(gated) {
-                        let up = plane_sum(acc[r * lanes + 1]);
-                        if lane == comptime!(r as u32) && row < n_us {
-                            out[row] = gate_times_up::<F>(total, up, gelu);
-                        }
-                    } else {
-                        if lane == comptime!(r as u32) && row < n_us {
-                            out[out_base + row] = F::cast_from(total);
-                        }
-                    }
-                }
-                #[unroll]
-                for w in 0..width {
-                    acc[w] = f32::new(0.0);
-                }
-            }
-            #[unroll]
-            for i in 0..slots {
-                q[i] = qn[i];
-                a[i] = an[i];
-            }
-            task = next_task;
-            c = next_c;
-        }
-    }
-
-    /// Chunk `c` of task `task`'s codes for [`nf4_gemv_one`]: for each of `unroll` steps
-    /// (`lane + 32 (c * unroll + u)`) and each of the task's rows, its 16-byte code vector and
-    /// absmax into `q`, `a` (slot `(u * rows + r) * lanes`; steps past the end read the last
-    /// one again with an absmax of 0, rows past `n` the last row).
-    #[cube]
-    #[allow(clippy::too_many_arguments)]
-    fn load_chunk<NQ4: Size>(
-        q: &mut Array<Vector<u32, NQ4>>,
-        a: &mut Array<f32>,
-        task: u32,
-        c: usize,
-        lane: usize,
-        steps: usize,
-        packed0: &Array<Vector<u32, NQ4>>,
-        absmax0: &Array<f32>,
-        packed1: &Array<Vector<u32, NQ4>>,
-        absmax1: &Array<f32>,
-        packed2: &Array<Vector<u32, NQ4>>,
-        absmax2: &Array<f32>,
-        n0: u32,
-        n1: u32,
-        n2: u32,
-        cut1: u32,
-        cut2: u32,
-        #[comptime] rows: usize,
-        #[comptime] unroll: usize,
-        #[comptime] gated: bool,
-    ) {
-        let lanes = comptime!(if gated { 2usize } else { 1usize });
-        let in1 = task >= cut1;
-        let in2 = task >= cut2;
-        let n_us = select(in2, n2, select(in1, n1, n0)) as usize;
-        let first = select(in2, cut2, select(in1, cut1, u32::new(0)));
-        let row0 = (task - first) as usize * rows;
-        #[unroll]
-        for u in 0..unroll {
-            let su = (c * unroll + u) * 32 + lane;
-            let sc = select(su < steps, su, steps - 1);
-            #[unroll]
-            for r in 0..rows {
-                let row = select(row0 + r < n_us, row0 + r, n_us - 1);
-                load_codes(
-                    q,
-                    a,
-                    (u * rows + r) * lanes,
-                    row * steps + sc,
-                    su < steps,
-                    packed0,
-                    absmax0,
-                    packed1,
-                    absmax1,
-                    packed2,
-                    absmax2,
-                    in1,
-                    in2,
-                    gated,
-                );
-            }
-        }
-    }
-
-    /// The pair table's index of byte `b` of `word` for lane copy `copy`: `byte << copies_log2
-    /// | copy`, the byte cut out already shifted (a shift and a mask). The copy is added, not
-    /// or'ed: the sum's address `(masked + copy) * 8 + base` lets the compiler keep `copy * 8 +
-    /// base` in a register and compute the address in one shift-add (run 22: with `|` it
-    /// spent four integer instructions per lookup).
-    #[cube]
-    fn pair_index(word: u32, #[comptime] b: u32, #[comptime] copies_log2: u32, copy: u32) -> usize {
-        let mask = comptime!(0xFFu32 << copies_log2);
-        let shifted = if comptime!(8 * b >= copies_log2) {
-            word >> comptime!(8 * b - copies_log2)
-        } else {
-            word << comptime!(copies_log2 - 8 * b)
-        };
-        ((shifted & mask) + copy) as usize
-    }
-
-    /// The bits of `f` rounded to bf16 (to nearest, ties to even), in the high half.
-    #[cube]
-    fn bf16_bits(f: f32) -> u32 {
-        let b = u32::reinterpret(f);
-        (b + 0x7FFFu32 + ((b >> 16u32) & 1u32)) & 0xFFFF0000u32
     }
 
     /// [`nf4_gemv`] on tensor cores, for 3 to 64 token rows: the same weights, outputs and
@@ -1642,26 +1323,7 @@ pub struct GemvConfig {
     /// [`nf4_mma`] (tensor cores; `rows` 8, 16 or 32: its groups of 8) instead of
     /// [`nf4_gemv`].
     pub mma: bool,
-    /// One token only: [`nf4_gemv_one`] with this table instead of [`nf4_gemv`]; `rows` are
-    /// then a plane's, `planes` up to 32, and `per_sm` persistent cubes per multiprocessor.
-    pub pairs: Pairs,
-    pub per_sm: usize,
 }
-
-/// The one-token kernel and its table: [`nf4_gemv`] (`Off`), or [`nf4_gemv_one`] with the 16
-/// codes, or its table of code pairs as f32 or bf16 (see its doc).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pairs {
-    Off,
-    Codes,
-    F32,
-    Bf16,
-}
-
-/// The one-token GEMV ([`GemvConfig::for_shape`]): 0 [`nf4_gemv`], or [`nf4_gemv_one`] with
-/// 1 f32 pairs, 2 bf16 pairs, 3 the 16 codes; `LLM_CUDA_GEMV_PAIRS=off|f32|bf16|codes`
-/// ([`read_env`]). Off until measured on a device.
-pub static GEMV_PAIRS: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
 
 impl GemvConfig {
     /// One token: 4 rows per cube share each converted `x`, about 64 steps per unit's row.
@@ -1679,29 +1341,12 @@ impl GemvConfig {
     /// 4 planes with 2 windows in flight (14336x4096: 58.6 us against 75.0); three or four, 8
     /// rows on 4 planes (49.3 us against 77.4 at 4096x4096).
     pub fn for_shape(tokens: usize, n: usize, k: usize) -> GemvConfig {
-        let pairs = match GEMV_PAIRS.load(std::sync::atomic::Ordering::Relaxed) {
-            1 => Pairs::F32,
-            2 => Pairs::Bf16,
-            3 => Pairs::Codes,
-            _ => Pairs::Off,
-        };
-        if tokens == 1 && pairs != Pairs::Off {
-            GemvConfig {
-                rows: 2,
-                planes: 16,
-                unroll: 2,
-                mma: false,
-                pairs,
-                per_sm: 2,
-            }
-        } else if tokens == 1 {
+        if tokens == 1 {
             GemvConfig {
                 rows: 4,
                 planes: (k / 32 / 64).clamp(1, MAX_PLANES),
                 unroll: 1,
                 mma: false,
-                pairs,
-                per_sm: 0,
             }
         } else if (MMA_MIN_TOKENS..=MMA_MAX_TOKENS).contains(&tokens)
             && k.is_multiple_of(128)
@@ -1719,8 +1364,6 @@ impl GemvConfig {
                 planes,
                 unroll,
                 mma: true,
-                pairs: Pairs::Off,
-                per_sm: 0,
             }
         } else {
             GemvConfig {
@@ -1728,8 +1371,6 @@ impl GemvConfig {
                 planes: 2,
                 unroll: 1,
                 mma: false,
-                pairs: Pairs::Off,
-                per_sm: 0,
             }
         }
     }
@@ -1753,10 +1394,7 @@ fn launch_gemv(
         GEMV_MAX_TOKENS
     };
     assert!((1..=most).contains(&tokens));
-    let one = cfg.pairs != Pairs::Off;
-    let max_planes = if one { 32 } else { MAX_PLANES };
-    assert!(cfg.rows >= 1 && cfg.unroll >= 1 && (1..=max_planes).contains(&cfg.planes));
-    assert!(!one || (tokens == 1 && !cfg.mma && cfg.per_sm >= 1));
+    assert!(cfg.rows >= 1 && cfg.unroll >= 1 && (1..=MAX_PLANES).contains(&cfg.planes));
     assert!((1..=3).contains(&weights.len()));
     let w0 = weights[0];
     let k = w0.in_features;
@@ -1798,13 +1436,6 @@ fn launch_gemv(
             first
         }
     };
-    // The pair-table kernel's `cubes` are tasks of a plane; its cubes are persistent, as
-    // many as the multiprocessors hold (`per_sm` each), each plane looping over tasks.
-    let (tasks, cubes) = if one {
-        (cubes, cubes.div_ceil(cfg.planes).min(w0.sms * cfg.per_sm))
-    } else {
-        (cubes, cubes)
-    };
     let pick = |i: usize| weights.get(i).copied().unwrap_or(w0);
     let x = into_contiguous(x);
     let client = x.client.clone();
@@ -1843,29 +1474,7 @@ fn launch_gemv(
             )
         };
     }
-    if one {
-        // SAFETY: as for `nf4_gemv` below, with one token, `tasks` tasks of `cfg.rows` rows
-        // (the stacked parts' first tasks at `cuts`, every part but the last a multiple of
-        // `cfg.rows` rows, asserted above), chunks of steps clamped to `k`, and a pair-table
-        // index below 8192 (bf16) or 4096 (f32): a byte shifted by 5 or 4 bits, or'ed with a
-        // lane's copy below 32 or 16.
-        unsafe {
-            launch!(
-                nf4_gemv_one,
-                [8, 4, 2],
-                tasks as u32,
-                [
-                    cfg.rows,
-                    cfg.unroll,
-                    match cfg.pairs {
-                        Pairs::F32 => 1u32,
-                        Pairs::Bf16 => 2,
-                        _ => 0,
-                    }
-                ]
-            )
-        };
-    } else if cfg.mma {
+    if cfg.mma {
         let (tiles, groups) = (tokens.div_ceil(16), cfg.rows / 8);
         assert!(
             matches!(cfg.rows, 8 | 16 | 32) && groups * tiles <= 4 && k.is_multiple_of(128),
@@ -1906,8 +1515,6 @@ pub struct CudaNf4Linear {
     in_features: usize,
     /// The code book as uploaded (weights launched together must share it).
     code_host: [f32; 16],
-    /// The device's multiprocessors (the one-token GEMV's persistent cubes).
-    sms: usize,
     /// What the checkpoint stores for this weight (PyTorch parameter count, footprint).
     packed_len: usize,
     stored_bytes: usize,
@@ -1999,14 +1606,7 @@ impl CudaNf4Linear {
         // for the context, and so for the upload thread's copy in flight).
         let code: Vec<u8> = weight.code.iter().flat_map(|a| a.to_le_bytes()).collect();
         let code = put(64, vec![16], DType::F32, Box::new(move || Box::new(code)));
-        let sms = packed
-            .client
-            .properties()
-            .hardware
-            .num_streaming_multiprocessors
-            .unwrap_or(1) as usize;
         CudaNf4Linear {
-            sms,
             packed,
             absmax,
             code,
@@ -2417,14 +2017,6 @@ pub fn read_env() {
             Ok(n) => CHUNK_ATTENTION_ROWS.store(n.max(1), std::sync::atomic::Ordering::Relaxed),
             _ => eprintln!("LLM_CUDA_CHUNK_ATTENTION_ROWS={v} ignored (a row count)"),
         }
-    }
-    match std::env::var("LLM_CUDA_GEMV_PAIRS").as_deref() {
-        Ok("off") => GEMV_PAIRS.store(0, std::sync::atomic::Ordering::Relaxed),
-        Ok("f32") => GEMV_PAIRS.store(1, std::sync::atomic::Ordering::Relaxed),
-        Ok("bf16") => GEMV_PAIRS.store(2, std::sync::atomic::Ordering::Relaxed),
-        Ok("codes") => GEMV_PAIRS.store(3, std::sync::atomic::Ordering::Relaxed),
-        Ok(other) => eprintln!("LLM_CUDA_GEMV_PAIRS={other} ignored (off, f32, bf16 or codes)"),
-        Err(_) => {}
     }
     match std::env::var("LLM_CUDA_DEQUANT").as_deref() {
         Ok("nk") => DEQUANT_TRANSPOSED.store(false, std::sync::atomic::Ordering::Relaxed),
