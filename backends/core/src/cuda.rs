@@ -128,11 +128,6 @@ mod kernels {
 
     /// Weights 8j..8j+8 of a 16-byte vector of codes `q`, looked up in the code book. Byte b of
     /// each little-endian word holds weights 2b (high nibble) and 2b+1 (low nibble).
-    ///
-    /// The nibble is cut out already times 4 (its byte offset in the f32 table), so that the
-    /// index's `>> 2` and the address's `* 4` cancel and the lookup costs a shift and a mask:
-    /// cut out as a plain index, the compiler added an IMAD or LEA per weight to scale it
-    /// (docs/benchmarks.md, run 19's instruction counts).
     #[cube]
     fn code_at<NQ4: Size>(
         q: Vector<u32, NQ4>,
@@ -141,12 +136,7 @@ mod kernels {
     ) -> f32 {
         let word = q[comptime!(i / 8)];
         let shift = comptime!(nibble_shift(i));
-        let offset = if comptime!(shift >= 2) {
-            (word >> comptime!(shift - 2)) & 0x3Cu32
-        } else {
-            (word << comptime!(2 - shift)) & 0x3Cu32
-        };
-        lut[(offset >> 2u32) as usize]
+        lut[((word >> shift) & 0xF) as usize]
     }
 
     /// Bit offset of weight `i % 8` in its little-endian word: weight 2b sits in the high
