@@ -139,25 +139,6 @@ mod kernels {
         lut[((word >> shift) & 0xF) as usize]
     }
 
-    /// [`code_at`] through the plane's registers instead of shared memory: lane `l` holds
-    /// `code[l % 16]` (`held`), and a shuffle reads the lane the nibble names. The shuffle takes
-    /// its source lane modulo 32, so the nibble needs no mask (the bit above it picks the
-    /// code's copy in lanes 16-31) and no scaling to an address: a shift, a shuffle and the
-    /// multiply-add per weight, against shift, mask, scale, load and multiply-add through
-    /// shared memory (run 19: 5.9 instructions per weight). Every lane of the plane must call
-    /// it.
-    #[cube]
-    fn code_shuffled<NQ4: Size>(q: Vector<u32, NQ4>, held: f32, #[comptime] i: usize) -> f32 {
-        let word = q[comptime!(i / 8)];
-        let shift = comptime!(nibble_shift(i));
-        let lane = if comptime!(shift == 0) {
-            word
-        } else {
-            word >> shift
-        };
-        plane_shuffle(held, lane)
-    }
-
     /// Bit offset of weight `i % 8` in its little-endian word: weight 2b sits in the high
     /// nibble of byte b, weight 2b+1 in the low one.
     const fn nibble_shift(i: usize) -> u32 {
@@ -177,8 +158,7 @@ mod kernels {
     /// absmax block, so one absmax per step), and the matching `x` as 16-byte vectors of 8
     /// (L1-resident: `x` is at most 16 x 28 KiB). Consecutive units read consecutive vectors, so
     /// a plane reads 512 contiguous bytes of a row per step and each weight byte is read once.
-    /// The code book sits in shared memory, 16 f32 in 16 distinct banks: lookups never conflict;
-    /// with one token, in the plane's registers instead ([`code_shuffled`]).
+    /// The code book sits in shared memory, 16 f32 in 16 distinct banks: lookups never conflict.
     /// Each pass issues the loads of `unroll` steps before any math, so several loads per unit
     /// are in flight.
     ///
@@ -233,8 +213,6 @@ mod kernels {
         if UNIT_POS < 16 {
             lut[UNIT_POS as usize] = code[UNIT_POS as usize];
         }
-        // One token looks codes up by shuffle ([`code_shuffled`]): this lane's code.
-        let held = code[(UNIT_POS_X % 16) as usize];
         sync_cube();
 
         // The weight this cube's rows belong to: stacked weight 1 from cube `cut1`, 2 from
@@ -254,12 +232,10 @@ mod kernels {
             acc[i] = f32::new(0.0);
         }
         // Steps past the end (last pass) read the last step again with an absmax of 0: they
-        // add nothing. A plane's lanes pass together (the shuffles need the whole plane): until
-        // its first lane's step is past the end.
+        // add nothing.
         let stride = CUBE_DIM as usize;
         let mut s = UNIT_POS as usize;
-        let lane = UNIT_POS_X as usize;
-        while s - lane < steps {
+        while s < steps {
             let mut q = Array::<Vector<u32, NQ4>>::new(comptime!(rows * unroll * lanes));
             let mut a = Array::<f32>::new(comptime!(rows * unroll * lanes));
             #[unroll]
@@ -309,7 +285,7 @@ mod kernels {
                         let mut dot = f32::new(0.0);
                         #[unroll]
                         for i in 0..32usize {
-                            dot += code_shuffled(q[u * rows * lanes + w], held, i) * xf[i];
+                            dot += code_at(q[u * rows * lanes + w], &lut, i) * xf[i];
                         }
                         acc[w] += dot * a[u * rows * lanes + w];
                     }
