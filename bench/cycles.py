@@ -18,7 +18,7 @@ import json, os, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from full import CKPT, MODEL, ROOT, Server, ensure_checkpoint, log  # same directory
-from smoke import used_mb
+from smoke import stop_servers_on_sigterm, used_mb
 
 START = time.time()
 BUDGET = float(os.environ.get("FULL_TIMEOUT", "480"))
@@ -51,6 +51,7 @@ def bare_context_mb(base):
 
 
 def main():
+    stop_servers_on_sigterm()
     base = used_mb()
     bare = bare_context_mb(base)
     log(f"bare CUDA context: {bare} MB over the pre-start figure")

@@ -21,7 +21,7 @@ import json, os, re, socket, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GPU = os.path.join(ROOT, ".gpu")
-from smoke import free_port, used_mb  # same directory
+from smoke import free_port, stop_servers_on_sigterm, used_mb  # same directory
 
 CKPT = "/tmp/ckpt-llama-3.1-8b"
 MODEL = "llama-3.1-8b-instruct"
@@ -51,6 +51,7 @@ def ensure_checkpoint():
 
 
 def main():
+    stop_servers_on_sigterm()
     ensure_checkpoint()
     peer = {}
     if os.environ.get("SKIP_PEER") != "1":

@@ -8,7 +8,7 @@ object per figure: leading greedy tokens equal to HF's f32 NF4 reference (bf16 c
 diverge late on a random tiny model), and the driver's used memory before load, after load
 and after unload.
 """
-import json, os, socket, subprocess, sys, time
+import json, os, signal, socket, subprocess, sys, time
 from safetensors.numpy import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,6 +27,15 @@ def emit(metric, model, value, unit, **extra):
           flush=True)
 
 
+def stop_servers_on_sigterm():
+    """Turn the SIGTERM of gpu.sh's `timeout` into SystemExit, so that the `finally` blocks and
+    context managers that stop the servers run: by default SIGTERM ends Python at once, and a
+    timed-out run left its llm-server holding the GPU into the next step of the call."""
+    def stop(signum, frame):
+        raise SystemExit(f"stopped by signal {signum}")
+    signal.signal(signal.SIGTERM, stop)
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -36,6 +45,7 @@ def free_port():
 
 
 def main():
+    stop_servers_on_sigterm()
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     llm = lambda *a: subprocess.run([os.path.join(GPU, "llm"), "--server", url, *a],
