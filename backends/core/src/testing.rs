@@ -6,9 +6,16 @@ use std::path::PathBuf;
 use burn_tensor::backend::Backend;
 use burn_tensor::Tensor;
 
-/// `tests/fixtures` of this repository.
+/// `tests/fixtures` of this repository: the one it was built from, or, where that is gone (a
+/// binary carried to another machine, as `bench/gpu.sh` runs `llm-bench`), the one in the
+/// current directory.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    let built = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures");
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from("tests/fixtures")
+    }
 }
 
 /// Relative L2 error `|a - b| / |b|`, computed in f64.
