@@ -272,8 +272,10 @@ mod kernels {
                 let sc = select(su < steps, su, steps - 1);
                 if comptime!(tokens == 1) {
                     // `x` a vector of 8 at a time, each converted once for all rows: 8 f32
-                    // live instead of 32 (the registers cap the warps per SM: 72 per thread,
-                    // 28 warps, run 19). Each row's sum runs over the 32 weights in order.
+                    // live instead of 32. The registers cap the warps per SM: 72 per thread
+                    // and 28 warps with 32 live, 56 and 36 warps with 8, the 14336-wide
+                    // shapes 2-3% faster (docs/benchmarks.md, run 22). Each row's sum runs
+                    // over the 32 weights in order, as before.
                     let mut dot = Array::<f32>::new(comptime!(rows * lanes));
                     #[unroll]
                     for w in 0..rows * lanes {
