@@ -324,8 +324,6 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// `cpu`, `cuda` or `cuda:N`. Whether the plugin was built with CUDA and the device exists is
-/// the plugin's to say at load.
 /// The gRPC connections `listener` accepts, each with `TCP_NODELAY` set.
 ///
 /// Why: a streamed token is a small HTTP/2 DATA frame written right after the response
@@ -338,6 +336,8 @@ fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpI
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// `cpu`, `cuda` or `cuda:N`. Whether the plugin was built with CUDA and the device exists is
+/// the plugin's to say at load.
 fn parse_device(s: &str) -> Result<String, String> {
     if s == "cpu" || cuda::ordinal(s).is_some() {
         Ok(s.to_string())
