@@ -191,8 +191,7 @@ fn kernel(device: &Device, sweep: bool) {
         let gpu = CudaNf4Linear::new(q, None, device);
         let wd = gpu.dequantize();
         for b in [1usize, 2, 4, 8, 16, 32, 64] {
-            let mut xs = randn(b * k, (b * 7 + n) as u64, 1.0);
-            bf16_round(&mut xs);
+            let xs = randn_bf16(b * k, (b * 7 + n) as u64, 1.0);
             let want = to_vec(cpu.forward(Tensor::from_data(
                 TensorData::new(xs.clone(), [b, k]),
                 &Default::default(),
@@ -437,7 +436,6 @@ fn fused(device: &Device) {
     use llm_core::config::Activation;
     let cpu: <Cpu as burn_tensor::backend::BackendTypes>::Device = Default::default();
     let rows = 16;
-    let bf16 = randn_bf16;
     let pair = |v: &[f32], shape: [usize; 2]| {
         (
             Tensor::<Cpu, 2>::from_data(TensorData::new(v.to_vec(), shape), &cpu),
@@ -457,8 +455,8 @@ fn fused(device: &Device) {
     };
 
     let hidden = 4096;
-    let (xc, xg) = pair(&bf16(rows * hidden, 1, 1.0), [rows, hidden]);
-    let w = bf16(hidden, 2, 0.3);
+    let (xc, xg) = pair(&randn_bf16(rows * hidden, 1, 1.0), [rows, hidden]);
+    let w = randn_bf16(hidden, 2, 0.3);
     let norm = |unit_offset| {
         let data = || TensorData::new(w.clone(), [hidden]);
         let (eps, weight) = (1e-5, Tensor::from_data(data(), &cpu));
@@ -494,7 +492,7 @@ fn fused(device: &Device) {
 
     // Residual add + RMSNorm: both outputs (the sum and its norm) compared.
     let (nc, ng) = norm(false);
-    let (rc, rg) = pair(&bf16(rows * hidden, 8, 1.0), [rows, hidden]);
+    let (rc, rg) = pair(&randn_bf16(rows * hidden, 8, 1.0), [rows, hidden]);
     let (sum_c, norm_c) = Cpu::add_rms_norm(xc, rc, &nc);
     let (sum_g, norm_g) = CudaBf16::add_rms_norm(xg.clone(), rg.clone(), &ng);
     let (mut got, mut want) = (to_vec(sum_g), to_vec(sum_c));
@@ -510,9 +508,9 @@ fn fused(device: &Device) {
     report("fused_add_rms_norm", got, want, f, o);
 
     let (heads, d) = (32, 128);
-    let (xc, xg) = pair(&bf16(rows * heads * d, 3, 1.0), [rows, heads * d]);
-    let (cc, cg) = pair(&bf16(rows * d, 4, 0.5), [rows, d]);
-    let (sc, sg) = pair(&bf16(rows * d, 5, 0.5), [rows, d]);
+    let (xc, xg) = pair(&randn_bf16(rows * heads * d, 3, 1.0), [rows, heads * d]);
+    let (cc, cg) = pair(&randn_bf16(rows * d, 4, 0.5), [rows, d]);
+    let (sc, sg) = pair(&randn_bf16(rows * d, 5, 0.5), [rows, d]);
     let tc = RopeTables { cos: cc, sin: sc };
     let tg = RopeTables { cos: cg, sin: sg };
     let want = to_vec(Cpu::rope(xc, heads, &tc));
@@ -526,8 +524,8 @@ fn fused(device: &Device) {
     report("fused_rope", got, want, f, o);
 
     let inter = 14336;
-    let (gc, gg) = pair(&bf16(rows * inter, 6, 2.0), [rows, inter]);
-    let (uc, ug) = pair(&bf16(rows * inter, 7, 1.0), [rows, inter]);
+    let (gc, gg) = pair(&randn_bf16(rows * inter, 6, 2.0), [rows, inter]);
+    let (uc, ug) = pair(&randn_bf16(rows * inter, 7, 1.0), [rows, inter]);
     for (name, act) in [
         ("fused_silu_mul", Activation::Silu),
         ("fused_gelu_tanh_mul", Activation::GeluTanh),
@@ -735,12 +733,14 @@ fn fused_kv_append(device: &Device) {
     let cpu: <Cpu as burn_tensor::backend::BackendTypes>::Device = Default::default();
     let (kv_heads, d, prefill, steps) = (8, 128, 200, 100);
     let total = prefill + steps;
-    let round = randn_bf16;
     let (k, v) = (
-        round(total * kv_heads * d, 21, 1.0),
-        round(total * kv_heads * d, 22, 1.0),
+        randn_bf16(total * kv_heads * d, 21, 1.0),
+        randn_bf16(total * kv_heads * d, 22, 1.0),
     );
-    let (cos, sin) = (round(total * d, 23, 0.5), round(total * d, 24, 0.5));
+    let (cos, sin) = (
+        randn_bf16(total * d, 23, 0.5),
+        randn_bf16(total * d, 24, 0.5),
+    );
     let data = KvRows {
         k: &k,
         v: &v,
@@ -862,8 +862,7 @@ fn fused_projections(device: &Device) {
     let (gc, gg) = layer(inter, hidden, 34);
     let (uc, ug) = layer(inter, hidden, 35);
     for rows in [1usize, 4, 16, 32, 48] {
-        let mut xs = randn(rows * hidden, 36 + rows as u64, 1.0);
-        bf16_round(&mut xs);
+        let xs = randn_bf16(rows * hidden, 36 + rows as u64, 1.0);
         let xc = Tensor::<Cpu, 2>::from_data(TensorData::new(xs.clone(), [rows, hidden]), &cpu);
         let xg = Tensor::<CudaBf16, 2>::from_data(TensorData::new(xs, [rows, hidden]), device);
 
@@ -1144,8 +1143,7 @@ fn prefill(device: &Device) {
             let w = randn(n * k, (n * 31 + k) as u64, 0.04);
             let q = Nf4Weight::quantize(&w, n, k, true, WeightDtype::BF16);
             let gpu = CudaNf4Linear::new(q, None, device);
-            let mut xs = randn(rows * k, (rows * 7 + n) as u64, 1.0);
-            bf16_round(&mut xs);
+            let xs = randn_bf16(rows * k, (rows * 7 + n) as u64, 1.0);
             let x = Tensor::<CudaBf16, 2>::from_data(TensorData::new(xs, [rows, k]), device);
             let same = to_vec(gpu.dequantize().transpose()) == to_vec(gpu.dequantize_t());
             let flops = 2.0 * (rows * n * k) as f64;
