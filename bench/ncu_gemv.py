@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Summarise `ncu --csv` output of `llm-bench gemv` (bench/gpu.sh gemv): per shape, the median
-duration of its 20 GEMV launches, DRAM bytes read, and the weight-read bandwidth as a fraction
+duration of its 20 GEMV launches (per launch configuration, when `GEMV_CONFIGS` asks for several), DRAM bytes read, and the weight-read bandwidth as a fraction
 of the copy bandwidth `llm-bench` measured in the same process. One JSON object per shape.
 
 The CSV has one row per (launch, metric); `llm-bench gemv` prints its JSON lines (copy
@@ -25,12 +25,18 @@ for row in csv.DictReader(io.StringIO(table)):
              "Mbyte": 1e6, "GB": 1e9, "Gbyte": 1e9}[unit]
     launches.setdefault(int(row["ID"]), {})[row["Metric Name"]] = value * scale
 ids = sorted(launches)
-for i, shape in enumerate(shapes):
-    mine = [launches[j] for j in ids[i * 20:(i + 1) * 20]]
+at = 0
+for shape in shapes:
+    # A group's launches: `skip` checking ones (not timed), then 20 timed.
+    at += shape.get("skip", 0)
+    mine = [launches[j] for j in ids[at:at + 20]]
+    at += 20
     us = statistics.median(l["gpu__time_duration.sum"] for l in mine)
     read = statistics.median(l["dram__bytes_read.sum"] for l in mine)
     gbs = shape["weight_bytes"] / (us * 1e-6) / 1e9
     print(json.dumps({"metric": "nf4_gemv_ncu", "model": shape["model"], "value": us,
                       "unit": "us", "batch": 1, "dram_read_MB": read / 1e6,
                       "weight_GBps": gbs, "copy_GBps": copy, "fraction_of_copy": gbs / copy,
-                      "launches": len(mine), "timing": "ncu gpu__time_duration, clocks not locked"}))
+                      "launches": len(mine), "timing": "ncu gpu__time_duration, clocks not locked",
+                      **{k: shape[k] for k in ("rows", "planes", "unroll", "default", "rel_err",
+                                               "pass") if k in shape}}))

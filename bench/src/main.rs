@@ -295,31 +295,85 @@ fn kernel(device: &Device, sweep: bool) {
     llm_core::driver::USE_CUBLAS.store(false, Relaxed);
 }
 
-/// The batch-1 GEMV with its default configuration, 20 launches per shape and nothing else on
-/// the GPU, for Nsight Compute to time each launch (`bench/gpu.sh gemv`): the kernel's own
-/// duration, which the back-to-back timings of `kernel` cannot separate from the host's
-/// launch rate when the kernel is short.
+/// The batch-1 GEMV, 20 launches per shape and launch configuration and nothing else on the
+/// GPU, for Nsight Compute to time each launch (`bench/gpu.sh gemv`): the kernel's own
+/// duration, which the back-to-back timings of `kernel` cannot separate from the host's launch
+/// rate when the kernel is short, and with the weights not left in L2 by the launch before
+/// (Nsight Compute flushes the caches between launches; the 14336-wide weights, 33 MB, fit the
+/// H200's 50 MB L2, so back-to-back timings flatter them). The configurations: the default,
+/// then each of `GEMV_CONFIGS` (`ROWSxPLANESxUNROLL,...`), each first checked once against the
+/// CPU reference on a poisoned output (that launch is the group's first of 21).
 fn gemv_for_ncu(device: &Device) {
     copy_bandwidth(device);
+    let extra: Vec<llm_core::cuda::GemvConfig> = std::env::var("GEMV_CONFIGS")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|c| !c.is_empty())
+        .map(|c| {
+            let v: Vec<usize> = c
+                .split('x')
+                .map(|n| n.parse().expect("GEMV_CONFIGS"))
+                .collect();
+            assert!(v.len() == 3, "GEMV_CONFIGS: ROWSxPLANESxUNROLL");
+            llm_core::cuda::GemvConfig {
+                rows: v[0],
+                planes: v[1],
+                unroll: v[2],
+                mma: false,
+            }
+        })
+        .collect();
     for (k, n) in [(4096usize, 4096usize), (4096, 14336), (14336, 4096)] {
         let w = randn(n * k, (n * 31 + k) as u64, 0.04);
         let q = Nf4Weight::quantize(&w, n, k, true, WeightDtype::BF16);
+        let cpu = (!extra.is_empty())
+            .then(|| HostLinear::<Cpu>::nf4(q.clone(), None, Default::default()));
         let gpu = CudaNf4Linear::new(q, None, device);
-        let xg = Tensor::<CudaBf16, 2>::from_data(
-            TensorData::new(randn(k, 7 + n as u64, 1.0), [1, k]),
-            device,
-        );
-        for _ in 0..20 {
-            let _ = gpu.forward_gemv(xg.clone());
+        let xs = randn_bf16(k, 7 + n as u64, 1.0);
+        let want = cpu.map(|cpu| {
+            to_vec(cpu.forward(Tensor::from_data(
+                TensorData::new(xs.clone(), [1, k]),
+                &Default::default(),
+            )))
+        });
+        let xg = Tensor::<CudaBf16, 2>::from_data(TensorData::new(xs, [1, k]), device);
+        let default = llm_core::cuda::GemvConfig::for_shape(1, n, k);
+        for (i, cfg) in std::iter::once(default)
+            .chain(extra.iter().copied())
+            .enumerate()
+        {
+            let (mut err, mut skip) = (f64::NAN, 0);
+            if let Some(want) = &want {
+                let out = Tensor::<CudaBf16, 2>::full([1, n], f32::NAN, device)
+                    .into_primitive()
+                    .tensor();
+                let got = gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out, cfg);
+                err = rel_l2(
+                    &to_vec(Tensor::<CudaBf16, 2>::from_primitive(
+                        TensorPrimitive::Float(got),
+                    )),
+                    want,
+                );
+                skip = 1;
+            }
+            let out = Tensor::<CudaBf16, 2>::empty([1, n], device)
+                .into_primitive()
+                .tensor();
+            for _ in 0..20 {
+                let _ = gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out.clone(), cfg);
+            }
+            sync(device);
+            emit(
+                "gemv_for_ncu",
+                &format!("{n}x{k}"),
+                20.0,
+                "launches",
+                serde_json::json!({"weight_bytes": n * k / 2 + 4 * n * k / 64,
+                                   "rows": cfg.rows, "planes": cfg.planes, "unroll": cfg.unroll,
+                                   "default": i == 0, "skip": skip,
+                                   "rel_err": err, "pass": want.is_none() || err < 1e-2}),
+            );
         }
-        sync(device);
-        emit(
-            "gemv_for_ncu",
-            &format!("{n}x{k}"),
-            20.0,
-            "launches",
-            serde_json::json!({"weight_bytes": n * k / 2 + 4 * n * k / 64}),
-        );
     }
 }
 
