@@ -210,6 +210,10 @@ mod kernels {
         let width = comptime!(rows * lanes * tokens);
         let mut lut = SharedMemory::<f32>::new(16usize);
         let mut partial = SharedMemory::<f32>::new(comptime!(MAX_PLANES * rows * lanes * tokens));
+        if UNIT_POS < 16 {
+            lut[UNIT_POS as usize] = code[UNIT_POS as usize];
+        }
+        sync_cube();
 
         // The weight this cube's rows belong to: stacked weight 1 from cube `cut1`, 2 from
         // `cut2` (both past the last cube when not stacked).
@@ -227,28 +231,51 @@ mod kernels {
         for i in 0..width {
             acc[i] = f32::new(0.0);
         }
+        // Steps past the end (last pass) read the last step again with an absmax of 0: they
+        // add nothing.
         let stride = CUBE_DIM as usize;
         let mut s = UNIT_POS as usize;
-        // The first pass's codes are requested before the code book's barrier, so they are in
-        // flight while the table fills (as `nf4_dequantize` does); each later pass's right
-        // after the math of the one before. A unit with no step at all loads the last one
-        // (in bounds) and never uses it.
-        let mut q = Array::<Vector<u32, NQ4>>::new(comptime!(rows * unroll * lanes));
-        let mut a = Array::<f32>::new(comptime!(rows * unroll * lanes));
-        load_pass(
-            &mut q, &mut a, s, stride, steps, row0, n_us, packed0, absmax0, packed1, absmax1,
-            packed2, absmax2, in1, in2, rows, unroll, gated,
-        );
-        if UNIT_POS < 16 {
-            lut[UNIT_POS as usize] = code[UNIT_POS as usize];
-        }
-        sync_cube();
         while s < steps {
+            let mut q = Array::<Vector<u32, NQ4>>::new(comptime!(rows * unroll * lanes));
+            let mut a = Array::<f32>::new(comptime!(rows * unroll * lanes));
+            #[unroll]
+            for u in 0..unroll {
+                let su = s + u * stride;
+                let sc = select(su < steps, su, steps - 1);
+                #[unroll]
+                for r in 0..rows {
+                    // Rows past `n` (last cube) read the last row; their sums are not written.
+                    let row = select(row0 + r < n_us, row0 + r, n_us - 1);
+                    let idx = row * steps + sc;
+                    let slot = (u * rows + r) * lanes;
+                    load_codes(
+                        &mut q,
+                        &mut a,
+                        slot,
+                        idx,
+                        su < steps,
+                        packed0,
+                        absmax0,
+                        packed1,
+                        absmax1,
+                        packed2,
+                        absmax2,
+                        in1,
+                        in2,
+                        gated,
+                    );
+                }
+            }
             #[unroll]
             for u in 0..unroll {
                 let su = s + u * stride;
                 let sc = select(su < steps, su, steps - 1);
                 if comptime!(tokens == 1) {
+                    // `x` a vector of 8 at a time, each converted once for all rows: 8 f32
+                    // live instead of 32. The registers cap the warps per SM: 72 per thread
+                    // and 28 warps with 32 live, 56 and 36 warps with 8, the 14336-wide
+                    // shapes 2-3% faster (docs/benchmarks.md, run 22). Each row's sum runs
+                    // over the 32 weights in order, as before.
                     let mut dot = Array::<f32>::new(comptime!(rows * lanes));
                     #[unroll]
                     for w in 0..rows * lanes {
@@ -301,143 +328,35 @@ mod kernels {
                 }
             }
             s += stride * unroll;
-            if s < steps {
-                load_pass(
-                    &mut q, &mut a, s, stride, steps, row0, n_us, packed0, absmax0, packed1,
-                    absmax1, packed2, absmax2, in1, in2, rows, unroll, gated,
-                );
-            }
         }
-        // Butterfly over the plane, the sums interleaved, offsets in `plane_sum`'s order.
         #[unroll]
-        for o in 0..5u32 {
-            #[unroll]
-            for i in 0..width {
-                acc[i] += plane_shuffle_xor(acc[i], comptime!(1u32 << o));
-            }
-        }
-        if CUBE_DIM_Y == 1 {
-            #[unroll]
-            for i in 0..rows * tokens {
-                let r = comptime!(i / tokens);
-                let t = comptime!(i % tokens);
-                let up = comptime!(if gated {
-                    (r * lanes + 1) * tokens + t
-                } else {
-                    0
-                });
-                let row = row0 + r;
-                if UNIT_POS_X == comptime!(i as u32) && row < n_us {
-                    write_sum::<F>(
-                        out,
-                        acc[comptime!(r * lanes * tokens + t)],
-                        acc[up],
-                        out_base + t * n_us + row,
-                        t * n_us + row,
-                        gated,
-                        gelu,
-                    );
-                }
-            }
-        } else {
+        for i in 0..width {
+            let v = plane_sum(acc[i]);
             if UNIT_POS_X == 0 {
-                #[unroll]
-                for i in 0..width {
-                    partial[UNIT_POS_Y as usize * width + i] = acc[i];
-                }
+                partial[UNIT_POS_Y as usize * width + i] = v;
             }
-            sync_cube();
-            let i = UNIT_POS as usize;
-            if i < rows * tokens {
-                let r = i / tokens;
-                let t = i % tokens;
-                let row = row0 + r;
-                if row < n_us {
-                    let mut total = f32::new(0.0);
-                    let mut second = f32::new(0.0);
-                    for p in 0..CUBE_DIM_Y as usize {
-                        total += partial[p * width + r * lanes * tokens + t];
-                        if comptime!(gated) {
-                            second += partial[p * width + (r * lanes + 1) * tokens + t];
-                        }
+        }
+        sync_cube();
+        // Unit `i < rows * tokens` finishes row `i / tokens` of token `i % tokens`.
+        let i = UNIT_POS as usize;
+        if i < rows * tokens {
+            let r = i / tokens;
+            let t = i % tokens;
+            let row = row0 + r;
+            if row < n_us {
+                let mut total = f32::new(0.0);
+                let mut second = f32::new(0.0);
+                for p in 0..CUBE_DIM_Y as usize {
+                    total += partial[p * width + r * lanes * tokens + t];
+                    if comptime!(gated) {
+                        second += partial[p * width + (r * lanes + 1) * tokens + t];
                     }
-                    write_sum::<F>(
-                        out,
-                        total,
-                        second,
-                        out_base + t * n_us + row,
-                        t * n_us + row,
-                        gated,
-                        gelu,
-                    );
                 }
-            }
-        }
-    }
-
-    #[cube]
-    fn write_sum<F: Float>(
-        out: &mut Array<F>,
-        total: f32,
-        second: f32,
-        at: usize,
-        gated_at: usize,
-        #[comptime] gated: bool,
-        #[comptime] gelu: bool,
-    ) {
-        if comptime!(gated) {
-            out[gated_at] = gate_times_up::<F>(total, second, gelu);
-        } else {
-            out[at] = F::cast_from(total);
-        }
-    }
-
-    #[cube]
-    #[allow(clippy::too_many_arguments)]
-    fn load_pass<NQ4: Size>(
-        q: &mut Array<Vector<u32, NQ4>>,
-        a: &mut Array<f32>,
-        s: usize,
-        stride: usize,
-        steps: usize,
-        row0: usize,
-        n: usize,
-        packed0: &Array<Vector<u32, NQ4>>,
-        absmax0: &Array<f32>,
-        packed1: &Array<Vector<u32, NQ4>>,
-        absmax1: &Array<f32>,
-        packed2: &Array<Vector<u32, NQ4>>,
-        absmax2: &Array<f32>,
-        in1: bool,
-        in2: bool,
-        #[comptime] rows: usize,
-        #[comptime] unroll: usize,
-        #[comptime] gated: bool,
-    ) {
-        let lanes = comptime!(if gated { 2usize } else { 1usize });
-        #[unroll]
-        for u in 0..unroll {
-            let su = s + u * stride;
-            let sc = select(su < steps, su, steps - 1);
-            #[unroll]
-            for r in 0..rows {
-                let row = select(row0 + r < n, row0 + r, n - 1);
-                load_codes(
-                    q,
-                    a,
-                    comptime!((u * rows + r) * lanes),
-                    row * steps + sc,
-                    su < steps,
-                    packed0,
-                    absmax0,
-                    packed1,
-                    absmax1,
-                    packed2,
-                    absmax2,
-                    in1,
-                    in2,
-                    gated,
-                );
+                if comptime!(gated) {
+                    out[t * n_us + row] = gate_times_up::<F>(total, second, gelu);
+                } else {
+                    out[out_base + t * n_us + row] = F::cast_from(total);
+                }
             }
         }
     }
@@ -1490,6 +1409,7 @@ fn launch_gemv(
     };
     assert!((1..=most).contains(&tokens));
     assert!(cfg.rows >= 1 && cfg.unroll >= 1 && (1..=MAX_PLANES).contains(&cfg.planes));
+    // `nf4_gemv`'s units `i < rows * tokens` each finish one row of one token.
     assert!(cfg.mma || cfg.rows * tokens <= 32 * cfg.planes);
     assert!((1..=3).contains(&weights.len()));
     let w0 = weights[0];
