@@ -127,6 +127,17 @@ def main():
         if after:
             emit("unload_residual_mb_vs_preload", after[-1], "MB", cycles=after,
                  note="driver used memory after each further 8B load/generate/unload, minus the value before those loads")
+    # More new processes, each timing its first load (kernel cache filled): the figure a
+    # restarted server shows, which varies more than loads inside one process.
+    for i in range(int(os.environ.get("NEW_PROCESSES", "0"))):
+        if time.time() - START > BUDGET - 60:
+            break
+        with Server(kernels, f"/tmp/server-new{i}.log") as s:
+            t = s.load("big", CKPT, "--quantization", "nf4")
+            emit("load_s_new_process", round(t, 2), "s", hf, peer.get("load_s"), process=i + 3,
+                 note="another new server process's first load, kernel cache filled",
+                 phases_ms=s.phases())
+            s.llm("unload", "big")
     # Where a decode step's time goes: CubeCL's profile (each kernel timed) of 8 tokens at
     # batch 1, for the next change to aim at. Only if the run has time left.
     if time.time() - START < BUDGET - 100:
