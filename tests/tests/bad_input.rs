@@ -246,6 +246,18 @@ async fn bad_requests_and_bad_model_files_get_clear_statuses() {
     let s = c.load_model(load("t3", &noconfig)).await.unwrap_err();
     expect(s, Code::NotFound, "config.json");
 
+    // A truncated tokenizer.json fails the load by name (it is parsed while the weights load,
+    // and the load waits for it).
+    let badtok = dir.join("badtok");
+    copy_dir(
+        &tiny_with_tokenizer("llama", "llama-3.1-8b-instruct"),
+        &badtok,
+    );
+    let json = std::fs::read(badtok.join("tokenizer.json")).unwrap();
+    std::fs::write(badtok.join("tokenizer.json"), &json[..json.len() / 2]).unwrap();
+    let s = c.load_model(load("t6", &badtok)).await.unwrap_err();
+    expect(s, Code::DataLoss, "tokenizer.json");
+
     // A config field the architecture does not know is rejected by name.
     let extra = dir.join("extra");
     copy_dir(&tiny, &extra);
