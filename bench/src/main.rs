@@ -1437,6 +1437,54 @@ fn upload(device: &Device) {
             );
         }
     }
+    // f32 and f16 checkpoints' float tensors: uploaded as stored and rounded to bf16 on the
+    // device; the result must equal the host's rounding (Burn's `TensorData::convert`, the
+    // path before) bit for bit, infinities, subnormals and overflow included (NaN only as NaN:
+    // its payload is the converter's choice).
+    {
+        use llm_core::backend::LlmBackend;
+        let n = (3 << 20) + 5;
+        let mut f = randn(n, 11, 3.0);
+        f[..8].copy_from_slice(&[
+            f32::NAN,
+            f32::INFINITY,
+            -f32::INFINITY,
+            1e-40,
+            -0.0,
+            1.0 + f32::EPSILON * 64.0,
+            3.0e38,
+            -1.17e-38,
+        ]);
+        for (dtype, data) in [
+            (burn_tensor::DType::F32, TensorData::new(f.clone(), [1, n])),
+            (
+                burn_tensor::DType::F16,
+                TensorData::new(f.clone(), [1, n]).convert::<half::f16>(),
+            ),
+        ] {
+            let t: Tensor<CudaBf16, 2> =
+                CudaBf16::float_from_bytes(data.as_bytes(), dtype, [1, n], device);
+            let got = t.into_data().convert::<half::bf16>();
+            let host = data.convert::<half::bf16>();
+            let same = |(a, b): (&half::bf16, &half::bf16)| {
+                a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+            };
+            let got = got.as_slice::<half::bf16>().unwrap();
+            let want = host.as_slice::<half::bf16>().unwrap();
+            let differ = got.iter().zip(want).filter(|&p| !same(p)).count();
+            emit(
+                "upload_float_from_bytes_rounded_equal",
+                "-",
+                (differ == 0 && got.len() == n) as u8 as f64,
+                "bool",
+                serde_json::json!({"dtype": format!("{dtype:?}"), "values": n, "differ": differ}),
+            );
+            assert!(
+                differ == 0 && got.len() == n,
+                "{dtype:?} float_from_bytes rounds {differ} values unlike the host"
+            );
+        }
+    }
     let pieces = timed(Box::new(|| {
         let piece = 64usize << 20;
         let parts: Vec<Tensor<CudaBf16, 2>> = bytes

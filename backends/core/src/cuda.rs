@@ -2277,11 +2277,21 @@ impl LlmBackend for CudaBf16 {
         shape: [usize; D],
         device: &Self::Device,
     ) -> Tensor<Self, D> {
-        if dtype == DType::BF16 && !bytes.is_empty() {
+        match dtype {
             // Straight from the checkpoint's mapping to the device (`crate::driver::copy_in`).
-            from_cube(upload(device, bytes, shape.to_vec(), dtype))
-        } else {
-            crate::backend::host_float_tensor(bytes, dtype, shape, device)
+            DType::BF16 if !bytes.is_empty() => {
+                from_cube(upload(device, bytes, shape.to_vec(), dtype))
+            }
+            // f32 and f16 checkpoints (Gemma-2's hub repo is f32) go up as stored and are
+            // rounded to bf16 on the device, as the host would round them (to nearest even).
+            // Through the host (a copy of the bytes, Burn's conversion, its upload) the
+            // float tensors took 6.2 s of a Gemma-2-2b load (docs/benchmarks.md, run 23): fresh
+            // host pages are written at ~0.5 GB/s on the device machine.
+            DType::F32 | DType::F16 if !bytes.is_empty() => {
+                from_cube::<D>(upload(device, bytes, shape.to_vec(), dtype))
+                    .cast(burn_tensor::FloatDType::BF16)
+            }
+            _ => crate::backend::host_float_tensor(bytes, dtype, shape, device),
         }
     }
     fn release_device(device: &Self::Device) {
