@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Summarise `ncu --csv` output of `llm-bench gemv` (bench/gpu.sh gemv): per shape, the median
-duration of its 20 GEMV launches (per launch configuration, when `GEMV_CONFIGS` asks for several), DRAM bytes read, and the weight-read bandwidth as a fraction
+duration of its 20 GEMV launches (per launch configuration, when `GEMV_CONFIGS` asks for
+several), DRAM bytes read, and the weight-read bandwidth as a fraction
 of the copy bandwidth `llm-bench` measured in the same process. One JSON object per shape.
 
 The CSV has one row per (launch, metric); `llm-bench gemv` prints its JSON lines (copy
