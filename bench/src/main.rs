@@ -342,20 +342,10 @@ fn gemv_for_ncu(device: &Device) {
             .chain(extra.iter().copied())
             .enumerate()
         {
-            let (mut err, mut skip) = (f64::NAN, 0);
-            if let Some(want) = &want {
-                let out = Tensor::<CudaBf16, 2>::full([1, n], f32::NAN, device)
-                    .into_primitive()
-                    .tensor();
-                let got = gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out, cfg);
-                err = rel_l2(
-                    &to_vec(Tensor::<CudaBf16, 2>::from_primitive(
-                        TensorPrimitive::Float(got),
-                    )),
-                    want,
-                );
-                skip = 1;
-            }
+            let (err, skip) = match &want {
+                Some(want) => (check_gemv(device, &gpu, &xg, want, cfg).0, 1),
+                None => (f64::NAN, 0),
+            };
             let out = Tensor::<CudaBf16, 2>::empty([1, n], device)
                 .into_primitive()
                 .tensor();
@@ -464,6 +454,25 @@ fn check_and_time(
     want: &[f32],
     cfg: llm_core::cuda::GemvConfig,
 ) -> (f64, f64) {
+    let (err, out) = check_gemv(device, gpu, xg, want, cfg);
+    let dev = device_us(device, 50, || {
+        let _ = gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out.clone(), cfg);
+    });
+    (err, dev)
+}
+
+/// One launch of the fused kernel as `cfg` on `xg` into an output poisoned with NaN (a
+/// skipped element shows): its relative error against `want`, and the output buffer.
+fn check_gemv(
+    device: &Device,
+    gpu: &CudaNf4Linear,
+    xg: &Tensor<CudaBf16, 2>,
+    want: &[f32],
+    cfg: llm_core::cuda::GemvConfig,
+) -> (
+    f64,
+    burn_cubecl::tensor::CubeTensor<burn_cubecl::cubecl::cuda::CudaRuntime>,
+) {
     let shape = [xg.dims()[0], gpu.out_features()];
     let out = Tensor::<CudaBf16, 2>::full(shape, f32::NAN, device)
         .into_primitive()
@@ -475,11 +484,7 @@ fn check_and_time(
             cfg,
         )),
     ));
-    let err = rel_l2(&got, want);
-    let dev = device_us(device, 50, || {
-        let _ = gpu.gemv_into_with(xg.clone().into_primitive().tensor(), out.clone(), cfg);
-    });
-    (err, dev)
+    (rel_l2(&got, want), out)
 }
 
 /// The fused per-layer kernels (RMSNorm, rotary embedding, gated SiLU / GELU-tanh) against
