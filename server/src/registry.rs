@@ -381,55 +381,34 @@ impl Registry {
                         self.plugins.model_types().join(", ")
                     ),
                 })?;
-        // An HF directory's tokenizer is parsed on a thread of its own while the plugin loads
-        // the weights: a hub tokenizer.json is 9 MB of JSON for Llama 3.1, 17 MB for Gemma 2,
-        // and `tokenizers` alone takes 0.6 s / 1.4 s to build them on the dev machine's CPU
-        // (the 8B loads in ~3 s on an H200). A GGUF's comes from the metadata already read.
-        // A bad tokenizer still fails the load, naming the file.
-        let text: Box<dyn FnOnce() -> Result<TextModel>> = match &source {
-            ModelSource::HfDir {
-                dir,
-                config,
-                generation_config,
-                ..
-            } => {
-                let (dir, config, generation_config) =
-                    (dir.clone(), config.clone(), generation_config.clone());
-                let parsing = std::thread::Builder::new()
-                    .name("tokenizer".into())
-                    .spawn(move || {
-                        TextModel::from_hf_dir(&dir, &config, generation_config.as_ref())
-                    })
-                    .map_err(|e| ServerError::Internal(format!("tokenizer thread: {e}")))?;
-                Box::new(move || {
-                    parsing.join().map_err(|_| {
-                        ServerError::Internal("the tokenizer's parse panicked".into())
-                    })?
-                })
-            }
-            ModelSource::Gguf { .. } => {
-                let text = TextModel::from_source(&source)?;
-                Box::new(move || Ok(text))
-            }
-        };
-        let description = plugin.describe(&json!({
-            llm_abi::describe_request::CONFIG: source.config(),
-            llm_abi::describe_request::FORMAT: if is_gguf { "gguf" } else { "hf" },
-            llm_abi::describe_request::QUANTIZATION: spec.quantization,
-            llm_abi::describe_request::DEVICE: spec.device,
-            llm_abi::describe_request::SOURCE: source.describe(),
-        }))?;
-        self.check_plan(&spec, &description)?;
+        // The tokenizer is built on a thread of its own while the plugin loads the weights: a
+        // hub tokenizer.json is 9 MB of JSON for Llama 3.1, 17 MB for Gemma 2, and
+        // `tokenizers` alone takes 0.6 s / 1.4 s to build them on the dev machine's CPU (the
+        // 8B loads in ~3 s on an H200). A bad tokenizer still fails the load, naming the file.
+        let (text, description, mut model) = std::thread::scope(|scope| {
+            let parsing = scope.spawn(|| TextModel::from_source(&source));
+            let description = plugin.describe(&json!({
+                llm_abi::describe_request::CONFIG: source.config(),
+                llm_abi::describe_request::FORMAT: if is_gguf { "gguf" } else { "hf" },
+                llm_abi::describe_request::QUANTIZATION: spec.quantization,
+                llm_abi::describe_request::DEVICE: spec.device,
+                llm_abi::describe_request::SOURCE: source.describe(),
+            }))?;
+            self.check_plan(&spec, &description)?;
+            let model = plugin.load(&json!({
+                llm_abi::load_request::SOURCE: path,
+                llm_abi::load_request::DEVICE: spec.device,
+                llm_abi::load_request::QUANTIZATION: spec.quantization,
+                llm_abi::load_request::MAX_CONTEXT: spec.max_context,
+                llm_abi::load_request::MAX_BATCH: self.sched.max_batch,
+                llm_abi::load_request::KERNEL_CACHE: self.kernel_cache,
+            }))?;
+            let text = parsing
+                .join()
+                .map_err(|_| ServerError::Internal("the tokenizer's parse panicked".into()))??;
+            Ok::<_, ServerError>((Arc::new(text), description, model))
+        })?;
         drop(source);
-        let mut model = plugin.load(&json!({
-            llm_abi::load_request::SOURCE: path,
-            llm_abi::load_request::DEVICE: spec.device,
-            llm_abi::load_request::QUANTIZATION: spec.quantization,
-            llm_abi::load_request::MAX_CONTEXT: spec.max_context,
-            llm_abi::load_request::MAX_BATCH: self.sched.max_batch,
-            llm_abi::load_request::KERNEL_CACHE: self.kernel_cache,
-        }))?;
-        let text = Arc::new(text()?);
         let pi = model.info()?;
         if let Some(phases) = pi.get("load_ms") {
             tracing::info!(model = %spec.name, %phases, "plugin load phases (ms)");
