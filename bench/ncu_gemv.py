@@ -39,5 +39,5 @@ for shape in shapes:
                       "unit": "us", "batch": 1, "dram_read_MB": read / 1e6,
                       "weight_GBps": gbs, "copy_GBps": copy, "fraction_of_copy": gbs / copy,
                       "launches": len(mine), "timing": "ncu gpu__time_duration, clocks not locked",
-                      **{k: shape[k] for k in ("rows", "planes", "unroll", "default", "rel_err",
+                      **{k: shape[k] for k in ("kernel", "rows", "planes", "unroll", "default", "rel_err",
                                                "pass") if k in shape}}))

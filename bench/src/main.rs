@@ -200,7 +200,8 @@ fn kernel(device: &Device, sweep: bool) {
             let mut paths = vec!["dequant_matmul"];
             // Past 16 rows `gemv` is the tensor-core kernel's token tiles.
             if b <= llm_core::cuda::GEMV_MAX_TOKENS
-                || llm_core::cuda::GemvConfig::for_shape(b, n, k).mma
+                || llm_core::cuda::GemvConfig::for_shape(b, n, k).kernel
+                    == llm_core::cuda::GemvKernel::Mma
             {
                 paths.insert(0, "gemv");
             }
@@ -216,7 +217,8 @@ fn kernel(device: &Device, sweep: bool) {
             for path in paths {
                 let mma = llm_core::cuda::MMA_DECODE.load(Relaxed);
                 llm_core::cuda::MMA_DECODE.store(mma && path != "gemv_simt", Relaxed);
-                let path_mma = llm_core::cuda::GemvConfig::for_shape(b, n, k).mma;
+                let path_mma = llm_core::cuda::GemvConfig::for_shape(b, n, k).kernel
+                    == llm_core::cuda::GemvKernel::Mma;
                 let got = if path == "gemv" || path == "gemv_simt" {
                     // Poison the output buffer: a kernel that skips an element shows as NaN.
                     let out = Tensor::<CudaBf16, 2>::full([b, n], f32::NAN, device)
@@ -271,7 +273,10 @@ fn kernel(device: &Device, sweep: bool) {
             if sweep && (b == 1 || (b == 16 && k == 4096 && n == 14336)) {
                 sweeps.push(("nf4_gemv_sweep", gemv_configs(b)));
             }
-            if matches!(b, 4 | 16 | 32 | 64) && llm_core::cuda::GemvConfig::for_shape(b, n, k).mma {
+            if matches!(b, 4 | 16 | 32 | 64)
+                && llm_core::cuda::GemvConfig::for_shape(b, n, k).kernel
+                    == llm_core::cuda::GemvKernel::Mma
+            {
                 sweeps.push(("nf4_mma_sweep", mma_configs(b)));
             }
             for (metric, configs) in sweeps {
@@ -310,16 +315,21 @@ fn gemv_for_ncu(device: &Device) {
         .split(',')
         .filter(|c| !c.is_empty())
         .map(|c| {
+            // `t` first: the hand-written tensor-core kernel (ROWS 16 or 32).
+            let (kernel, c) = match c.strip_prefix('t') {
+                Some(rest) => (llm_core::cuda::GemvKernel::Tc, rest),
+                None => (llm_core::cuda::GemvKernel::Simt, c),
+            };
             let v: Vec<usize> = c
                 .split('x')
                 .map(|n| n.parse().expect("GEMV_CONFIGS"))
                 .collect();
-            assert!(v.len() == 3, "GEMV_CONFIGS: ROWSxPLANESxUNROLL");
+            assert!(v.len() == 3, "GEMV_CONFIGS: [t]ROWSxPLANESxUNROLL");
             llm_core::cuda::GemvConfig {
                 rows: v[0],
                 planes: v[1],
                 unroll: v[2],
-                mma: false,
+                kernel,
             }
         })
         .collect();
@@ -360,6 +370,7 @@ fn gemv_for_ncu(device: &Device) {
                 "launches",
                 serde_json::json!({"weight_bytes": n * k / 2 + 4 * n * k / 64,
                                    "rows": cfg.rows, "planes": cfg.planes, "unroll": cfg.unroll,
+                                   "kernel": format!("{:?}", cfg.kernel),
                                    "default": i == 0, "skip": skip,
                                    "rel_err": err, "pass": want.is_none() || err < 1e-2}),
             );
@@ -390,6 +401,7 @@ fn sweep_configs(
             dev,
             "us",
             serde_json::json!({"batch": batch, "rows": cfg.rows, "planes": cfg.planes,
+                               "kernel": format!("{:?}", cfg.kernel),
                                "unroll": cfg.unroll,
                                "default": cfg == llm_core::cuda::GemvConfig::for_shape(batch, gpu.out_features(), gpu.in_features()),
                                "rel_err": err, "pass": err < 1e-2,
@@ -407,7 +419,7 @@ fn gemv_configs(batch: usize) -> Vec<llm_core::cuda::GemvConfig> {
     } else {
         (&[1, 2], &[1, 2], &[2, 4, 8])
     };
-    configs(rows, unrolls, planes_list, false)
+    configs(rows, unrolls, planes_list, llm_core::cuda::GemvKernel::Simt)
 }
 
 /// The tensor-core kernel's launch configurations at `batch` token rows: rows per cube (its
@@ -419,7 +431,7 @@ fn mma_configs(batch: usize) -> Vec<llm_core::cuda::GemvConfig> {
         .into_iter()
         .filter(|r| r / 8 * tiles <= 4)
         .collect();
-    configs(&rows, &[1, 2], &[4, 8], true)
+    configs(&rows, &[1, 2], &[4, 8], llm_core::cuda::GemvKernel::Mma)
 }
 
 /// Every (rows, unroll, planes) combination.
@@ -427,7 +439,7 @@ fn configs(
     rows: &[usize],
     unrolls: &[usize],
     planes_list: &[usize],
-    mma: bool,
+    kernel: llm_core::cuda::GemvKernel,
 ) -> Vec<llm_core::cuda::GemvConfig> {
     let mut out = Vec::new();
     for &rows in rows {
@@ -437,7 +449,7 @@ fn configs(
                     rows,
                     planes,
                     unroll,
-                    mma,
+                    kernel,
                 });
             }
         }

@@ -83,6 +83,10 @@ pub static DEQUANT_TRANSPOSED: std::sync::atomic::AtomicBool =
 /// matmul; off by `LLM_CUDA_MMA=0` ([`read_env`]), and where the device has no bf16
 /// `mma.m16n8k16` ([`probe_mma`]).
 pub static MMA_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+/// Whether one token row goes to the hand-written tensor-core GEMV ([`crate::gemv_tc`], the
+/// default where [`MMA_DECODE`] is on) rather than the SIMT [`nf4_gemv`]; off by
+/// `LLM_CUDA_GEMV_TC=0` ([`read_env`]).
+pub static TC_DECODE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 /// Fewest token rows [`nf4_mma`] takes. On an H200 (docs/benchmarks.md, run 15, 8B shapes) it
 /// took 39-41 us at 2 rows against the SIMT GEMV's 32-33 us, and led from 4 rows on (41 vs
 /// 52-57 us; 51-54 vs 144-168 us at 16).
@@ -1326,17 +1330,28 @@ mod kernels {
     }
 }
 
-/// How [`nf4_gemv`] or [`nf4_mma`] is launched: output rows per cube, planes (warps) per cube,
-/// and steps (16-byte code vectors per row; windows of 4 for the MMA kernel) each unit loads
-/// before its math.
+/// Which fused kernel a [`GemvConfig`] launches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemvKernel {
+    /// [`nf4_gemv`]: SIMT, 1 to [`GEMV_MAX_TOKENS`] token rows.
+    Simt,
+    /// [`nf4_mma`]: tensor cores, up to [`MMA_MAX_TOKENS`] token rows; `rows` 8, 16 or 32 (its
+    /// groups of 8).
+    Mma,
+    /// [`crate::gemv_tc`]: tensor cores, hand-written CUDA, one token; `rows` 16 or 32 (its
+    /// tiles of 16), up to [`crate::gemv_tc::TC_MAX_PLANES`] planes, `k` a multiple of 128.
+    Tc,
+}
+
+/// How [`nf4_gemv`], [`nf4_mma`] or [`crate::gemv_tc`] is launched: output rows per cube,
+/// planes (warps) per cube, and steps (16-byte code vectors per row; windows of 4 for the MMA
+/// kernel; unused by `Tc`) each unit loads before its math.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvConfig {
     pub rows: usize,
     pub planes: usize,
     pub unroll: usize,
-    /// [`nf4_mma`] (tensor cores; `rows` 8, 16 or 32: its groups of 8) instead of
-    /// [`nf4_gemv`].
-    pub mma: bool,
+    pub kernel: GemvKernel,
 }
 
 impl GemvConfig {
@@ -1355,16 +1370,26 @@ impl GemvConfig {
     /// 4 planes with 2 windows in flight (14336x4096: 58.6 us against 75.0); three or four, 8
     /// rows on 4 planes (49.3 us against 77.4 at 4096x4096).
     pub fn for_shape(tokens: usize, n: usize, k: usize) -> GemvConfig {
-        if tokens == 1 {
+        let mma = MMA_DECODE.load(std::sync::atomic::Ordering::Relaxed);
+        if tokens == 1 && mma && TC_DECODE.load(std::sync::atomic::Ordering::Relaxed) {
+            // A plane per 4 windows of 128, at most 16; one window loaded ahead. The best of
+            // run 25's sweep on each 8B shape (docs/benchmarks.md).
+            GemvConfig {
+                rows: 16,
+                planes: (k / 128 / 4).clamp(1, 16),
+                unroll: 1,
+                kernel: GemvKernel::Tc,
+            }
+        } else if tokens == 1 {
             GemvConfig {
                 rows: 4,
                 planes: (k / 32 / 64).clamp(1, MAX_PLANES),
                 unroll: 1,
-                mma: false,
+                kernel: GemvKernel::Simt,
             }
         } else if (MMA_MIN_TOKENS..=MMA_MAX_TOKENS).contains(&tokens)
             && k.is_multiple_of(128)
-            && MMA_DECODE.load(std::sync::atomic::Ordering::Relaxed)
+            && mma
         {
             let windows = (k / 128 / 4).clamp(1, MAX_PLANES);
             let (rows, planes, unroll) = match tokens.div_ceil(16) {
@@ -1377,15 +1402,33 @@ impl GemvConfig {
                 rows,
                 planes,
                 unroll,
-                mma: true,
+                kernel: GemvKernel::Mma,
             }
         } else {
             GemvConfig {
                 rows: 2,
                 planes: 2,
                 unroll: 1,
-                mma: false,
+                kernel: GemvKernel::Simt,
             }
+        }
+    }
+
+    /// This configuration, or the SIMT GEMV's where [`GemvKernel::Tc`] cannot take the shapes:
+    /// `k` not a multiple of 128, or a stacked weight but the last not a multiple of the cube's
+    /// rows (`n`: the output rows of each weight launched together).
+    pub fn fitted(self, n: &[usize], k: usize, gated: bool) -> GemvConfig {
+        let fits = k.is_multiple_of(128)
+            && (gated || n[..n.len() - 1].iter().all(|n| n.is_multiple_of(self.rows)));
+        if self.kernel == GemvKernel::Tc && !fits {
+            GemvConfig {
+                rows: 4,
+                planes: (k / 32 / 64).clamp(1, MAX_PLANES),
+                unroll: 1,
+                kernel: GemvKernel::Simt,
+            }
+        } else {
+            self
         }
     }
 }
@@ -1402,15 +1445,6 @@ fn launch_gemv(
     gated: Option<Activation>,
 ) {
     let tokens = x.meta.shape()[0];
-    let most = if cfg.mma {
-        MMA_MAX_TOKENS
-    } else {
-        GEMV_MAX_TOKENS
-    };
-    assert!((1..=most).contains(&tokens));
-    assert!(cfg.rows >= 1 && cfg.unroll >= 1 && (1..=MAX_PLANES).contains(&cfg.planes));
-    // `nf4_gemv`'s units `i < rows * tokens` each finish one row of one token.
-    assert!(cfg.mma || cfg.rows * tokens <= 32 * cfg.planes);
     assert!((1..=3).contains(&weights.len()));
     let w0 = weights[0];
     let k = w0.in_features;
@@ -1421,10 +1455,20 @@ fn launch_gemv(
         );
     }
     let n: Vec<usize> = weights.iter().map(|w| w.out_features).collect();
+    let cfg = cfg.fitted(&n, k, gated.is_some());
+    let (most, max_planes) = match cfg.kernel {
+        GemvKernel::Simt => (GEMV_MAX_TOKENS, MAX_PLANES),
+        GemvKernel::Mma => (MMA_MAX_TOKENS, MAX_PLANES),
+        GemvKernel::Tc => (1, crate::gemv_tc::TC_MAX_PLANES),
+    };
+    assert!((1..=most).contains(&tokens));
+    assert!(cfg.rows >= 1 && cfg.unroll >= 1 && (1..=max_planes).contains(&cfg.planes));
+    // `nf4_gemv`'s units `i < rows * tokens` each finish one row of one token.
+    assert!(cfg.kernel != GemvKernel::Simt || cfg.rows * tokens <= 32 * cfg.planes);
     // Every stacked weight but the last fills its cubes exactly: fewer MMA row groups where a
     // stacked part is no multiple of the cube's rows (8 always divides them: checked below).
     let mut cfg = cfg;
-    while cfg.mma
+    while cfg.kernel == GemvKernel::Mma
         && gated.is_none()
         && cfg.rows > 8
         && !n[..n.len() - 1].iter().all(|n| n.is_multiple_of(cfg.rows))
@@ -1490,7 +1534,40 @@ fn launch_gemv(
             )
         };
     }
-    if cfg.mma {
+    if cfg.kernel == GemvKernel::Tc {
+        assert!(matches!(cfg.rows, 16 | 32), "tensor-core GEMV rows");
+        let variant = crate::gemv_tc::TcVariant {
+            planes: cfg.planes,
+            tiles: cfg.rows / 16,
+            gated: gated.is_some(),
+            gelu: gated == Some(Activation::GeluTanh),
+            depth: cfg.unroll,
+        };
+        let handle = |t: &CubeTensor<CudaRuntime>| t.handle.clone();
+        let buffers = crate::gemv_tc::TcBuffers {
+            x: x.handle.clone(),
+            packed: [0, 1, 2].map(|i| handle(&pick(i).packed)),
+            absmax: [0, 1, 2].map(|i| handle(&pick(i).absmax)),
+            code: handle(&w0.code),
+            out: out.handle.clone(),
+        };
+        let sizes = [
+            n[0] as u32,
+            pick(1).out_features as u32,
+            pick(2).out_features as u32,
+            cuts[0],
+            cuts[1],
+            bases[1] as u32,
+            bases[2] as u32,
+            k as u32,
+        ];
+        // SAFETY: as for `nf4_gemv` below: one token (`x` `[1, k]` contiguous, k a multiple of
+        // 128: `fitted`), each `packed_i`/`absmax_i` holding `n_i * k` weights, rows past
+        // `n_i` clamped on read and skipped on write, every stacked weight but the last filling
+        // its cubes (`fitted`), `out` holding `bases[i] + n_i` elements per stacked weight (or
+        // `n0` gated).
+        unsafe { crate::gemv_tc::launch(&client, variant, cubes as u32, buffers, sizes) };
+    } else if cfg.kernel == GemvKernel::Mma {
         let (tiles, groups) = (tokens.div_ceil(16), cfg.rows / 8);
         assert!(
             matches!(cfg.rows, 8 | 16 | 32) && groups * tiles <= 4 && k.is_multiple_of(128),
@@ -1898,7 +1975,8 @@ fn nf4_layers<'a>(
 fn fused_config(rows: usize, n: usize, k: usize) -> Option<GemvConfig> {
     use std::sync::atomic::Ordering::Relaxed;
     let cfg = GemvConfig::for_shape(rows, n, k);
-    let fused = rows <= GEMV_TOKENS.load(Relaxed) || (rows <= MMA_TOKENS.load(Relaxed) && cfg.mma);
+    let fused = rows <= GEMV_TOKENS.load(Relaxed)
+        || (rows <= MMA_TOKENS.load(Relaxed) && cfg.kernel == GemvKernel::Mma);
     fused.then_some(cfg)
 }
 
@@ -1968,6 +2046,7 @@ pub fn use_kernel_cache(dir: Option<&std::path::Path>) {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
             include_str!("cuda.rs").hash(&mut h);
+            include_str!("nf4_gemv_tc.cu").hash(&mut h);
             format!("{}-{:016x}", env!("CARGO_PKG_VERSION"), h.finish())
         };
         let dir = dir.join(build);
@@ -1997,6 +2076,7 @@ pub fn probe_mma(device: &CudaDevice) {
 }
 
 /// Benchmark switches from the environment: `LLM_CUDA_MMA=0` turns [`MMA_DECODE`] off;
+/// `LLM_CUDA_GEMV_TC=0` turns [`TC_DECODE`] off;
 /// `LLM_CUDA_MMA_ROWS=N` sets [`MMA_TOKENS`];
 /// `LLM_CUDA_DEQUANT=nk` turns
 /// [`DEQUANT_TRANSPOSED`] off, `kn` (the default) on; prefill GEMMs go to cuBLAS when the
@@ -2027,6 +2107,11 @@ pub fn read_env() {
         Ok("1") => MMA_DECODE.store(true, std::sync::atomic::Ordering::Relaxed),
         Ok(other) => eprintln!("LLM_CUDA_MMA={other} ignored (0 or 1)"),
         Err(_) => {}
+    }
+    match std::env::var("LLM_CUDA_GEMV_TC").as_deref() {
+        Ok("0") => TC_DECODE.store(false, std::sync::atomic::Ordering::Relaxed),
+        Ok("1") | Err(_) => TC_DECODE.store(true, std::sync::atomic::Ordering::Relaxed),
+        Ok(other) => eprintln!("LLM_CUDA_GEMV_TC={other} ignored (0 or 1)"),
     }
     if let Ok(v) = std::env::var("LLM_CUDA_CHUNK_ATTENTION_ROWS") {
         match v.parse::<usize>() {
@@ -2334,8 +2419,14 @@ impl LlmBackend for CudaBf16 {
         };
         let group = nf4_group(k, linears)?;
         let last = group.len() - 1;
+        let sizes: Vec<usize> = group.iter().map(|w| w.out_features).collect();
+        let cfg = cfg.fitted(&sizes, k, false);
         // The MMA kernel's cubes shrink to 8 rows where they must (`launch_gemv`).
-        let unit = if cfg.mma { 8 } else { cfg.rows };
+        let unit = if cfg.kernel == GemvKernel::Mma {
+            8
+        } else {
+            cfg.rows
+        };
         if !group[..last]
             .iter()
             .all(|w| w.out_features.is_multiple_of(unit))

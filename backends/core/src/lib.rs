@@ -12,6 +12,8 @@ pub mod driver;
 pub mod engine;
 pub mod error;
 pub mod export;
+#[cfg(feature = "cuda")]
+pub mod gemv_tc;
 pub mod host_linear;
 pub mod linear;
 pub mod mlp;
