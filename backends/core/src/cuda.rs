@@ -1355,8 +1355,9 @@ pub struct GemvConfig {
 }
 
 impl GemvConfig {
-    /// One token: 4 rows per cube share each converted `x`, about 64 steps per unit's row.
-    /// From [`MMA_MIN_TOKENS`] to [`MMA_MAX_TOKENS`] tokens: [`nf4_mma`] when [`MMA_DECODE`] is
+    /// One token: [`GemvKernel::Tc`] where [`MMA_DECODE`] and [`TC_DECODE`] are on (the launch
+    /// falls back where the shapes do not fit: [`GemvConfig::fitted`]), else
+    /// [`GemvConfig::simt_one_token`]. From [`MMA_MIN_TOKENS`] to [`MMA_MAX_TOKENS`] tokens: [`nf4_mma`] when [`MMA_DECODE`] is
     /// on and `k` is a multiple of 128. Otherwise 2 rows per cube, the looked-up codes shared
     /// over the tokens (see the kernel's doc), 2 planes. `n` is the output rows the launch
     /// covers (stacked weights together; gated: one of gate and up).
@@ -1381,12 +1382,7 @@ impl GemvConfig {
                 kernel: GemvKernel::Tc,
             }
         } else if tokens == 1 {
-            GemvConfig {
-                rows: 4,
-                planes: (k / 32 / 64).clamp(1, MAX_PLANES),
-                unroll: 1,
-                kernel: GemvKernel::Simt,
-            }
+            GemvConfig::simt_one_token(k)
         } else if (MMA_MIN_TOKENS..=MMA_MAX_TOKENS).contains(&tokens)
             && k.is_multiple_of(128)
             && mma
@@ -1421,14 +1417,20 @@ impl GemvConfig {
         let fits = k.is_multiple_of(128)
             && (gated || n[..n.len() - 1].iter().all(|n| n.is_multiple_of(self.rows)));
         if self.kernel == GemvKernel::Tc && !fits {
-            GemvConfig {
-                rows: 4,
-                planes: (k / 32 / 64).clamp(1, MAX_PLANES),
-                unroll: 1,
-                kernel: GemvKernel::Simt,
-            }
+            GemvConfig::simt_one_token(k)
         } else {
             self
+        }
+    }
+
+    /// [`nf4_gemv`] at one token: 4 rows per cube share each converted `x`, about 64 steps per
+    /// unit's row.
+    fn simt_one_token(k: usize) -> GemvConfig {
+        GemvConfig {
+            rows: 4,
+            planes: (k / 32 / 64).clamp(1, MAX_PLANES),
+            unroll: 1,
+            kernel: GemvKernel::Simt,
         }
     }
 }
@@ -1497,6 +1499,17 @@ fn launch_gemv(
         }
     };
     let pick = |i: usize| weights.get(i).copied().unwrap_or(w0);
+    // Every kernel's sizes: n0, n1, n2, cut1, cut2, base1, base2, k.
+    let sizes: [u32; 8] = [
+        n[0] as u32,
+        pick(1).out_features as u32,
+        pick(2).out_features as u32,
+        cuts[0],
+        cuts[1],
+        bases[1] as u32,
+        bases[2] as u32,
+        k as u32,
+    ];
     let x = into_contiguous(x);
     let client = x.client.clone();
     let dtype = x.dtype;
@@ -1518,14 +1531,14 @@ fn launch_gemv(
                 pick(2).absmax.clone().into_array_arg(),
                 w0.code.clone().into_array_arg(),
                 out.into_array_arg(),
-                n[0] as u32,
-                pick(1).out_features as u32,
-                pick(2).out_features as u32,
-                cuts[0],
-                cuts[1],
-                bases[1] as u32,
-                bases[2] as u32,
-                k as u32,
+                sizes[0],
+                sizes[1],
+                sizes[2],
+                sizes[3],
+                sizes[4],
+                sizes[5],
+                sizes[6],
+                sizes[7],
                 $tokens,
                 $($comptime,)*
                 gated.is_some(),
@@ -1551,16 +1564,6 @@ fn launch_gemv(
             code: handle(&w0.code),
             out: out.handle.clone(),
         };
-        let sizes = [
-            n[0] as u32,
-            pick(1).out_features as u32,
-            pick(2).out_features as u32,
-            cuts[0],
-            cuts[1],
-            bases[1] as u32,
-            bases[2] as u32,
-            k as u32,
-        ];
         // SAFETY: as for `nf4_gemv` below: one token (`x` `[1, k]` contiguous, k a multiple of
         // 128: `fitted`), each `packed_i`/`absmax_i` holding `n_i * k` weights, rows past
         // `n_i` clamped on read and skipped on write, every stacked weight but the last filling
@@ -2045,8 +2048,8 @@ pub fn use_kernel_cache(dir: Option<&std::path::Path>) {
         let build = {
             use std::hash::{Hash, Hasher};
             let mut h = std::collections::hash_map::DefaultHasher::new();
+            // (nf4_gemv_tc.cu's hash is in its own kernel id: gemv_tc.rs.)
             include_str!("cuda.rs").hash(&mut h);
-            include_str!("nf4_gemv_tc.cu").hash(&mut h);
             format!("{}-{:016x}", env!("CARGO_PKG_VERSION"), h.finish())
         };
         let dir = dir.join(build);
