@@ -11,8 +11,10 @@
 //! - more rows (prefill): [`nf4_dequantize`] to a bf16 `[out, in]` matrix, then cuBLAS or Burn's
 //!   (tensor-core) matmul, the way bnb dequantizes then calls `torch.matmul`.
 //!
-//! Weights live on the device as: packed codes (`out*in/2` bytes, as bnb stores them), one f32
-//! absmax per 64 weights (the double-quantized absmax is expanded at load), the 16-entry code book.
+//! Weights live on the device as: packed codes (`out*in/2` bytes, bnb's bytes in tiles of 8 rows
+//! x 64 weights: [`crate::nf4::tile_codes`], so a tensor-core fragment's loads are contiguous),
+//! one f32 absmax per 64 weights (the double-quantized absmax is expanded at load), the
+//! 16-entry code book.
 
 use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim, Runtime};
@@ -154,14 +156,23 @@ mod kernels {
         }
     }
 
+    /// The 16-byte vector of codes holding weights `32 s .. 32 s + 32` of `row`, in the tiled
+    /// layout of [`crate::nf4::tile_codes`] (`blocks` absmax blocks per row): tiles of 8 rows x
+    /// 64 weights (16 vectors), two vectors per row.
+    #[cube]
+    fn code_vec(row: usize, s: usize, blocks: usize) -> usize {
+        ((row / 8) * blocks + s / 2) * 16 + (row % 8) * 2 + s % 2
+    }
+
     /// `out[t, row] = sum_k x[t, k] * code[q(row, k)] * absmax[(row * k_dim + k) / 64]`, for
     /// up to three weights of the same input at once.
     ///
     /// A cube owns `rows` output rows and splits their `k` range over all its units (split-K):
     /// a unit takes one 16-byte vector of packed codes per row per step (32 weights, half an
     /// absmax block, so one absmax per step), and the matching `x` as 16-byte vectors of 8
-    /// (L1-resident: `x` is at most 16 x 28 KiB). Consecutive units read consecutive vectors, so
-    /// a plane reads 512 contiguous bytes of a row per step and each weight byte is read once.
+    /// (L1-resident: `x` is at most 16 x 28 KiB). Consecutive units read consecutive vectors of
+    /// a row, 32 contiguous bytes per absmax block in the tiled layout ([`code_vec`]; a cube's
+    /// rows of one 8-row group together read whole tiles), and each weight byte is read once.
     /// The code book sits in shared memory, 16 f32 in 16 distinct banks: lookups never conflict.
     /// Each pass issues the loads of `unroll` steps before any math, so several loads per unit
     /// are in flight.
@@ -250,13 +261,13 @@ mod kernels {
                 for r in 0..rows {
                     // Rows past `n` (last cube) read the last row; their sums are not written.
                     let row = select(row0 + r < n_us, row0 + r, n_us - 1);
-                    let idx = row * steps + sc;
                     let slot = (u * rows + r) * lanes;
                     load_codes(
                         &mut q,
                         &mut a,
                         slot,
-                        idx,
+                        code_vec(row, sc, steps / 2),
+                        (row * steps + sc) / 2,
                         su < steps,
                         packed0,
                         absmax0,
@@ -476,7 +487,8 @@ mod kernels {
                         &mut q,
                         &mut a,
                         comptime!((u * groups + gi) * lanes),
-                        row * steps + wc * 4 + t,
+                        code_vec(row, wc * 4 + t, steps / 2),
+                        (row * steps + wc * 4 + t) / 2,
                         wu < windows,
                         packed0,
                         absmax0,
@@ -631,8 +643,8 @@ mod kernels {
     }
 
     /// One step's codes of a row, for [`nf4_gemv`] and [`nf4_mma`]: the 16-byte code vector
-    /// `idx` and its absmax (`idx / 2`; 0 when not `live`, so a step past the end adds nothing)
-    /// into `q[slot]`, `a[slot]`. Gated: gate's at `slot`, up's at `slot + 1`. Else the stacked
+    /// `idx` ([`code_vec`]) and its absmax `block` (0 when not `live`, so a step past the end
+    /// adds nothing) into `q[slot]`, `a[slot]`. Gated: gate's at `slot`, up's at `slot + 1`. Else the stacked
     /// weight this cube's rows belong to (`in1`, `in2`: uniform over the cube, no divergence).
     #[cube]
     #[allow(clippy::too_many_arguments)]
@@ -641,6 +653,7 @@ mod kernels {
         a: &mut Array<f32>,
         slot: usize,
         idx: usize,
+        block: usize,
         live: bool,
         packed0: &Array<Vector<u32, NQ4>>,
         absmax0: &Array<f32>,
@@ -654,19 +667,19 @@ mod kernels {
     ) {
         if comptime!(gated) {
             q[slot] = packed0[idx];
-            a[slot] = select(live, absmax0[idx / 2], f32::new(0.0));
+            a[slot] = select(live, absmax0[block], f32::new(0.0));
             q[slot + 1] = packed1[idx];
-            a[slot + 1] = select(live, absmax1[idx / 2], f32::new(0.0));
+            a[slot + 1] = select(live, absmax1[block], f32::new(0.0));
         } else {
             if in2 {
                 q[slot] = packed2[idx];
-                a[slot] = select(live, absmax2[idx / 2], f32::new(0.0));
+                a[slot] = select(live, absmax2[block], f32::new(0.0));
             } else if in1 {
                 q[slot] = packed1[idx];
-                a[slot] = select(live, absmax1[idx / 2], f32::new(0.0));
+                a[slot] = select(live, absmax1[block], f32::new(0.0));
             } else {
                 q[slot] = packed0[idx];
-                a[slot] = select(live, absmax0[idx / 2], f32::new(0.0));
+                a[slot] = select(live, absmax0[block], f32::new(0.0));
             }
         }
     }
@@ -695,8 +708,9 @@ mod kernels {
     }
 
     /// Dequantize to `out` (`[n, k]`, row-major): [`DEQUANT_WORDS`] packed words (8 weights
-    /// each) per unit, `DEQUANT_UNITS` apart (each pass coalesced), each written as one 16-byte
-    /// vector. The words and their absmax are loaded before the code book's barrier, so a
+    /// each) per unit, `DEQUANT_UNITS` apart in the tiled layout (each pass's reads coalesced;
+    /// a tile row's 8 words are 64 consecutive outputs), each written as one 16-byte vector.
+    /// `words`: the tiled buffer's (rows padded to 8), `blocks` per row. The words and their absmax are loaded before the code book's barrier, so a
     /// cube's loads are in flight while it fills the table. (One word per unit before: 43.8 us
     /// for 14336x4096 in run 19, 42.1 us now, run 20: it was near the copy bandwidth already.)
     #[cube(launch_unchecked)]
@@ -706,18 +720,31 @@ mod kernels {
         code: &Array<f32>,
         out: &mut Array<Vector<F, NO>>,
         words: u32,
+        n: u32,
+        blocks: u32,
         #[define(F)] _dtype: StorageType,
     ) {
         let first = CUBE_POS * DEQUANT_UNITS * DEQUANT_WORDS + UNIT_POS as usize;
+        let blocks = blocks as usize;
         let mut word = Array::<u32>::new(DEQUANT_WORDS);
         let mut scale = Array::<f32>::new(DEQUANT_WORDS);
+        // Where tiled word `w` goes: row `row`, 8-vector `vec` of the row-major output (past
+        // `words` or `n`: nowhere).
+        let mut target = Array::<usize>::new(DEQUANT_WORDS);
+        let mut live = Array::<u32>::new(DEQUANT_WORDS);
         #[unroll]
         for j in 0..DEQUANT_WORDS {
             let w = first + j * DEQUANT_UNITS;
-            let inside = w < words as usize;
-            let at = select(inside, w, 0);
+            let at = select(w < words as usize, w, 0);
+            let tile = at / 64;
+            let row = tile / blocks * 8 + at % 64 / 8;
+            let block = tile % blocks;
+            let inside = w < words as usize && row < n as usize;
+            let row = select(inside, row, 0);
             word[j] = packed[at];
-            scale[j] = absmax[at / 8];
+            scale[j] = absmax[row * blocks + block];
+            target[j] = (row * blocks + block) * 8 + at % 8;
+            live[j] = select(inside, 1u32, 0u32);
         }
         let mut lut = SharedMemory::<f32>::new(16usize);
         if UNIT_POS < 16 {
@@ -726,15 +753,14 @@ mod kernels {
         sync_cube();
         #[unroll]
         for j in 0..DEQUANT_WORDS {
-            let w = first + j * DEQUANT_UNITS;
-            if w < words as usize {
+            if live[j] == 1 {
                 let mut v = Vector::<F, NO>::empty();
                 #[unroll]
                 for i in 0..8usize {
                     let shift = comptime!(nibble_shift(i));
                     v[i] = F::cast_from(lut[((word[j] >> shift) & 0xF) as usize] * scale[j]);
                 }
-                out[w] = v;
+                out[target[j]] = v;
             }
         }
     }
@@ -777,7 +803,9 @@ mod kernels {
             let r = idx / 8;
             let wi = idx % 8;
             if n0 + r < n {
-                let word = packed[((n0 + r) * k + k0) / 8 + wi];
+                // Tiled: row n0 + r's 8 words of block k0 / 64 ([`code_vec`]'s layout).
+                let row = n0 + r;
+                let word = packed[((row / 8) * (k / 64) + k0 / 64) * 64 + (row % 8) * 8 + wi];
                 let a = absmax[((n0 + r) * k + k0) / 64];
                 #[unroll]
                 for i in 0..8usize {
@@ -1682,14 +1710,17 @@ impl CudaNf4Linear {
             weight.in_features.is_multiple_of(BLOCKSIZE),
             "in_features must be a multiple of 64"
         );
-        let n = weight.out_features * weight.in_features;
+        let (rows, k) = (weight.out_features, weight.in_features);
+        let n = rows * k;
         let (packed_len, stored_bytes) = (weight.packed.len(), weight.stored_bytes());
         let packed = std::mem::take(&mut weight.packed);
+        // Tiled (on the upload thread when queued); rows padded to a multiple of 8.
+        let tiled_len = rows.next_multiple_of(crate::nf4::TILE_ROWS) * k / 2;
         let packed = put(
-            packed_len,
-            vec![n / 8],
+            tiled_len,
+            vec![tiled_len / 4],
             DType::U32,
-            Box::new(move || Box::new(packed)),
+            Box::new(move || Box::new(crate::nf4::tile_codes(&packed, rows, k))),
         );
         let absmax = std::mem::replace(&mut weight.absmax, Absmax::Plain(Vec::new()));
         let absmax = put(
@@ -1754,9 +1785,12 @@ impl CudaNf4Linear {
             "bf16 [out, in]"
         );
         let client = self.packed.client.clone();
-        let words = (self.out_features * self.in_features / 8) as u32;
-        // SAFETY: each unit reads words `w < words` (word 0 in place of the others), absmax
-        // `w / 8`, and writes the `w`-th 8-vector of the `[out, in]` output for `w < words`.
+        let (n, k) = (self.out_features, self.in_features);
+        let words = (n.next_multiple_of(crate::nf4::TILE_ROWS) * k / 8) as u32;
+        // SAFETY: each unit reads tiled words `w < words` (the buffer's, rows padded to 8; word
+        // 0 in place of the others), the absmax of the row and block a word belongs to (row 0
+        // for padding rows), and writes that word's 8-vector of the `[out, in]` output for
+        // rows `< n` only.
         let per_cube = (DEQUANT_UNITS * DEQUANT_WORDS) as u32;
         unsafe {
             nf4_dequantize::launch_unchecked::<CudaRuntime>(
@@ -1769,6 +1803,8 @@ impl CudaNf4Linear {
                 self.code.clone().into_array_arg(),
                 out.clone().into_array_arg(),
                 words,
+                n as u32,
+                (k / BLOCKSIZE) as u32,
                 DType::BF16.into(),
             );
         }

@@ -52,7 +52,7 @@ pub struct TcVariant {
     /// gate/up with the activation, else stacked (q/k/v) or single.
     pub gated: bool,
     pub gelu: bool,
-    /// Windows each plane has loaded ahead of its math (registers: 1 to 4).
+    /// Windows each plane has loaded ahead of its math (registers: 1 or 3).
     pub depth: usize,
 }
 
@@ -168,7 +168,10 @@ pub unsafe fn launch(
     sizes: TcSizes,
 ) {
     assert!((1..=TC_MAX_PLANES).contains(&variant.planes) && matches!(variant.tiles, 1 | 2));
-    assert!((1..=4).contains(&variant.depth));
+    assert!(
+        matches!(variant.depth, 1 | 3),
+        "tensor-core GEMV depth 1 or 3"
+    );
     let TcBuffers {
         x,
         packed: [p0, p1, p2],

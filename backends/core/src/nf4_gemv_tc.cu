@@ -2,11 +2,11 @@
 //
 // Hand-written CUDA C++ (not CubeCL): gemv_tc.rs says why and how it launches. The host
 // prepends the compile-time switches:
-//   PLANES  warps per cube (they split `k`: warp p takes windows p, p + PLANES, ...),
+//   PLANES  warps per cube (they split `k`: warp p takes a run of consecutive windows),
 //   TILES   16-row tiles per cube (a cube owns 16 * TILES output rows),
 //   GATED   1: two weights of equal n (gate, up), out = act(gate) * up; 0: stacked (q/k/v),
 //   GELU    1: GELU (tanh) as the activation, 0: SiLU,
-//   DEPTH   windows each plane has in flight (loaded DEPTH windows before their math).
+//   DEPTH   windows each plane loads ahead of its math (1 or 3).
 //
 // Math: `out[row] = sum over blocks b of absmax[row, b] * sum_k code_bf16[q(row, k)] x[k]`,
 // the inner sums exact products summed in f32 by `mma.m16n8k16` (bf16 inputs), the absmax (f32)
@@ -19,10 +19,12 @@
 // run 23); here a lookup (`prmt`, `lea`, `lds`) yields two weights as one MMA register and the
 // tensor cores do the multiply-adds: ~3 instructions per weight in all (SASS of sm_90a).
 //
-// Operands. A (16 x 16, row major): the weights, 16 output rows by 16 `k`. B (16 x 8): `x`;
-// of its 8 columns, column 0 holds `x` on the window's first absmax block and zeros on the
-// second, column 1 the reverse, the rest zeros, so D's columns 0 and 1 are each row's two
-// block sums, which lanes t = 0 (who hold them) scale by the rows' absmax and add up.
+// Operands. A (16 x 16, row major): the weights, 16 output rows by 16 `k`. B (16 x 8): `x`.
+// A plane walks its windows of 128 `k` in groups of 4: window c (0..3) of a group puts `x` on
+// its first absmax block in B's column 2c and on its second in column 2c + 1 (zeros in the
+// other columns), so D's columns 2c, 2c + 1 (held by lanes t = c) are each row's two block
+// sums. Lane t keeps the absmax of window c = t of each group (one 8-byte load per row and 4
+// windows) and scales what its columns hold; in the other windows its columns are zeros.
 //
 // Lookups: a byte of packed codes (two weights; the first in the high nibble) indexes a table
 // of the 256 bytes' bf16 code pairs (first weight in the low half, as an MMA register holds two
@@ -31,19 +33,21 @@
 //
 // Layout per plane and window of 128 `k`: lane (g, t) = (lane / 4, lane % 4) loads the
 // 16-byte vector of codes at `k` = 128 w + 32 t of rows g and g + 8 of each tile (t = 0, 1: the
-// window's first block, t = 2, 3: its second). MMA s (0..8) takes bytes 2s and 2s + 1 of each
-// vector: a0 / a2 = row g's weights 4s, 4s+1 / 4s+2, 4s+3 (the MMA's k slots 2t, 2t+1 / 2t+8,
-// 2t+9), a1 / a3 the same of row g + 8; b0 / b1 = `x` at the same `k` (lanes g = 0, t < 2 and
-// g = 1, t >= 2; zeros elsewhere). Lanes t = 0 load the rows' two absmax per window.
+// window's first block, t = 2, 3: its second). The codes are tiled (nf4.rs `tile_codes`: 8 rows
+// x 64 `k` per 256-byte tile), so each of these loads reads 512 contiguous bytes. MMA s (0..8)
+// takes bytes 2s and 2s + 1 of each vector: a0 / a2 = row g's weights 4s, 4s+1 / 4s+2, 4s+3
+// (the MMA's k slots 2t, 2t+1 / 2t+8, 2t+9), a1 / a3 the same of row g + 8; b0 / b1 = `x` at the
+// same `k` (lanes g = 2c, t < 2 and g = 2c + 1, t >= 2 of window c; zeros elsewhere).
 //
-// What bounds it (run 25, Nsight Compute): the L1 data pipe (71% of its peak at 44-53% of copy
-// bandwidth): 32 shared-memory lookups, 16 wavefronts of codes (8 rows per load, 64 bytes each)
-// and the absmax loads per plane and window. More windows in flight did not help, through
-// registers (DEPTH 2-3) or a `cp.async` ring in shared memory (its extra copies and reads
-// cost more than the latency they hid).
+// Measured (docs/benchmarks.md, runs 25-26, Nsight Compute, H200): at 4096x14336, 15.6 us on
+// row-major codes with planes taking every PLANES-th window; 15.0 with runs of consecutive
+// windows (one absmax load per 4 windows); 13.8 on tiled codes. The same loads without the
+// math: 11.4 us; a plain coalesced read of the same bytes: 10.2. Not kept: code lookups by
+// `prmt` from registers (~20 instructions per 8 weights; slower), an L2 bulk prefetch of each
+// plane's codes (slower), more windows in flight (registers: fewer warps).
 
-// Buffers: x [k] bf16 (read as 16-byte vectors), packed_i [n_i * k / 32] 16-byte vectors of
-// codes, absmax_i [n_i * k / 64] f32, code [16] f32, out bf16. Sizes as `nf4_gemv`'s (cuda.rs):
+// Buffers: x [k] bf16 (read as 16-byte vectors), packed_i the tiled codes as 16-byte vectors,
+// absmax_i [n_i * k / 64] f32, code [16] f32, out bf16. Sizes as `nf4_gemv`'s (cuda.rs):
 // stacked weight i's cubes from cube cut_i, its outputs from element base_i; `k` a multiple of
 // 128; every stacked weight but the last a multiple of 16 * TILES rows.
 
@@ -70,9 +74,6 @@ static __device__ __forceinline__ u16 to_bf16(float a) {
     return d;
 }
 
-static __device__ __forceinline__ float round_bf16(float a) {
-    return __uint_as_float(((u32)to_bf16(a)) << 16);
-}
 
 // d += A B for one 16 x 16 x 8 step, f32 accumulators.
 static __device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0,
@@ -109,6 +110,11 @@ static __device__ __forceinline__ u32 word_of(const uint4& v, int i) {
     return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
 
+#if GATED
+static __device__ __forceinline__ float round_bf16(float a) {
+    return __uint_as_float(((u32)to_bf16(a)) << 16);
+}
+
 // `act(gate) * up` rounded as cuda.rs `gate_times_up` rounds (HF's bf16 ops): each projection
 // to bf16, the activation (f32 inside) to bf16, the product to bf16.
 static __device__ __forceinline__ u16 gate_times_up(float gate, float up) {
@@ -121,13 +127,22 @@ static __device__ __forceinline__ u16 gate_times_up(float gate, float up) {
 #endif
     return to_bf16(round_bf16(a) * round_bf16(up));
 }
+#endif
 
-extern "C" __global__ void __launch_bounds__(32 * PLANES)
+// Code slots per plane: window c of a group in slot c % SLOTS, DEPTH windows ahead loading.
+#define SLOTS (DEPTH + 1)
+
+// One weight, one tile: 64 registers at most (1024 threads per SM; with more, the 4096-row
+// shapes run one 16-warp cube per SM instead of two). Gated or two tiles: as many as it takes
+// (capped at 64 they spill).
+#define MIN_CUBES (GATED || TILES > 1 ? 1 : 32 / PLANES > 0 ? 32 / PLANES : 1)
+extern "C" __global__ void __launch_bounds__(32 * PLANES, MIN_CUBES)
     nf4_gemv_tc(const uint4* __restrict__ x, const uint4* __restrict__ packed0,
                 const float* __restrict__ absmax0, const uint4* __restrict__ packed1,
                 const float* __restrict__ absmax1, const uint4* __restrict__ packed2,
                 const float* __restrict__ absmax2, const float* __restrict__ code,
                 u16* __restrict__ out, const __grid_constant__ Sizes s) {
+    static_assert(4 % SLOTS == 0, "DEPTH 1 or 3");
     __shared__ __align__(16) u32 pairs[256 * 32];
     __shared__ float partial[PLANES][LANES][ROWS];
 
@@ -146,42 +161,48 @@ extern "C" __global__ void __launch_bounds__(32 * PLANES)
     P[1] = packed1;
     A[1] = absmax1;
 #endif
-    const u32 vecs = s.k / 32, blocks = s.k / 64, windows = s.k / 128;
+    const u32 blocks = s.k / 64, windows = s.k / 128;
+    // This plane's windows: a run of consecutive ones, so its absmax per row are consecutive.
+    const u32 per = (windows + PLANES - 1) / PLANES;
+    const u32 lo = min(warp * per, windows), hi = min(lo + per, windows);
 
     // Per tile, this lane's rows g and g + 8 (rows past n read row n - 1 and are not written):
-    // their first code vector and absmax.
+    // the vector of codes in window 0 (tiled: 16 vectors per tile, window w's two tiles at
+    // block 2w) and the row's first absmax.
     u32 vec0[TILES][2], abs0[TILES][2];
 #pragma unroll
     for (int i = 0; i < TILES; i++) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
-            u32 row = min(row0 + 16 * i + 8 * h + g, n - 1);
-            vec0[i][h] = row * vecs + t;
+            const u32 row = min(row0 + 16 * i + 8 * h + g, n - 1);
+            vec0[i][h] = ((row >> 3) * blocks + (t >> 1)) * 16 + (row & 7) * 2 + (t & 1);
             abs0[i][h] = row * blocks;
         }
     }
 
-    // DEPTH windows in flight per plane: slot d holds window w0 + (i DEPTH + d) PLANES.
-    // Absmax: lanes t = 0 only (they finish the rows), blocks 2w and 2w + 1 of rows g, g + 8.
-    uint4 q[DEPTH][LANES][TILES][2];
-    float2 am[DEPTH][LANES][TILES][2];
+    uint4 q[SLOTS][LANES][TILES][2];
 // (Loop variables with a trailing _: the arguments may name an `l`, `i` or `h`.)
-#define LOAD(d, win)                                                                  \
-    _Pragma("unroll") for (int l_ = 0; l_ < LANES; l_++) {                               \
-        _Pragma("unroll") for (int i_ = 0; i_ < TILES; i_++) {                           \
-            _Pragma("unroll") for (int h_ = 0; h_ < 2; h_++) {                           \
-                q[d][l_][i_][h_] = P[l_][vec0[i_][h_] + 4 * (win)];                         \
-                if (t == 0) am[d][l_][i_][h_] = *(const float2*)&A[l_][abs0[i_][h_] + 2 * (win)]; \
-            }                                                                         \
-        }                                                                             \
-    }
+#define LOAD_CODES(slot, win)                                                          \
+    _Pragma("unroll") for (int l_ = 0; l_ < LANES; l_++)                                  \
+        _Pragma("unroll") for (int i_ = 0; i_ < TILES; i_++)                              \
+            _Pragma("unroll") for (int h_ = 0; h_ < 2; h_++)                              \
+                q[slot][l_][i_][h_] = P[l_][vec0[i_][h_] + 32 * (win)];
+    // Absmax of a group of 4 windows from j0: lane t's window j0 + t, both blocks, rows g and
+    // g + 8 (zeros past the plane's last window).
+    float2 am[LANES][TILES][2], am_next[LANES][TILES][2];
+#define LOAD_ABSMAX(dst, j0)                                                           \
+    _Pragma("unroll") for (int l_ = 0; l_ < LANES; l_++)                                  \
+        _Pragma("unroll") for (int i_ = 0; i_ < TILES; i_++)                              \
+            _Pragma("unroll") for (int h_ = 0; h_ < 2; h_++)                              \
+                dst[l_][i_][h_] = (j0) + t < hi                                          \
+                    ? *(const float2*)&A[l_][abs0[i_][h_] + 2 * ((j0) + t)]               \
+                    : make_float2(0.0f, 0.0f);
 #pragma unroll
-    for (int d = 0; d < DEPTH; d++) {
-        const u32 win = warp + d * PLANES;
-        if (win < windows) {
-            LOAD(d, win)
+    for (int d = 0; d < DEPTH; d++)
+        if (lo + d < hi) {
+            LOAD_CODES(d, lo + d)
         }
-    }
+    LOAD_ABSMAX(am, lo)
 
     // The table, while the first codes are in flight: 8 threads per entry, 4 copies each.
     for (u32 i = threadIdx.x; i < 256 * 8; i += 32 * PLANES) {
@@ -190,42 +211,32 @@ extern "C" __global__ void __launch_bounds__(32 * PLANES)
         *(uint4*)&pairs[e * 32 + (i & 7) * 4] = make_uint4(v, v, v, v);
     }
     __syncthreads();
-
     const u32 table = (u32)__cvta_generic_to_shared(pairs) + lane * 4;
-    // `x` as the B operand: column 0 holds the window's first block (lanes t = 0, 1 of g = 0),
-    // column 1 its second (t = 2, 3 of g = 1), zeros elsewhere: D's columns 0 and 1 are then
-    // each row's sums over the two blocks, unscaled.
-    const bool xlane = (g == 0 && t < 2) || (g == 1 && t >= 2);
+
     float acc[LANES][TILES][2];
 #pragma unroll
     for (int l = 0; l < LANES; l++)
 #pragma unroll
         for (int i = 0; i < TILES; i++) acc[l][i][0] = acc[l][i][1] = 0.0f;
 
-    for (u32 w = warp; w < windows; w += DEPTH * PLANES) {
+    for (u32 j0 = lo; j0 < hi; j0 += 4) {
+        if (j0 + 4 < hi) {
+            LOAD_ABSMAX(am_next, j0 + 4)
+        }
 #pragma unroll
-        for (int d = 0; d < DEPTH; d++) {
-            const u32 win = w + d * PLANES;
-            if (win >= windows) break;
+        for (int c = 0; c < 4; c++) {
+            const u32 win = j0 + c;
+            if (win >= hi) break;
+            // `x` of this window in B's columns 2c and 2c + 1.
+            const bool xlane = (g == 2 * c && t < 2) || (g == 2 * c + 1 && t >= 2);
             uint4 xv[4];
 #pragma unroll
             for (int j = 0; j < 4; j++)
                 xv[j] = xlane ? x[win * 16 + t * 4 + j] : make_uint4(0, 0, 0, 0);
-            uint4 qc[LANES][TILES][2];
-            float2 ac[LANES][TILES][2];
-#pragma unroll
-            for (int l = 0; l < LANES; l++)
-#pragma unroll
-                for (int i = 0; i < TILES; i++)
-#pragma unroll
-                    for (int h = 0; h < 2; h++) {
-                        qc[l][i][h] = q[d][l][i][h];
-                        ac[l][i][h] = am[d][l][i][h];
-                    }
-            const u32 next = win + DEPTH * PLANES;
-            if (next < windows) {
-                LOAD(d, next)
+            if (win + DEPTH < hi) {
+                LOAD_CODES((c + DEPTH) % SLOTS, win + DEPTH)
             }
+            const auto& qc = q[c % SLOTS];
 #pragma unroll
             for (int l = 0; l < LANES; l++) {
 #pragma unroll
@@ -243,15 +254,32 @@ extern "C" __global__ void __launch_bounds__(32 * PLANES)
                         if (st == 0) mma0(dd, a0, a1, a2, a3, x0, x1);
                         else mma(dd, a0, a1, a2, a3, x0, x1);
                     }
-                    // Lanes t = 0: dd = rows g (block 0, 1), g + 8 (block 0, 1).
-                    acc[l][i][0] += ac[l][i][0].x * dd[0] + ac[l][i][0].y * dd[1];
-                    acc[l][i][1] += ac[l][i][1].x * dd[2] + ac[l][i][1].y * dd[3];
+                    // dd: rows g (blocks 0, 1), g + 8 (blocks 0, 1) in lanes t = c; zeros in
+                    // the others (their absmax finite: a window's, or 0).
+                    acc[l][i][0] += am[l][i][0].x * dd[0] + am[l][i][0].y * dd[1];
+                    acc[l][i][1] += am[l][i][1].x * dd[2] + am[l][i][1].y * dd[3];
                 }
             }
         }
+#pragma unroll
+        for (int l = 0; l < LANES; l++)
+#pragma unroll
+            for (int i = 0; i < TILES; i++) {
+                am[l][i][0] = am_next[l][i][0];
+                am[l][i][1] = am_next[l][i][1];
+            }
     }
 
-    // Every column of D is the same token: d0 / d2 of any lane hold rows g / g + 8.
+    // A row's sum is spread over its four lanes t.
+#pragma unroll
+    for (int l = 0; l < LANES; l++)
+#pragma unroll
+        for (int i = 0; i < TILES; i++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                acc[l][i][h] += __shfl_xor_sync(0xffffffffu, acc[l][i][h], 1);
+                acc[l][i][h] += __shfl_xor_sync(0xffffffffu, acc[l][i][h], 2);
+            }
     if (t == 0) {
 #pragma unroll
         for (int l = 0; l < LANES; l++)
