@@ -2,7 +2,7 @@
 # GPU checks and benchmarks, run on the device machine in one call (see docs/benchmarks.md).
 # Expects what `bench/build-gpu.sh` builds here: .gpu/bundle.tar.xz (carried, not committed)
 # with llm-bench, llm-server, llm, libllama_backend.so, libqwen2_backend.so.
-#   bench/gpu.sh [tiny|shapes|kernel|prefill|upload|sweep|gemv|gemv_full|fused|smoke|full|models|ab_gemm|cycles|all]
+#   bench/gpu.sh [tiny|shapes|kernel|prefill|upload|layout|sweep|gemv|gemv_full|fused|smoke|full|models|ab_gemm|cycles|all]
 # `full` and `models` (not part of `all`) need `bench/build-gpu.sh full`: all five plugins and the
 # bitsandbytes wheel in .gpu/.
 set -uo pipefail
@@ -67,7 +67,7 @@ if { [ "$what" = full ] && [ "${SKIP_FUSED:-0}" != 1 ]; } || [ "$what" = fused ]
   echo "llm-bench fused exit: ${PIPESTATUS[0]}"
   tail -5 "$OUT/fused.stderr"
 fi
-if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ] || [ "$what" = prefill ] || [ "$what" = upload ]; then
+if [ "$what" = tiny ] || [ "$what" = all ] || [ "$what" = kernel ] || [ "$what" = prefill ] || [ "$what" = upload ] || [ "$what" = layout ]; then
   # One file per mode: a tiny run and a kernel run in one call must not overwrite each other.
   timeout "${BENCH_TIMEOUT:-400}" .gpu/llm-bench "$what" 2>"$OUT/bench-$what.stderr" | tee "$OUT/bench-$what.jsonl"
   echo "llm-bench exit: ${PIPESTATUS[0]}"

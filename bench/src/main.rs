@@ -1308,6 +1308,63 @@ fn prefill(device: &Device) {
     llm_core::driver::USE_CUBLAS.store(false, Relaxed);
 }
 
+/// The tiled code layout (`llm_core::nf4::tile_codes`) through every NF4 path at odd shapes:
+/// rows not a multiple of 16 (padded tiles), `k` an odd multiple of 64 (a half-width last
+/// window: SmolLM2's 576). Each against the CPU at 1, 3, 8 and 20 tokens (one-token GEMV, SIMT
+/// or MMA GEMV, dequantize + matmul) and both dequantizations against the CPU's.
+fn layout(device: &Device) {
+    for (n, k) in [
+        (40usize, 576usize),
+        (13, 192),
+        (24, 256),
+        (1000, 4096),
+        (72, 1536),
+    ] {
+        let shape = format!("{n}x{k}");
+        let w = randn(n * k, (n * 13 + k) as u64, 0.04);
+        let q = Nf4Weight::quantize(&w, n, k, true, WeightDtype::BF16);
+        let dense = q.dequantize();
+        let cpu = HostLinear::<Cpu>::nf4(q.clone(), None, Default::default());
+        let gpu = CudaNf4Linear::new(q, None, device);
+        let got = to_vec(gpu.dequantize());
+        let err = rel_l2(&got, &dense);
+        emit(
+            "layout_dequantize",
+            &shape,
+            err,
+            "rel_l2",
+            serde_json::json!({"pass": err < 1e-2}),
+        );
+        let got_t = to_vec(gpu.dequantize_t());
+        let back: Vec<f32> = (0..n * k).map(|i| got_t[(i % k) * n + i / k]).collect();
+        let err = rel_l2(&back, &dense);
+        emit(
+            "layout_dequantize_t",
+            &shape,
+            err,
+            "rel_l2",
+            serde_json::json!({"pass": err < 1e-2}),
+        );
+        for b in [1usize, 3, 8, 20] {
+            let xs = randn_bf16(b * k, (b * 5 + n) as u64, 1.0);
+            let want = to_vec(cpu.forward(Tensor::from_data(
+                TensorData::new(xs.clone(), [b, k]),
+                &Default::default(),
+            )));
+            let xg = Tensor::<CudaBf16, 2>::from_data(TensorData::new(xs, [b, k]), device);
+            let got = to_vec(Linear::forward(&gpu, xg));
+            let err = rel_l2(&got, &want);
+            emit(
+                "layout_forward",
+                &shape,
+                err,
+                "rel_l2",
+                serde_json::json!({"rows": b, "pass": err < 1e-2}),
+            );
+        }
+    }
+}
+
 fn main() {
     let what = std::env::args().nth(1).unwrap_or_else(|| "all".into());
     // Compiled kernels and autotune results on disk (gpu.sh sets it): each llm-bench process
@@ -1364,6 +1421,9 @@ fn main() {
             "mixtral" => compare_one::<mixtral_backend::Mixtral>(&arch, &dir, &device),
             other => panic!("unknown architecture {other}"),
         }
+    }
+    if what == "layout" {
+        layout(&device);
     }
     if what == "upload" {
         upload(&device);

@@ -11,8 +11,8 @@
 //! - more rows (prefill): [`nf4_dequantize`] to a bf16 `[out, in]` matrix, then cuBLAS or Burn's
 //!   (tensor-core) matmul, the way bnb dequantizes then calls `torch.matmul`.
 //!
-//! Weights live on the device as: packed codes (`out*in/2` bytes, bnb's bytes in tiles of 8 rows
-//! x 64 weights: [`crate::nf4::tile_codes`], so a tensor-core fragment's loads are contiguous),
+//! Weights live on the device as: packed codes (`out*in/2` bytes, bnb's bytes in tiles of 16 rows
+//! x 128 weights: [`crate::nf4::tile_codes`], so a tensor-core fragment's loads are contiguous),
 //! one f32 absmax per 64 weights (the double-quantized absmax is expanded at load), the
 //! 16-entry code book.
 
@@ -156,12 +156,21 @@ mod kernels {
         }
     }
 
-    /// The 16-byte vector of codes holding weights `32 s .. 32 s + 32` of `row`, in the tiled
-    /// layout of [`crate::nf4::tile_codes`] (`blocks` absmax blocks per row): tiles of 8 rows x
-    /// 64 weights (16 vectors), two vectors per row.
+    /// The 16-byte vector of codes holding weights `32 s .. 32 s + 32` of `row` (`k` weights per
+    /// row) in the tiled layout of [`crate::nf4::tile_codes`]: per 16 rows (`k / 2` vectors),
+    /// per window of 128 weights a tile of 64 vectors, 4 per row (the last window 2 per row
+    /// when `k` is an odd multiple of 64).
     #[cube]
-    fn code_vec(row: usize, s: usize, blocks: usize) -> usize {
-        ((row / 8) * blocks + s / 2) * 16 + (row % 8) * 2 + s % 2
+    fn code_vec(row: usize, s: usize, k: usize) -> usize {
+        let width = select(s / 4 < k / 128, 4usize, 2usize);
+        (row / 16) * (k / 2) + (s / 4) * 64 + (row % 16) * width + s % 4
+    }
+
+    /// [`code_vec`] for a 4-byte word: word `j` (weights `8 j .. 8 j + 8`) of `row`.
+    #[cube]
+    fn code_word(row: usize, j: usize, k: usize) -> usize {
+        let width = select(j / 16 < k / 128, 16usize, 8usize);
+        (row / 16) * (k * 2) + (j / 16) * 256 + (row % 16) * width + j % 16
     }
 
     /// `out[t, row] = sum_k x[t, k] * code[q(row, k)] * absmax[(row * k_dim + k) / 64]`, for
@@ -171,8 +180,8 @@ mod kernels {
     /// a unit takes one 16-byte vector of packed codes per row per step (32 weights, half an
     /// absmax block, so one absmax per step), and the matching `x` as 16-byte vectors of 8
     /// (L1-resident: `x` is at most 16 x 28 KiB). Consecutive units read consecutive vectors of
-    /// a row, 32 contiguous bytes per absmax block in the tiled layout ([`code_vec`]; a cube's
-    /// rows of one 8-row group together read whole tiles), and each weight byte is read once.
+    /// a row, 64 contiguous bytes per window of 128 weights in the tiled layout ([`code_vec`]),
+    /// and each weight byte is read once.
     /// The code book sits in shared memory, 16 f32 in 16 distinct banks: lookups never conflict.
     /// Each pass issues the loads of `unroll` steps before any math, so several loads per unit
     /// are in flight.
@@ -266,7 +275,7 @@ mod kernels {
                         &mut q,
                         &mut a,
                         slot,
-                        code_vec(row, sc, steps / 2),
+                        code_vec(row, sc, k as usize),
                         (row * steps + sc) / 2,
                         su < steps,
                         packed0,
@@ -487,7 +496,7 @@ mod kernels {
                         &mut q,
                         &mut a,
                         comptime!((u * groups + gi) * lanes),
-                        code_vec(row, wc * 4 + t, steps / 2),
+                        code_vec(row, wc * 4 + t, k as usize),
                         (row * steps + wc * 4 + t) / 2,
                         wu < windows,
                         packed0,
@@ -710,7 +719,7 @@ mod kernels {
     /// Dequantize to `out` (`[n, k]`, row-major): [`DEQUANT_WORDS`] packed words (8 weights
     /// each) per unit, `DEQUANT_UNITS` apart in the tiled layout (each pass's reads coalesced;
     /// a tile row's 8 words are 64 consecutive outputs), each written as one 16-byte vector.
-    /// `words`: the tiled buffer's (rows padded to 8), `blocks` per row. The words and their absmax are loaded before the code book's barrier, so a
+    /// `words`: the tiled buffer's (rows padded to 16), `k` weights per row. The words and their absmax are loaded before the code book's barrier, so a
     /// cube's loads are in flight while it fills the table. (One word per unit before: 43.8 us
     /// for 14336x4096 in run 19, 42.1 us now, run 20: it was near the copy bandwidth already.)
     #[cube(launch_unchecked)]
@@ -721,11 +730,11 @@ mod kernels {
         out: &mut Array<Vector<F, NO>>,
         words: u32,
         n: u32,
-        blocks: u32,
+        k: u32,
         #[define(F)] _dtype: StorageType,
     ) {
         let first = CUBE_POS * DEQUANT_UNITS * DEQUANT_WORDS + UNIT_POS as usize;
-        let blocks = blocks as usize;
+        let k = k as usize;
         let mut word = Array::<u32>::new(DEQUANT_WORDS);
         let mut scale = Array::<f32>::new(DEQUANT_WORDS);
         // Where tiled word `w` goes: row `row`, 8-vector `vec` of the row-major output (past
@@ -736,14 +745,19 @@ mod kernels {
         for j in 0..DEQUANT_WORDS {
             let w = first + j * DEQUANT_UNITS;
             let at = select(w < words as usize, w, 0);
-            let tile = at / 64;
-            let row = tile / blocks * 8 + at % 64 / 8;
-            let block = tile % blocks;
+            // Inverse of [`code_word`]: 16 rows x 16 words per window tile (8 words in a last
+            // window of 64 weights).
+            let within = at % (k * 2);
+            let window = within / 256;
+            let width = select(window < k / 128, 16usize, 8usize);
+            let r = within % 256 / width;
+            let row = (at / (k * 2)) * 16 + r;
+            let jw = window * 16 + within % 256 % width;
             let inside = w < words as usize && row < n as usize;
             let row = select(inside, row, 0);
             word[j] = packed[at];
-            scale[j] = absmax[row * blocks + block];
-            target[j] = (row * blocks + block) * 8 + at % 8;
+            scale[j] = absmax[row * (k / 64) + jw / 8];
+            target[j] = row * (k / 8) + jw;
             live[j] = select(inside, 1u32, 0u32);
         }
         let mut lut = SharedMemory::<f32>::new(16usize);
@@ -803,9 +817,8 @@ mod kernels {
             let r = idx / 8;
             let wi = idx % 8;
             if n0 + r < n {
-                // Tiled: row n0 + r's 8 words of block k0 / 64 ([`code_vec`]'s layout).
-                let row = n0 + r;
-                let word = packed[((row / 8) * (k / 64) + k0 / 64) * 64 + (row % 8) * 8 + wi];
+                // Tiled ([`code_word`]): row n0 + r's 8 words of block k0 / 64.
+                let word = packed[code_word(n0 + r, k0 / 8 + wi, k)];
                 let a = absmax[((n0 + r) * k + k0) / 64];
                 #[unroll]
                 for i in 0..8usize {
@@ -1714,7 +1727,7 @@ impl CudaNf4Linear {
         let n = rows * k;
         let (packed_len, stored_bytes) = (weight.packed.len(), weight.stored_bytes());
         let packed = std::mem::take(&mut weight.packed);
-        // Tiled (on the upload thread when queued); rows padded to a multiple of 8.
+        // Tiled (on the upload thread when queued); rows padded to a multiple of 16.
         let tiled_len = rows.next_multiple_of(crate::nf4::TILE_ROWS) * k / 2;
         let packed = put(
             tiled_len,
@@ -1787,7 +1800,7 @@ impl CudaNf4Linear {
         let client = self.packed.client.clone();
         let (n, k) = (self.out_features, self.in_features);
         let words = (n.next_multiple_of(crate::nf4::TILE_ROWS) * k / 8) as u32;
-        // SAFETY: each unit reads tiled words `w < words` (the buffer's, rows padded to 8; word
+        // SAFETY: each unit reads tiled words `w < words` (the buffer's, rows padded to 16; word
         // 0 in place of the others), the absmax of the row and block a word belongs to (row 0
         // for padding rows), and writes that word's 8-vector of the `[out, in]` output for
         // rows `< n` only.
@@ -1804,7 +1817,7 @@ impl CudaNf4Linear {
                 out.clone().into_array_arg(),
                 words,
                 n as u32,
-                (k / BLOCKSIZE) as u32,
+                k as u32,
                 DType::BF16.into(),
             );
         }

@@ -963,26 +963,31 @@ impl Nf4Weight {
 }
 
 /// Rows per tile of the device's code layout ([`tile_codes`]).
-pub const TILE_ROWS: usize = 8;
+pub const TILE_ROWS: usize = 16;
 
 /// Where byte `byte` of row `row`'s packed codes (`k` weights per row) sits in the tiled
-/// layout [`tile_codes`] makes: tiles of [`TILE_ROWS`] rows x one absmax block (64 weights,
-/// 32 bytes per row, 256 per tile), row `r`'s bytes at `(r % 8) * 32` of its tile, the tiles
-/// ordered by group of 8 rows, then block.
+/// layout [`tile_codes`] makes: per group of 16 rows, per window of 128 weights, a 1 KiB tile
+/// of the 16 rows' 64 bytes one after the other (the last window 64 weights wide when `k` is
+/// an odd multiple of 64: 32 bytes per row); groups and windows in order.
 pub fn tiled_byte(row: usize, byte: usize, k: usize) -> usize {
-    let blocks = k / BLOCKSIZE;
-    let tile = row / TILE_ROWS * blocks + byte / 32;
-    tile * 256 + row % TILE_ROWS * 32 + byte % 32
+    let (window, within) = (byte / 64, byte % 64);
+    let width = if window < k / 128 { 64 } else { 32 };
+    row / TILE_ROWS * TILE_ROWS * (k / 2)
+        + window * TILE_ROWS * 64
+        + row % TILE_ROWS * width
+        + within
 }
 
 /// Row-major packed codes (`n` rows of `k / 2` bytes, `k` a multiple of 64) in the CUDA
-/// kernels' tiled layout ([`tiled_byte`]), the last group of rows padded with zero bytes to 8.
+/// kernels' tiled layout ([`tiled_byte`]), the last group of rows padded with zero bytes to 16.
 ///
 /// Why: the tensor-core GEMVs (`nf4_gemv_tc.cu`, `nf4_mma`) give lane (g, t) of a warp the
-/// 16 bytes at `16 t` of a 128-wide window of row g (the MMA fragment's rows), so a warp's load
-/// spans 8 rows x 64 bytes in the row-major layout (8 cache lines) but 512 contiguous bytes
-/// here (4), and consecutive windows follow each other. docs/benchmarks.md, run 26: the
-/// one-token GEMV at 4096x14336 13.8 us against 15.0 with the same kernel on row-major codes.
+/// 16 bytes at `16 t` of a 128-wide window of row g (the MMA fragment's rows). In the row-major
+/// layout a warp's load spans 8 rows x 64 bytes; here it is 512 contiguous bytes in lane order,
+/// so each quarter warp (whose 8 lanes a 16-byte load serves at once) reads one 128-byte line,
+/// and a window's 16 rows are one kilobyte. docs/benchmarks.md, run 26: the one-token GEMV at
+/// 4096x14336 13.6 us against 15.0 on row-major codes (and 14.8-14.9 with tiles of 8 or 16
+/// rows x 64 weights, where a quarter warp's lanes span two lines).
 pub fn tile_codes(packed: &[u8], n: usize, k: usize) -> Vec<u8> {
     assert!(
         k.is_multiple_of(BLOCKSIZE) && packed.len() == n * k / 2,
@@ -990,14 +995,17 @@ pub fn tile_codes(packed: &[u8], n: usize, k: usize) -> Vec<u8> {
     );
     let row_bytes = k / 2;
     let mut out = vec![0u8; n.next_multiple_of(TILE_ROWS) * row_bytes];
-    // Destination order: groups of 8 rows, blocks, rows; each 32-byte run copied whole.
     for (group, dst) in out.chunks_exact_mut(TILE_ROWS * row_bytes).enumerate() {
-        for (i, run) in dst.chunks_exact_mut(32).enumerate() {
-            let (block, r) = (i / TILE_ROWS, i % TILE_ROWS);
-            let row = group * TILE_ROWS + r;
-            if row < n {
-                let at = row * row_bytes + block * 32;
-                run.copy_from_slice(&packed[at..at + 32]);
+        let mut at = 0;
+        for window in 0..row_bytes.div_ceil(64) {
+            let width = if window < k / 128 { 64 } else { 32 };
+            for r in 0..TILE_ROWS {
+                let row = group * TILE_ROWS + r;
+                if row < n {
+                    let from = row * row_bytes + window * 64;
+                    dst[at..at + width].copy_from_slice(&packed[from..from + width]);
+                }
+                at += width;
             }
         }
     }
@@ -1013,15 +1021,16 @@ mod tests {
         store.f32(name).unwrap().data
     }
 
-    /// The tiled layout moves every byte where `tiled_byte` says (rows not a multiple of 8:
-    /// the padding is zeros), and the tensor-core GEMV's load (lane (g, t) of an 8-row group,
-    /// 16 bytes at `16 t` of a 128-wide window) reads one 512-byte run.
+    /// The tiled layout moves every byte where `tiled_byte` says (rows not a multiple of 16:
+    /// the padding is zeros), and the tensor-core GEMV's loads (lane l = 4 g + t of a warp, 16
+    /// bytes at `16 t` of a 128-wide window of rows g, then g + 8) read 512 contiguous bytes in
+    /// lane order.
     #[test]
     fn tiled_codes_put_each_byte_where_the_kernels_read_it() {
-        for (n, k) in [(16, 128), (13, 192), (24, 576)] {
+        for (n, k) in [(16, 128), (13, 192), (40, 576), (32, 256)] {
             let packed: Vec<u8> = (0..n * k / 2).map(|i| (i * 7 + i / 251) as u8).collect();
             let tiled = tile_codes(&packed, n, k);
-            assert_eq!(tiled.len(), n.next_multiple_of(8) * k / 2);
+            assert_eq!(tiled.len(), n.next_multiple_of(16) * k / 2);
             let mut seen = vec![false; tiled.len()];
             for row in 0..n {
                 for byte in 0..k / 2 {
@@ -1038,13 +1047,15 @@ mod tests {
                 seen.iter().zip(&tiled).all(|(&s, &b)| s || b == 0),
                 "padding"
             );
-            if k % 128 == 0 {
+            for group in 0..n / 16 {
                 for window in 0..k / 128 {
-                    let first = tiled_byte(0, window * 64, k);
-                    for lane in 0..32 {
-                        let (g, t) = (lane / 4, lane % 4);
-                        let at = tiled_byte(g, window * 64 + 16 * t, k);
-                        assert_eq!(at, first + 16 * (t / 2 * 8 * 2 + g * 2 + t % 2));
+                    let first = tiled_byte(16 * group, window * 64, k);
+                    for h in 0..2 {
+                        for lane in 0..32 {
+                            let (g, t) = (lane / 4, lane % 4);
+                            let at = tiled_byte(16 * group + 8 * h + g, window * 64 + 16 * t, k);
+                            assert_eq!(at, first + 512 * h + 16 * lane);
+                        }
                     }
                 }
             }

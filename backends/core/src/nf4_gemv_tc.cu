@@ -33,15 +33,17 @@
 //
 // Layout per plane and window of 128 `k`: lane (g, t) = (lane / 4, lane % 4) loads the
 // 16-byte vector of codes at `k` = 128 w + 32 t of rows g and g + 8 of each tile (t = 0, 1: the
-// window's first block, t = 2, 3: its second). The codes are tiled (nf4.rs `tile_codes`: 8 rows
-// x 64 `k` per 256-byte tile), so each of these loads reads 512 contiguous bytes. MMA s (0..8)
+// window's first block, t = 2, 3: its second). The codes are tiled (nf4.rs `tile_codes`: per 16
+// rows and window, a kilobyte of the rows' 64 bytes in order), so each of these loads reads 512
+// contiguous bytes in lane order: a quarter warp, one 128-byte line. MMA s (0..8)
 // takes bytes 2s and 2s + 1 of each vector: a0 / a2 = row g's weights 4s, 4s+1 / 4s+2, 4s+3
 // (the MMA's k slots 2t, 2t+1 / 2t+8, 2t+9), a1 / a3 the same of row g + 8; b0 / b1 = `x` at the
 // same `k` (lanes g = 2c, t < 2 and g = 2c + 1, t >= 2 of window c; zeros elsewhere).
 //
 // Measured (docs/benchmarks.md, runs 25-26, Nsight Compute, H200): at 4096x14336, 15.6 us on
 // row-major codes with planes taking every PLANES-th window; 15.0 with runs of consecutive
-// windows (one absmax load per 4 windows); 13.8 on tiled codes. The same loads without the
+// windows (one absmax load per 4 windows); 13.6 on these tiles (14.8-14.9 on tiles of 8 or 16
+// rows x 64 `k`, where a quarter warp's loads span two lines). The same loads without the
 // math: 11.4 us; a plain coalesced read of the same bytes: 10.2. Not kept: code lookups by
 // `prmt` from registers (~20 instructions per 8 weights; slower), an L2 bulk prefetch of each
 // plane's codes (slower), more windows in flight (registers: fewer warps).
@@ -167,15 +169,15 @@ extern "C" __global__ void __launch_bounds__(32 * PLANES, MIN_CUBES)
     const u32 lo = min(warp * per, windows), hi = min(lo + per, windows);
 
     // Per tile, this lane's rows g and g + 8 (rows past n read row n - 1 and are not written):
-    // the vector of codes in window 0 (tiled: 16 vectors per tile, window w's two tiles at
-    // block 2w) and the row's first absmax.
+    // the vector of codes in window 0 (tiled: per 16 rows, a 64-vector tile per window, 4
+    // vectors per row) and the row's first absmax.
     u32 vec0[TILES][2], abs0[TILES][2];
 #pragma unroll
     for (int i = 0; i < TILES; i++) {
 #pragma unroll
         for (int h = 0; h < 2; h++) {
             const u32 row = min(row0 + 16 * i + 8 * h + g, n - 1);
-            vec0[i][h] = ((row >> 3) * blocks + (t >> 1)) * 16 + (row & 7) * 2 + (t & 1);
+            vec0[i][h] = (row >> 4) * (s.k / 2) + (row & 15) * 4 + t;
             abs0[i][h] = row * blocks;
         }
     }
@@ -186,7 +188,7 @@ extern "C" __global__ void __launch_bounds__(32 * PLANES, MIN_CUBES)
     _Pragma("unroll") for (int l_ = 0; l_ < LANES; l_++)                                  \
         _Pragma("unroll") for (int i_ = 0; i_ < TILES; i_++)                              \
             _Pragma("unroll") for (int h_ = 0; h_ < 2; h_++)                              \
-                q[slot][l_][i_][h_] = P[l_][vec0[i_][h_] + 32 * (win)];
+                q[slot][l_][i_][h_] = P[l_][vec0[i_][h_] + 64 * (win)];
     // Absmax of a group of 4 windows from j0: lane t's window j0 + t, both blocks, rows g and
     // g + 8 (zeros past the plane's last window).
     float2 am[LANES][TILES][2], am_next[LANES][TILES][2];
