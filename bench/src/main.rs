@@ -306,8 +306,9 @@ fn kernel(device: &Device, sweep: bool) {
 /// rate when the kernel is short, and with the weights not left in L2 by the launch before
 /// (Nsight Compute flushes the caches between launches; the 14336-wide weights, 33 MB, fit the
 /// H200's 50 MB L2, so back-to-back timings flatter them). The configurations: the default,
-/// then each of `GEMV_CONFIGS` (`ROWSxPLANESxUNROLL,...`), each first checked once against the
-/// CPU reference on a poisoned output (that launch is the group's first of 21).
+/// then each of `GEMV_CONFIGS` (`ROWSxPLANESxUNROLL,...`; `t` first for the tensor-core kernel,
+/// whose UNROLL is its windows ahead, 1 or 3), each first checked once against the CPU
+/// reference on a poisoned output (that launch is the group's first of 21).
 fn gemv_for_ncu(device: &Device) {
     copy_bandwidth(device);
     let extra: Vec<llm_core::cuda::GemvConfig> = std::env::var("GEMV_CONFIGS")

@@ -11,8 +11,9 @@
 //! - more rows (prefill): [`nf4_dequantize`] to a bf16 `[out, in]` matrix, then cuBLAS or Burn's
 //!   (tensor-core) matmul, the way bnb dequantizes then calls `torch.matmul`.
 //!
-//! Weights live on the device as: packed codes (`out*in/2` bytes, bnb's bytes in tiles of 16 rows
-//! x 128 weights: [`crate::nf4::tile_codes`], so a tensor-core fragment's loads are contiguous),
+//! Weights live on the device as: packed codes (bnb's `out*in/2` bytes in tiles of 16 rows x 128
+//! weights, rows padded to 16: [`crate::nf4::tile_codes`], so a tensor-core fragment's loads are
+//! contiguous),
 //! one f32 absmax per 64 weights (the double-quantized absmax is expanded at load), the
 //! 16-entry code book.
 
@@ -198,8 +199,9 @@ mod kernels {
     /// every cube computes the same rows of both and writes `act(gate) * up` `[tokens, n0]`,
     /// rounded as [`gated_act`] rounds. Weights a launch does not use are bound to weight 0.
     ///
-    /// Shapes: `x` `[tokens, k / 8]` of `Vector<F, 8>`, `packed_i` `[n_i * k / 32]` of
-    /// `Vector<u32, 4>`, `absmax_i` `[n_i * k / 64]`. Cube dim `(32, planes)`,
+    /// Shapes: `x` `[tokens, k / 8]` of `Vector<F, 8>`, `packed_i` the tiled codes
+    /// ([`code_vec`]; `n_i` rounded up to 16, times `k / 32`) of `Vector<u32, 4>`, `absmax_i`
+    /// `[n_i * k / 64]`. Cube dim `(32, planes)`,
     /// `planes <= MAX_PLANES`; cube count: the sum of `ceil(n_i / rows)` over the stacked
     /// weights (every one but the last a multiple of `rows`), `ceil(n0 / rows)` gated.
     #[cube(launch_unchecked)]
@@ -718,8 +720,10 @@ mod kernels {
 
     /// Dequantize to `out` (`[n, k]`, row-major): [`DEQUANT_WORDS`] packed words (8 weights
     /// each) per unit, `DEQUANT_UNITS` apart in the tiled layout (each pass's reads coalesced;
-    /// a tile row's 8 words are 64 consecutive outputs), each written as one 16-byte vector.
-    /// `words`: the tiled buffer's (rows padded to 16), `k` weights per row. The words and their absmax are loaded before the code book's barrier, so a
+    /// a row's 16 words of a window tile, 8 in a half-width last window, are 128 or 64
+    /// consecutive outputs), each written as one 16-byte vector. `words`: the tiled buffer's
+    /// (rows padded to 16), `k` weights per row. The words and their absmax are loaded before
+    /// the code book's barrier, so a
     /// cube's loads are in flight while it fills the table. (One word per unit before: 43.8 us
     /// for 14336x4096 in run 19, 42.1 us now, run 20: it was near the copy bandwidth already.)
     #[cube(launch_unchecked)]
@@ -737,8 +741,8 @@ mod kernels {
         let k = k as usize;
         let mut word = Array::<u32>::new(DEQUANT_WORDS);
         let mut scale = Array::<f32>::new(DEQUANT_WORDS);
-        // Where tiled word `w` goes: row `row`, 8-vector `vec` of the row-major output (past
-        // `words` or `n`: nowhere).
+        // Where tiled word `w` goes: word `jw` of row `row`, the 8-vector `target` of the
+        // row-major output (`live` 0 past `words` or `n`: nowhere).
         let mut target = Array::<usize>::new(DEQUANT_WORDS);
         let mut live = Array::<u32>::new(DEQUANT_WORDS);
         #[unroll]
@@ -1386,7 +1390,7 @@ pub enum GemvKernel {
 
 /// How [`nf4_gemv`], [`nf4_mma`] or [`crate::gemv_tc`] is launched: output rows per cube,
 /// planes (warps) per cube, and steps (16-byte code vectors per row; windows of 4 for the MMA
-/// kernel; unused by `Tc`) each unit loads before its math.
+/// kernel; windows ahead for `Tc`, 1 or 3) each unit loads before its math.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GemvConfig {
     pub rows: usize,
@@ -1886,7 +1890,8 @@ impl CudaNf4Linear {
         let client = self.packed.client.clone();
         let (n, k) = (self.out_features, self.in_features);
         let out = self.empty_bf16([k, n]);
-        // SAFETY: cube (x, y) reads rows 64x.. (< n) of the [n, k] codes, columns 64y..64y+64
+        // SAFETY: cube (x, y) reads rows 64x.. (< n) of the tiled codes ([`code_word`]: within
+        // the buffer, rows padded to 16), columns 64y..64y+64
         // (< k: k is a multiple of 64, asserted in `new`), their absmax blocks, and writes the
         // same elements of the [k, n] output.
         unsafe {

@@ -191,7 +191,8 @@ extern "C" __global__ void __launch_bounds__(32 * PLANES, MIN_CUBES)
                 q[slot][l_][i_][h_] = P[l_][vec0[i_][h_] + 64 * (win)];
     // Absmax of a group of 4 windows from j0: lane t's window j0 + t, both blocks, rows g and
     // g + 8 (zeros past the plane's last window).
-    float2 am[LANES][TILES][2], am_next[LANES][TILES][2];
+    // (am_next zeroed: the last group copies it unloaded.)
+    float2 am[LANES][TILES][2], am_next[LANES][TILES][2] = {};
 #define LOAD_ABSMAX(dst, j0)                                                           \
     _Pragma("unroll") for (int l_ = 0; l_ < LANES; l_++)                                  \
         _Pragma("unroll") for (int i_ = 0; i_ < TILES; i_++)                              \
