@@ -986,8 +986,9 @@ pub fn tiled_byte(row: usize, byte: usize, k: usize) -> usize {
 /// layout a warp's load spans 8 rows x 64 bytes; here it is 512 contiguous bytes in lane order,
 /// so each quarter warp (whose 8 lanes a 16-byte load serves at once) reads one 128-byte line,
 /// and a window's 16 rows are one kilobyte. docs/benchmarks.md, run 26: the one-token GEMV at
-/// 4096x14336 13.6 us against 15.0 on row-major codes (and 14.8-14.9 with tiles of 8 or 16
-/// rows x 64 weights, where a quarter warp's lanes span two lines).
+/// 4096x14336 14.2 us (13.6 timing the same addresses in another process) against 14.7-15.0
+/// on row-major codes and 14.8-15.0 on tiles of 8 or 16 rows x 64 weights, where a quarter
+/// warp's lanes span two lines.
 pub fn tile_codes(packed: &[u8], n: usize, k: usize) -> Vec<u8> {
     assert!(
         k.is_multiple_of(BLOCKSIZE) && packed.len() == n * k / 2,

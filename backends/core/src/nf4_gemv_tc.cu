@@ -42,8 +42,9 @@
 //
 // Measured (docs/benchmarks.md, runs 25-26, Nsight Compute, H200): at 4096x14336, 15.6 us on
 // row-major codes with planes taking every PLANES-th window; 15.0 with runs of consecutive
-// windows (one absmax load per 4 windows); 13.6 on these tiles (14.8-14.9 on tiles of 8 or 16
-// rows x 64 `k`, where a quarter warp's loads span two lines). The same loads without the
+// windows (one absmax load per 4 windows); 14.2 on these tiles (13.6 timing the same addresses
+// in another process; 14.8-15.0 on tiles of 8 or 16 rows x 64 `k`, where a quarter warp's
+// loads span two lines). The same loads without the
 // math: 11.4 us; a plain coalesced read of the same bytes: 10.2. Not kept: code lookups by
 // `prmt` from registers (~20 instructions per 8 weights; slower), an L2 bulk prefetch of each
 // plane's codes (slower), more windows in flight (registers: fewer warps).
