@@ -13,9 +13,8 @@
 //!
 //! Weights live on the device as: packed codes (bnb's `out*in/2` bytes in tiles of 16 rows x 128
 //! weights, rows padded to 16: [`crate::nf4::tile_codes`], so a tensor-core fragment's loads are
-//! contiguous),
-//! one f32 absmax per 64 weights (the double-quantized absmax is expanded at load), the
-//! 16-entry code book.
+//! contiguous), one f32 absmax per 64 weights (the double-quantized absmax is expanded at load),
+//! the 16-entry code book.
 
 use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim, Runtime};
@@ -157,21 +156,21 @@ mod kernels {
         }
     }
 
-    /// The 16-byte vector of codes holding weights `32 s .. 32 s + 32` of `row` (`k` weights per
-    /// row) in the tiled layout of [`crate::nf4::tile_codes`]: per 16 rows (`k / 2` vectors),
-    /// per window of 128 weights a tile of 64 vectors, 4 per row (the last window 2 per row
-    /// when `k` is an odd multiple of 64).
-    #[cube]
-    fn code_vec(row: usize, s: usize, k: usize) -> usize {
-        let width = select(s / 4 < k / 128, 4usize, 2usize);
-        (row / 16) * (k / 2) + (s / 4) * 64 + (row % 16) * width + s % 4
-    }
-
-    /// [`code_vec`] for a 4-byte word: word `j` (weights `8 j .. 8 j + 8`) of `row`.
+    /// The 4-byte word of codes holding weights `8 j .. 8 j + 8` of `row` (`k` weights per row)
+    /// in the tiled layout of [`crate::nf4::tile_codes`] (`tiled_byte / 4`): per 16 rows
+    /// (`2 k` words), per window of 128 weights a tile of 256 words, 16 per row (the last
+    /// window 8 per row when `k` is an odd multiple of 64).
     #[cube]
     fn code_word(row: usize, j: usize, k: usize) -> usize {
         let width = select(j / 16 < k / 128, 16usize, 8usize);
         (row / 16) * (k * 2) + (j / 16) * 256 + (row % 16) * width + j % 16
+    }
+
+    /// [`code_word`] for the 16-byte vector holding weights `32 s .. 32 s + 32` of `row` (every
+    /// term of its word index is a multiple of 4).
+    #[cube]
+    fn code_vec(row: usize, s: usize, k: usize) -> usize {
+        code_word(row, s * 4, k) / 4
     }
 
     /// `out[t, row] = sum_k x[t, k] * code[q(row, k)] * absmax[(row * k_dim + k) / 64]`, for
@@ -201,8 +200,7 @@ mod kernels {
     ///
     /// Shapes: `x` `[tokens, k / 8]` of `Vector<F, 8>`, `packed_i` the tiled codes
     /// ([`code_vec`]; `n_i` rounded up to 16, times `k / 32`) of `Vector<u32, 4>`, `absmax_i`
-    /// `[n_i * k / 64]`. Cube dim `(32, planes)`,
-    /// `planes <= MAX_PLANES`; cube count: the sum of `ceil(n_i / rows)` over the stacked
+    /// `[n_i * k / 64]`. Cube dim `(32, planes)`, `planes <= MAX_PLANES`; cube count: the sum of `ceil(n_i / rows)` over the stacked
     /// weights (every one but the last a multiple of `rows`), `ceil(n0 / rows)` gated.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
@@ -655,8 +653,9 @@ mod kernels {
 
     /// One step's codes of a row, for [`nf4_gemv`] and [`nf4_mma`]: the 16-byte code vector
     /// `idx` ([`code_vec`]) and its absmax `block` (0 when not `live`, so a step past the end
-    /// adds nothing) into `q[slot]`, `a[slot]`. Gated: gate's at `slot`, up's at `slot + 1`. Else the stacked
-    /// weight this cube's rows belong to (`in1`, `in2`: uniform over the cube, no divergence).
+    /// adds nothing) into `q[slot]`, `a[slot]`. Gated: gate's at `slot`, up's at `slot + 1`.
+    /// Else the stacked weight this cube's rows belong to (`in1`, `in2`: uniform over the cube,
+    /// no divergence).
     #[cube]
     #[allow(clippy::too_many_arguments)]
     fn load_codes<NQ4: Size>(
@@ -723,8 +722,7 @@ mod kernels {
     /// a row's 16 words of a window tile, 8 in a half-width last window, are 128 or 64
     /// consecutive outputs), each written as one 16-byte vector. `words`: the tiled buffer's
     /// (rows padded to 16), `k` weights per row. The words and their absmax are loaded before
-    /// the code book's barrier, so a
-    /// cube's loads are in flight while it fills the table. (One word per unit before: 43.8 us
+    /// the code book's barrier, so a cube's loads are in flight while it fills the table. (One word per unit before: 43.8 us
     /// for 14336x4096 in run 19, 42.1 us now, run 20: it was near the copy bandwidth already.)
     #[cube(launch_unchecked)]
     pub fn nf4_dequantize<F: Float, NO: Size>(
@@ -1732,7 +1730,7 @@ impl CudaNf4Linear {
         let (packed_len, stored_bytes) = (weight.packed.len(), weight.stored_bytes());
         let packed = std::mem::take(&mut weight.packed);
         // Tiled (on the upload thread when queued); rows padded to a multiple of 16.
-        let tiled_len = rows.next_multiple_of(crate::nf4::TILE_ROWS) * k / 2;
+        let tiled_len = crate::nf4::tiled_len(rows, k);
         let packed = put(
             tiled_len,
             vec![tiled_len / 4],
@@ -1803,7 +1801,7 @@ impl CudaNf4Linear {
         );
         let client = self.packed.client.clone();
         let (n, k) = (self.out_features, self.in_features);
-        let words = (n.next_multiple_of(crate::nf4::TILE_ROWS) * k / 8) as u32;
+        let words = (crate::nf4::tiled_len(n, k) / 4) as u32;
         // SAFETY: each unit reads tiled words `w < words` (the buffer's, rows padded to 16; word
         // 0 in place of the others), the absmax of the row and block a word belongs to (row 0
         // for padding rows), and writes that word's 8-vector of the `[out, in]` output for

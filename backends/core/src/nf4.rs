@@ -963,7 +963,7 @@ impl Nf4Weight {
 }
 
 /// Rows per tile of the device's code layout ([`tile_codes`]).
-pub const TILE_ROWS: usize = 16;
+const TILE_ROWS: usize = 16;
 
 /// Where byte `byte` of row `row`'s packed codes (`k` weights per row) sits in the tiled
 /// layout [`tile_codes`] makes: per group of 16 rows, per window of 128 weights, a 1 KiB tile
@@ -994,23 +994,20 @@ pub fn tile_codes(packed: &[u8], n: usize, k: usize) -> Vec<u8> {
         k.is_multiple_of(BLOCKSIZE) && packed.len() == n * k / 2,
         "NF4 codes [n, k / 2]"
     );
-    let row_bytes = k / 2;
-    let mut out = vec![0u8; n.next_multiple_of(TILE_ROWS) * row_bytes];
-    for (group, dst) in out.chunks_exact_mut(TILE_ROWS * row_bytes).enumerate() {
-        let mut at = 0;
-        for window in 0..row_bytes.div_ceil(64) {
-            let width = if window < k / 128 { 64 } else { 32 };
-            for r in 0..TILE_ROWS {
-                let row = group * TILE_ROWS + r;
-                if row < n {
-                    let from = row * row_bytes + window * 64;
-                    dst[at..at + width].copy_from_slice(&packed[from..from + width]);
-                }
-                at += width;
-            }
+    let mut out = vec![0u8; tiled_len(n, k)];
+    // A row's bytes of one window stay together: copied as runs of up to 64.
+    for (row, codes) in packed.chunks_exact(k / 2).enumerate() {
+        for (window, run) in codes.chunks(64).enumerate() {
+            let at = tiled_byte(row, window * 64, k);
+            out[at..at + run.len()].copy_from_slice(run);
         }
     }
     out
+}
+
+/// Bytes of `n` rows of `k` codes in the tiled layout ([`tile_codes`]): rows padded to 16.
+pub fn tiled_len(n: usize, k: usize) -> usize {
+    n.next_multiple_of(TILE_ROWS) * k / 2
 }
 
 #[cfg(test)]
