@@ -13,8 +13,9 @@
 //!
 //! Weights live on the device as: packed codes (bnb's `out*in/2` bytes in tiles of 16 rows x 128
 //! weights, rows padded to 16: [`crate::nf4::tile_codes`], so a tensor-core fragment's loads are
-//! contiguous), one f32 absmax per 64 weights (the double-quantized absmax is expanded at load),
-//! the 16-entry code book.
+//! contiguous), one f32 absmax per 64 weights in the same tiles ([`crate::nf4::tile_absmax`]:
+//! a code word `w`'s at `w / 8`; the double-quantized absmax is expanded at load), the 16-entry
+//! code book.
 
 use burn_cubecl::cubecl::cuda::{CudaDevice, CudaRuntime};
 use burn_cubecl::cubecl::prelude::{CubeCount, CubeDim, Runtime};
@@ -200,7 +201,7 @@ mod kernels {
     ///
     /// Shapes: `x` `[tokens, k / 8]` of `Vector<F, 8>`, `packed_i` the tiled codes
     /// ([`code_vec`]; `n_i` rounded up to 16, times `k / 32`) of `Vector<u32, 4>`, `absmax_i`
-    /// `[n_i * k / 64]`. Cube dim `(32, planes)`, `planes <= MAX_PLANES`; cube count: the sum of `ceil(n_i / rows)` over the stacked
+    /// tiled alike ([`crate::nf4::tile_absmax`], `n_i` rounded up to 16, times `k / 64`). Cube dim `(32, planes)`, `planes <= MAX_PLANES`; cube count: the sum of `ceil(n_i / rows)` over the stacked
     /// weights (every one but the last a multiple of `rows`), `ceil(n0 / rows)` gated.
     #[cube(launch_unchecked)]
     #[allow(clippy::too_many_arguments)]
@@ -276,7 +277,6 @@ mod kernels {
                         &mut a,
                         slot,
                         code_vec(row, sc, k as usize),
-                        (row * steps + sc) / 2,
                         su < steps,
                         packed0,
                         absmax0,
@@ -497,7 +497,6 @@ mod kernels {
                         &mut a,
                         comptime!((u * groups + gi) * lanes),
                         code_vec(row, wc * 4 + t, k as usize),
-                        (row * steps + wc * 4 + t) / 2,
                         wu < windows,
                         packed0,
                         absmax0,
@@ -652,8 +651,8 @@ mod kernels {
     }
 
     /// One step's codes of a row, for [`nf4_gemv`] and [`nf4_mma`]: the 16-byte code vector
-    /// `idx` ([`code_vec`]) and its absmax `block` (0 when not `live`, so a step past the end
-    /// adds nothing) into `q[slot]`, `a[slot]`. Gated: gate's at `slot`, up's at `slot + 1`.
+    /// `idx` ([`code_vec`]) and its absmax (at `idx / 2`: [`crate::nf4::tile_absmax`]; 0 when
+    /// not `live`, so a step past the end adds nothing) into `q[slot]`, `a[slot]`. Gated: gate's at `slot`, up's at `slot + 1`.
     /// Else the stacked weight this cube's rows belong to (`in1`, `in2`: uniform over the cube,
     /// no divergence).
     #[cube]
@@ -663,7 +662,6 @@ mod kernels {
         a: &mut Array<f32>,
         slot: usize,
         idx: usize,
-        block: usize,
         live: bool,
         packed0: &Array<Vector<u32, NQ4>>,
         absmax0: &Array<f32>,
@@ -675,6 +673,7 @@ mod kernels {
         in2: bool,
         #[comptime] gated: bool,
     ) {
+        let block = idx / 2;
         if comptime!(gated) {
             q[slot] = packed0[idx];
             a[slot] = select(live, absmax0[block], f32::new(0.0));
@@ -758,7 +757,8 @@ mod kernels {
             let inside = w < words as usize && row < n as usize;
             let row = select(inside, row, 0);
             word[j] = packed[at];
-            scale[j] = absmax[row * (k / 64) + jw / 8];
+            // Tiled like the words ([`crate::nf4::tile_absmax`]).
+            scale[j] = absmax[at / 8];
             target[j] = row * (k / 8) + jw;
             live[j] = select(inside, 1u32, 0u32);
         }
@@ -821,7 +821,8 @@ mod kernels {
             if n0 + r < n {
                 // Tiled ([`code_word`]): row n0 + r's 8 words of block k0 / 64.
                 let word = packed[code_word(n0 + r, k0 / 8 + wi, k)];
-                let a = absmax[((n0 + r) * k + k0) / 64];
+                // The block's words are consecutive: its absmax at any one's index / 8.
+                let a = absmax[code_word(n0 + r, k0 / 8, k) / 8];
                 #[unroll]
                 for i in 0..8usize {
                     let shift = comptime!(nibble_shift(i));
@@ -1608,7 +1609,7 @@ fn launch_gemv(
             out: out.handle.clone(),
         };
         // SAFETY: as for `nf4_gemv` below: one token (`x` `[1, k]` contiguous, k a multiple of
-        // 128: `fitted`), each `packed_i`/`absmax_i` holding `n_i * k` weights, rows past
+        // 128: `fitted`), each `packed_i`/`absmax_i` (tiled) holding `n_i * k` weights (rows padded to 16), rows past
         // `n_i` clamped on read and skipped on write, every stacked weight but the last filling
         // its cubes (`fitted`), `out` holding `bases[i] + n_i` elements per stacked weight (or
         // `n0` gated).
@@ -1634,7 +1635,7 @@ fn launch_gemv(
         };
     } else {
         // SAFETY: every index the kernel forms is in bounds for these shapes: `x` is `[tokens, k]`
-        // contiguous, each `packed_i`/`absmax_i` holds `n_i * k` weights (k a multiple of 64,
+        // contiguous, each `packed_i`/`absmax_i` (tiled) holds `n_i * k` weights (rows padded to 16; k a multiple of 64,
         // checked at construction), steps past `k` and rows past `n_i` are clamped on read and add
         // nothing / are skipped on write, a cube's stacked part is found from the cube counts
         // above, `out` holds `bases[i] + tokens * n_i` elements for each stacked weight (blocks not
@@ -1726,7 +1727,6 @@ impl CudaNf4Linear {
             "in_features must be a multiple of 64"
         );
         let (rows, k) = (weight.out_features, weight.in_features);
-        let n = rows * k;
         let (packed_len, stored_bytes) = (weight.packed.len(), weight.stored_bytes());
         let packed = std::mem::take(&mut weight.packed);
         // Tiled (on the upload thread when queued); rows padded to a multiple of 16.
@@ -1738,11 +1738,15 @@ impl CudaNf4Linear {
             Box::new(move || Box::new(crate::nf4::tile_codes(&packed, rows, k))),
         );
         let absmax = std::mem::replace(&mut weight.absmax, Absmax::Plain(Vec::new()));
+        // Tiled like the codes ([`crate::nf4::tile_absmax`]): a code word `w`'s absmax at `w / 8`.
+        let blocks = tiled_len / 32;
         let absmax = put(
-            4 * (n / BLOCKSIZE),
-            vec![n / BLOCKSIZE],
+            4 * blocks,
+            vec![blocks],
             DType::F32,
-            Box::new(move || Box::new(F32Bytes(absmax.to_f32()))),
+            Box::new(move || {
+                Box::new(F32Bytes(crate::nf4::tile_absmax(&absmax.to_f32(), rows, k)))
+            }),
         );
         // Put as the others are (queued by `new_queued`: a copy made on this thread would wait
         // for the context, and so for the upload thread's copy in flight).

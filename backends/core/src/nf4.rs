@@ -1005,6 +1005,35 @@ pub fn tile_codes(packed: &[u8], n: usize, k: usize) -> Vec<u8> {
     out
 }
 
+/// Where the absmax of block `block` of row `row` sits in the device's absmax layout
+/// [`tile_absmax`]: where the block's first code byte sits in the tiled codes, over 32 (a
+/// block is 32 bytes), so a kernel holding a code word's index `w` finds its absmax at `w / 8`.
+pub fn tiled_block(row: usize, block: usize, k: usize) -> usize {
+    tiled_byte(row, 32 * block, k) / 32
+}
+
+/// Per-block absmax (`n` rows of `k / 64`, row-major) in the order of the tiled codes
+/// ([`tiled_block`]): per 16 rows and window of 128 weights, the 16 rows' two absmax one after
+/// the other (one in a last window of 64), rows padded to 16 with zeros.
+///
+/// Why: the one-token tensor-core GEMV (`nf4_gemv_tc.cu`) loads a window's absmax for 8 rows
+/// per warp load; row-major, those are 8 scattered 8-byte pieces (`k / 16` bytes apart), tiled
+/// one 64-byte run. docs/benchmarks.md, run 27: 13.6 us against 14.2-14.4 at 4096x14336.
+pub fn tile_absmax(absmax: &[f32], n: usize, k: usize) -> Vec<f32> {
+    let blocks = k / BLOCKSIZE;
+    assert!(
+        k.is_multiple_of(BLOCKSIZE) && absmax.len() == n * blocks,
+        "absmax [n, k / 64]"
+    );
+    let mut out = vec![0.0; tiled_len(n, k) / 32];
+    for (row, a) in absmax.chunks_exact(blocks).enumerate() {
+        for (block, &v) in a.iter().enumerate() {
+            out[tiled_block(row, block, k)] = v;
+        }
+    }
+    out
+}
+
 /// Bytes of `n` rows of `k` codes in the tiled layout ([`tile_codes`]): rows padded to 16.
 pub fn tiled_len(n: usize, k: usize) -> usize {
     n.next_multiple_of(TILE_ROWS) * k / 2
@@ -1053,6 +1082,49 @@ mod tests {
                             let (g, t) = (lane / 4, lane % 4);
                             let at = tiled_byte(16 * group + 8 * h + g, window * 64 + 16 * t, k);
                             assert_eq!(at, first + 512 * h + 16 * lane);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The tiled absmax moves every block's absmax to its first code byte's place over 32
+    /// (rows not a multiple of 16: zeros), and a window's absmax of a tile's 16 rows are 32
+    /// consecutive floats (16 in a last window of 64 weights): rows g and g + 8 of the
+    /// tensor-core GEMV's lane (g, t) at `2 g`, `2 g + 16` from the window's first.
+    #[test]
+    fn tiled_absmax_follows_the_tiled_codes() {
+        for (n, k) in [(16, 128), (13, 192), (40, 576), (32, 256)] {
+            let blocks = k / 64;
+            let absmax: Vec<f32> = (0..n * blocks).map(|i| 1.0 + i as f32).collect();
+            let tiled = tile_absmax(&absmax, n, k);
+            assert_eq!(tiled.len(), n.next_multiple_of(16) * blocks);
+            let mut seen = vec![false; tiled.len()];
+            for row in 0..n {
+                for block in 0..blocks {
+                    let at = tiled_block(row, block, k);
+                    assert_eq!(at * 32, tiled_byte(row, 32 * block, k));
+                    assert_eq!(
+                        tiled[at],
+                        absmax[row * blocks + block],
+                        "row {row} block {block}"
+                    );
+                    assert!(!std::mem::replace(&mut seen[at], true), "{at} twice");
+                }
+            }
+            assert!(
+                seen.iter().zip(&tiled).all(|(&s, &a)| s || a == 0.0),
+                "padding"
+            );
+            for group in 0..n / 16 {
+                for window in 0..blocks / 2 {
+                    let first = tiled_block(16 * group, 2 * window, k);
+                    assert_eq!(first, (16 * group) * blocks + 32 * window);
+                    for g in 0..8 {
+                        for (h, b) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                            let at = tiled_block(16 * group + 8 * h + g, 2 * window + b, k);
+                            assert_eq!(at, first + 16 * h + 2 * g + b);
                         }
                     }
                 }

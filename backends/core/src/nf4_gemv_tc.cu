@@ -50,7 +50,7 @@
 // plane's codes (slower), more windows in flight (registers: fewer warps).
 
 // Buffers: x [k] bf16 (read as 16-byte vectors), packed_i the tiled codes as 16-byte vectors,
-// absmax_i [n_i * k / 64] f32, code [16] f32, out bf16. Sizes as `nf4_gemv`'s (cuda.rs):
+// absmax_i the f32 absmax tiled as the codes (nf4.rs `tile_absmax`), code [16] f32, out bf16. Sizes as `nf4_gemv`'s (cuda.rs):
 // stacked weight i's cubes from cube cut_i, its outputs from element base_i; `k` a multiple of
 // 128; every stacked weight but the last a multiple of 16 * TILES rows.
 
@@ -165,13 +165,14 @@ extern "C" __global__ void __launch_bounds__(32 * PLANES, MIN_CUBES)
     A[1] = absmax1;
 #endif
     const u32 blocks = s.k / 64, windows = s.k / 128;
-    // This plane's windows: a run of consecutive ones, so its absmax per row are consecutive.
+    // This plane's windows: a run of consecutive ones (its codes and absmax per tile a run).
     const u32 per = (windows + PLANES - 1) / PLANES;
     const u32 lo = min(warp * per, windows), hi = min(lo + per, windows);
 
     // Per tile, this lane's rows g and g + 8 (rows past n read row n - 1 and are not written):
     // the vector of codes in window 0 (tiled: per 16 rows, a 64-vector tile per window, 4
-    // vectors per row) and the row's first absmax.
+    // vectors per row) and the row's absmax of window 0 (tiled alike: per 16 rows and window,
+    // the rows' two absmax one after the other, 32 floats).
     u32 vec0[TILES][2], abs0[TILES][2];
 #pragma unroll
     for (int i = 0; i < TILES; i++) {
@@ -179,7 +180,7 @@ extern "C" __global__ void __launch_bounds__(32 * PLANES, MIN_CUBES)
         for (int h = 0; h < 2; h++) {
             const u32 row = min(row0 + 16 * i + 8 * h + g, n - 1);
             vec0[i][h] = (row >> 4) * (s.k / 2) + (row & 15) * 4 + t;
-            abs0[i][h] = row * blocks;
+            abs0[i][h] = (row >> 4) * (blocks * 16) + (row & 15) * 2;
         }
     }
 
@@ -199,7 +200,7 @@ extern "C" __global__ void __launch_bounds__(32 * PLANES, MIN_CUBES)
         _Pragma("unroll") for (int i_ = 0; i_ < TILES; i_++)                              \
             _Pragma("unroll") for (int h_ = 0; h_ < 2; h_++)                              \
                 dst[l_][i_][h_] = (j0) + t < hi                                          \
-                    ? *(const float2*)&A[l_][abs0[i_][h_] + 2 * ((j0) + t)]               \
+                    ? *(const float2*)&A[l_][abs0[i_][h_] + 32 * ((j0) + t)]              \
                     : make_float2(0.0f, 0.0f);
 #pragma unroll
     for (int d = 0; d < DEPTH; d++)
