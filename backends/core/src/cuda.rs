@@ -459,7 +459,6 @@ mod kernels {
         let g = lane / 4;
         let t = lane % 4;
         let tok = tokens as usize;
-        let steps = k as usize / 32;
         let windows = k as usize / 128;
         let xrow = k as usize / 8;
         let x_lo = x_row(g, tok, xrow);
