@@ -40,14 +40,17 @@
 // (the MMA's k slots 2t, 2t+1 / 2t+8, 2t+9), a1 / a3 the same of row g + 8; b0 / b1 = `x` at the
 // same `k` (lanes g = 2c, t < 2 and g = 2c + 1, t >= 2 of window c; zeros elsewhere).
 //
-// Measured (docs/benchmarks.md, runs 25-26, Nsight Compute, H200): at 4096x14336, 15.6 us on
+// Measured (docs/benchmarks.md, runs 25-27, Nsight Compute, H200): at 4096x14336, 15.6 us on
 // row-major codes with planes taking every PLANES-th window; 15.0 with runs of consecutive
-// windows (one absmax load per 4 windows); 14.2 on these tiles (13.6 timing the same addresses
-// in another process; 14.8-15.0 on tiles of 8 or 16 rows x 64 `k`, where a quarter warp's
-// loads span two lines). The same loads without the
+// windows (one absmax load per 4 windows); 14.2 on these tiles (14.8-15.0 on tiles of 8 or 16
+// rows x 64 `k`, where a quarter warp's loads span two lines); run 27: 13.5-13.7 (61% of copy)
+// with the absmax tiled alike (a warp's absmax load one 64-byte run instead of 8 rows' pieces
+// `k / 16` bytes apart). The same loads without the
 // math: 11.4 us; a plain coalesced read of the same bytes: 10.2. Not kept: code lookups by
 // `prmt` from registers (~20 instructions per 8 weights; slower), an L2 bulk prefetch of each
-// plane's codes (slower), more windows in flight (registers: fewer warps).
+// plane's codes (slower), more windows in flight (registers: fewer warps); run 27: loads that
+// skip L1 (`ld.global.nc.L1::no_allocate`) with each plane's `x` prefetched into L1 (no gain at
+// 4096x14336, 4% slower at 14336x4096), two MMA accumulator chains (slower).
 
 // Buffers: x [k] bf16 (read as 16-byte vectors), packed_i the tiled codes as 16-byte vectors,
 // absmax_i the f32 absmax tiled as the codes (nf4.rs `tile_absmax`), code [16] f32, out bf16. Sizes as `nf4_gemv`'s (cuda.rs):
